@@ -1,0 +1,252 @@
+"""The ViT backbone: a thin wrapper over timm, and the one module that touches timm's internals.
+
+Every model of the suite (EoMT and the baseline chain) reaches the ViT through :class:`ViTBackbone`:
+``normalize`` -> ``embed`` -> ``run_block(i, x, attn_mask)`` for each block -> ``norm``. The backbone is
+created with patch size 16 at the target input size (paper.md section 5: timm resamples the 14x14 DINOv2
+kernel and interpolates the position embedding once, when the weights are loaded). No network access is
+ever attempted: weights come from a local file or not at all.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from torch import nn
+
+# ImageNet statistics (paper.md section 5: images in [0, 1], normalised with these).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    backbone: Optional[str]  # timm name; None = the built-in tiny ViT
+    query_blocks: int  # L2, paper.md section 5: 3 (S), 3 (B), 4 (L), 5 (g)
+    adapter_split: str  # key of the ViT-Adapter table in baselines/ (S, B, L, g, tiny)
+
+
+# The paper's sizes (paper.md sections 3 and 5) and a tiny size for tests and demos.
+SIZES: dict[str, SizeSpec] = {
+    "tiny": SizeSpec(None, 2, "tiny"),
+    "S": SizeSpec("vit_small_patch14_reg4_dinov2", 3, "S"),
+    "B": SizeSpec("vit_base_patch14_reg4_dinov2", 3, "B"),
+    "L": SizeSpec("vit_large_patch14_reg4_dinov2", 4, "L"),
+    "g": SizeSpec("vit_giant_patch14_reg4_dinov2", 5, "g"),
+}
+
+# Backbones the study uses: DINOv2 at every size, and the Table 2 pre-trainings at ViT-L.
+BACKBONES: tuple[str, ...] = (
+    "vit_small_patch14_reg4_dinov2",
+    "vit_base_patch14_reg4_dinov2",
+    "vit_large_patch14_reg4_dinov2",
+    "vit_giant_patch14_reg4_dinov2",
+    "eva02_large_patch14_224.mim.m38m",
+    "deit3_large_patch16_384.fb.in22k.ft.in1k",
+    "deit3_large_patch16_384.fb.in1k",
+    "tiny",
+)
+
+# The tiny ViT: DINOv2's layout (4 registers, layer scale, no position embedding on prefix tokens) at a
+# width and depth that run in milliseconds. Our choice, not the paper's.
+TINY_ARGS = dict(embed_dim=64, depth=4, num_heads=4, init_values=1e-5, reg_tokens=4, no_embed_class=True)
+
+
+def check_size(size: str) -> SizeSpec:
+    if size not in SIZES:
+        raise ValueError(f"unknown model size '{size}'; choose one of: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file without unpickling code (safetensors, or torch.load with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file or one that would need code to unpickle
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+    for key in ("model", "state_dict"):  # common wrappers
+        if key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+class ViTBackbone(nn.Module):
+    """A timm ViT with patch size ``patch_size`` at ``img_size``, plus pixel normalisation.
+
+    Args:
+        name: a timm model name (see :data:`BACKBONES`) or ``"tiny"``.
+        img_size: square input size, divisible by ``patch_size``.
+        patch_size: the patch size the ViT is re-created with (16 in the paper).
+        pretrained: a local weights file (original DINOv2 layout or timm's); ``None`` = random init.
+        drop_path: stochastic depth rate.
+    """
+
+    def __init__(self, name: str, img_size: int, patch_size: int = 16, pretrained: str | None = None,
+                 drop_path: float = 0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}")
+        kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=0, drop_path_rate=drop_path)
+        if name == "tiny":
+            from timm.models.vision_transformer import VisionTransformer
+
+            self.vit = VisionTransformer(**TINY_ARGS, **kwargs)
+        else:
+            if not timm.is_model(name.split(".")[0]):
+                raise ValueError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
+            # pretrained=False always: timm would otherwise try the model hub. Local weights load below.
+            self.vit = timm.create_model(name, pretrained=False, **kwargs)
+        self.name = name
+        self.is_eva = hasattr(self.vit, "rope")  # EVA-02 uses rotary embeddings on the patch tokens
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self._rope = None
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+
+    # ---- shape facts used by every head
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.vit.blocks[0].attn.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens  # CLS + registers (1 + 4 for DINOv2 reg4)
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    # ---- the forward pieces
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W) -> ImageNet-normalised."""
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> tokens (B, prefix + H/p * W/p, D), prefix tokens first."""
+        x = self.vit.patch_embed(x)
+        if self.is_eva:
+            x, self._rope = self.vit._pos_embed(x)
+        else:
+            x = self.vit._pos_embed(x)
+        x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x)
+
+    def run_block(self, i: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  extra_prefix: int = 0) -> torch.Tensor:
+        """Block ``i`` on tokens x (B, N, D). ``attn_mask``: bool (B, N, N), True = may attend.
+
+        ``extra_prefix`` counts tokens put in front of the ViT's own prefix (EoMT's queries); only EVA-02's
+        rotary embedding needs to know it.
+        """
+        block = self.vit.blocks[i]
+        if attn_mask is not None:
+            attn_mask = attn_mask[:, None]  # (B, 1, N, N): broadcast over heads
+        if self.is_eva:
+            attn = block.attn
+            saved = attn.num_prefix_tokens
+            attn.num_prefix_tokens = saved + extra_prefix
+            try:
+                return block(x, rope=self._rope, attn_mask=attn_mask)
+            finally:
+                attn.num_prefix_tokens = saved
+        return block(x, attn_mask=attn_mask)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> final normalised tokens (B, prefix + patches, D)."""
+        x = self.embed(self.normalize(images))
+        for i in range(self.depth):
+            x = self.run_block(i, x)
+        return self.norm(x)
+
+    def patch_map(self, tokens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """Tokens (B, skip + prefix + h*w, D) -> patch feature map (B, D, h, w)."""
+        x = tokens[:, skip + self.num_prefix_tokens:]
+        h, w = self.grid_size
+        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    # ---- layer-wise lr decay (paper.md section 6)
+    def layer_ids(self) -> dict[str, int]:
+        """Parameter name (relative to ``vit.``) -> block index used for layer-wise decay.
+
+        Blocks get their index; patch and position embeddings, CLS and register tokens get block 0's;
+        the final norm gets ``depth`` (no decay) as in the official code.
+        """
+        ids = {}
+        for n, _ in self.vit.named_parameters():
+            if n.startswith("blocks."):
+                ids[n] = int(n.split(".")[1])
+            elif n.startswith(("norm.", "fc_norm.", "head")):
+                ids[n] = self.depth
+            else:
+                ids[n] = 0
+        return ids
+
+    # ---- weights
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load backbone weights from a local file in the original DINOv2 layout or timm's layout.
+
+        timm's own converter maps the DINOv2 names, resamples the 14x14 patch kernel to the patch size and
+        interpolates the position embedding to the grid.
+        """
+        sd = read_state_dict(path)
+        module = sys.modules[type(self.vit).__module__]
+        filter_fn = getattr(module, "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            sd = filter_fn(sd, self.vit)
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        own = self.vit.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys (first: {missing[:3]})")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})")
+            if wrong:
+                parts.append(f"wrong shapes: {wrong[:3]}")
+            raise ValueError(f"backbone weights {path} do not fit '{self.name}': " + "; ".join(parts))
+        self.vit.load_state_dict(sd)
+
+
+def build_backbone(size: str, name: str | None, img_size: int, patch_size: int = 16,
+                   pretrained: str | None = None, drop_path: float = 0.0) -> ViTBackbone:
+    """The backbone for a size (S, B, L, g, tiny), or an explicit timm name."""
+    spec = check_size(size)
+    name = name or spec.backbone or "tiny"
+    return ViTBackbone(name, img_size, patch_size, pretrained, drop_path)

@@ -1,0 +1,125 @@
+"""Whole-model checkpoints: ours, the official EoMT code's and Hugging Face's ``EomtForUniversalSegmentation``.
+
+The layout is recognised from the keys; each is mapped to our names (the official names are listed in
+paper.md section 5), and any key or shape mismatch ends in one message naming the keys.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+
+from study.models.backbone import read_state_dict
+
+# Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
+_OFFICIAL = [
+    (r"^network\.encoder\.backbone\.", "backbone.vit."),
+    (r"^network\.encoder\.pixel_(mean|std)$", r"backbone.pixel_\1"),
+    (r"^network\.q\.", "q."),
+    (r"^network\.class_head\.", "head.class_head."),
+    (r"^network\.mask_head\.", "head.mask_head."),
+    (r"^network\.upscale\.", "head.upscale."),
+    (r"^network\.attn_mask_probs$", "attn_mask_probs"),
+]
+_OFFICIAL_DROPPED = (r"^criterion\.",)  # criterion.empty_weight: a loss buffer, not part of the model
+
+# Hugging Face EomtForUniversalSegmentation -> ours (q, k, v projections are fused afterwards).
+_HF = [
+    (r"^embeddings\.cls_token$", "backbone.vit.cls_token"),
+    (r"^embeddings\.register_tokens$", "backbone.vit.reg_token"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "backbone.vit.patch_embed.proj."),
+    (r"^embeddings\.position_embeddings\.weight$", "backbone.vit.pos_embed"),
+    (r"^layers\.(\d+)\.norm(\d)\.", r"backbone.vit.blocks.\1.norm\2."),
+    (r"^layers\.(\d+)\.attention\.out_proj\.", r"backbone.vit.blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.attention\.([qkv])_proj\.", r"backbone.vit.blocks.\1.attn.\2_proj."),
+    (r"^layers\.(\d+)\.layer_scale(\d)\.lambda1$", r"backbone.vit.blocks.\1.ls\2.gamma"),
+    (r"^layers\.(\d+)\.mlp\.weights_in\.", r"backbone.vit.blocks.\1.mlp.fc1."),  # SwiGLU (ViT-g)
+    (r"^layers\.(\d+)\.mlp\.weights_out\.", r"backbone.vit.blocks.\1.mlp.fc2."),
+    (r"^layers\.(\d+)\.mlp\.", r"backbone.vit.blocks.\1.mlp."),
+    (r"^layernorm\.", "backbone.vit.norm."),
+    (r"^query\.", "q."),
+    (r"^class_predictor\.", "head.class_head."),
+    (r"^mask_head\.fc1\.", "head.mask_head.0."),
+    (r"^mask_head\.fc2\.", "head.mask_head.2."),
+    (r"^mask_head\.fc3\.", "head.mask_head.4."),
+    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"head.upscale.\1.norm."),
+    (r"^upscale_block\.block\.(\d+)\.", r"head.upscale.\1."),
+    (r"^attn_mask_probs$", "attn_mask_probs"),
+]
+_HF_DROPPED = (r"^criterion\.", r"^embeddings\.position_ids$")
+
+
+def detect_layout(sd: dict) -> str:
+    if any(k.startswith("network.") for k in sd):
+        return "official"
+    if any(k.startswith(("embeddings.patch_embeddings", "layers.0.attention")) for k in sd):
+        return "huggingface"
+    return "ours"
+
+
+def _rename(sd: dict, rules: list, dropped: tuple, path) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if any(re.match(d, k) for d in dropped):
+            continue
+        for pat, rep in rules:
+            if re.match(pat, k):
+                out[re.sub(pat, rep, k)] = v
+                break
+        else:
+            raise ValueError(f"checkpoint {path}: key '{k}' has no counterpart in this suite's EoMT")
+    return out
+
+
+def _fuse_qkv(sd: dict) -> dict:
+    """Hugging Face splits timm's fused qkv projection; put q, k, v back into one (3D, D) weight."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"^(.*\.attn\.)q_proj\.(weight|bias)$", k)
+        if m:
+            base, kind = m.groups()
+            out[f"{base}qkv.{kind}"] = torch.cat([v, sd[f"{base}k_proj.{kind}"], sd[f"{base}v_proj.{kind}"]])
+        elif not re.match(r"^.*\.attn\.[kv]_proj\.", k):
+            out[k] = v
+    return out
+
+
+def convert_state_dict(sd: dict, layout: str, path="<state dict>") -> dict:
+    if layout == "official":
+        return _rename(sd, _OFFICIAL, _OFFICIAL_DROPPED, path)
+    if layout == "huggingface":
+        sd = _fuse_qkv(_rename(sd, _HF, _HF_DROPPED, path))
+        if "backbone.vit.pos_embed" in sd and sd["backbone.vit.pos_embed"].dim() == 2:
+            sd["backbone.vit.pos_embed"] = sd["backbone.vit.pos_embed"][None]  # (N, D) -> (1, N, D)
+        return sd
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load a whole-model checkpoint (any of the three layouts) into ``model``; returns the layout."""
+    sd = read_state_dict(path)
+    layout = detect_layout(sd)
+    sd = convert_state_dict(sd, layout, path)
+    own = model.state_dict()
+    # The pixel statistics are constants of the recipe; checkpoints without them (Hugging Face) keep ours.
+    for k in ("backbone.pixel_mean", "backbone.pixel_std"):
+        if k in own and k not in sd:
+            sd[k] = own[k]
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
+        raise ValueError(f"checkpoint {path} ({layout} layout) does not fit the model: " + "; ".join(parts)
+                         + ". Check model.size, model.num_classes, model.num_queries and model.img_size.")
+    model.load_state_dict(sd)
+    return layout

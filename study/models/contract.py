@@ -1,0 +1,110 @@
+"""The one contract every segmenter of the suite follows (EoMT and all baseline variants).
+
+- ``forward(images)`` takes images in [0, 1], (B, 3, H, W), and returns a list of :class:`PredictionSet`;
+  the last set is the final prediction, every set is supervised in training.
+- ``attn_mask_probs`` (a buffer, one entry per masked-attention layer) holds the probability that a query's
+  mask is applied; one annealing schedule drives EoMT and the Mask2Former decoder alike (paper Table C).
+  ``masked_inference`` keeps masked attention on at inference (Table 1 row 4).
+- ``param_groups()`` tells the optimiser which parameters are backbone (and at which depth) and which are new.
+- ``components()`` names the sub-modules whose time the benchmark breaks down.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class PredictionSet(NamedTuple):
+    mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
+    class_logits: torch.Tensor  # (B, Q, C + 1), the last class is no-object
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    params: list
+    lr_scale: float  # multiplies the base lr (layer-wise decay)
+    backbone: bool  # backbone parameters follow the delayed warm-up (paper.md section 6)
+
+
+class Segmenter(nn.Module):
+    """Base class: holds what is common to every model of the contract."""
+
+    num_classes: int
+    num_queries: int
+    masked_inference: bool
+
+    def __init__(self, num_classes: int, num_queries: int, num_masked_layers: int, masked_attention: bool,
+                 masked_inference: bool):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.masked_attention = masked_attention
+        self.masked_inference = masked_inference
+        # P_mask per masked layer (paper.md section 6); 1 = every query's mask applied.
+        self.register_buffer("attn_mask_probs", torch.ones(num_masked_layers))
+
+    @property
+    def num_masked_layers(self) -> int:
+        return self.attn_mask_probs.numel()
+
+    def set_mask_probs(self, probs) -> None:
+        probs = torch.as_tensor(probs, dtype=self.attn_mask_probs.dtype)
+        if probs.shape != self.attn_mask_probs.shape:
+            raise ValueError(f"expected {self.num_masked_layers} masking probabilities, got {tuple(probs.shape)}")
+        self.attn_mask_probs.copy_(probs)
+
+    def masking_active(self, layer: int) -> bool:
+        """Whether masked attention (and the prediction that feeds it) runs before masked layer ``layer``.
+
+        Training: whenever masked attention is enabled (queries are then dropped from the mask at random
+        with probability 1 - P_mask). Inference: only with ``masked_inference`` and P_mask > 0, as in the
+        official and Hugging Face EoMT.
+        """
+        if not self.masked_attention:
+            return False
+        if self.training:
+            return True
+        return self.masked_inference and bool(self.attn_mask_probs[layer] > 0)
+
+    def drop_query_masks(self, query_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """query_mask (B, Q, N) bool, True = may attend; opens a query's row with probability 1 - P_mask."""
+        prob = self.attn_mask_probs[layer]
+        if prob < 1:
+            opened = torch.rand(query_mask.shape[:2], device=query_mask.device) > prob  # (B, Q)
+            query_mask = query_mask | opened[..., None]
+        return query_mask
+
+    def forward(self, images: torch.Tensor) -> list[PredictionSet]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self) -> list[ParamGroup]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def components(self) -> dict[str, list[nn.Module]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix: str) -> list[ParamGroup]:
+    """Layer-wise lr decay (paper.md section 6): block i of L gets decay^(L-1-i); embeddings get block 0's;
+    the final norm and every parameter outside the backbone get the full lr."""
+    groups: dict[tuple[float, bool], ParamGroup] = {}
+    ids = backbone.layer_ids()
+    depth = backbone.depth
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(prefix):
+            layer = ids[name[len(prefix):]]
+            scale = layer_decay ** (depth - 1 - layer) if layer < depth else 1.0
+            key = (scale, True)
+        else:
+            key = (1.0, False)
+        if key not in groups:
+            tag = f"backbone_x{key[0]:.4g}" if key[1] else "new"
+            groups[key] = ParamGroup(tag, [], key[0], key[1])
+        groups[key].params.append(p)
+    return list(groups.values())

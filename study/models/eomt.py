@@ -1,0 +1,100 @@
+"""EoMT: the Encoder-only Mask Transformer (paper.md section 5), in the order of the paper's figure.
+
+Tokens flow through the ViT; at block L - L2 the K learnable queries are prepended and processed with the
+patch tokens by the last L2 blocks. Before each of those blocks (when masked attention is on) the head
+predicts masks from the current tokens, and these masks restrict query -> patch attention in the block.
+The head runs once more on the final tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from study.models.backbone import ViTBackbone
+from study.models.contract import ParamGroup, PredictionSet, Segmenter, backbone_param_groups
+from study.models.heads import ScaleBlock, mask_mlp, num_upscale_blocks
+
+
+class EoMTHead(nn.Module):
+    """Class head, mask MLP and upscaler, run on the backbone's final-LayerNorm output."""
+
+    def __init__(self, dim: int, num_classes: int, patch_size: int):
+        super().__init__()
+        self.class_head = nn.Linear(dim, num_classes + 1)  # last class = no-object
+        self.mask_head = mask_mlp(dim)
+        self.upscale = nn.Sequential(*[ScaleBlock(dim) for _ in range(num_upscale_blocks(patch_size))])
+
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> PredictionSet:
+        """queries (B, Q, D), patches (B, D, H/16, W/16) -> masks (B, Q, H/4, W/4), classes (B, Q, C+1)."""
+        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_head(queries), self.upscale(patches))
+        return PredictionSet(mask_logits, self.class_head(queries))
+
+
+class EoMT(Segmenter):
+    """EoMT on a :class:`ViTBackbone`.
+
+    Args:
+        backbone: the ViT.
+        num_classes: C (the class head predicts C + 1 with no-object last).
+        num_queries: K (200 panoptic and instance, 100 semantic; paper.md section 5).
+        num_query_blocks: L2, the last blocks that process the queries.
+        masked_attention: train with masked attention (and L2 + 1 supervised prediction sets).
+        masked_inference: keep masked attention at inference (Table 1 row 4); off = row 5.
+    """
+
+    def __init__(self, backbone: ViTBackbone, num_classes: int, num_queries: int, num_query_blocks: int,
+                 masked_attention: bool = True, masked_inference: bool = False):
+        if not 1 <= num_query_blocks <= backbone.depth:
+            raise ValueError(f"num_query_blocks (L2) must be in 1..{backbone.depth}, got {num_query_blocks}")
+        super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference)
+        self.backbone = backbone
+        self.num_query_blocks = num_query_blocks
+        self.q = nn.Embedding(num_queries, backbone.embed_dim)  # no positional embedding (paper.md section 5)
+        self.head = EoMTHead(backbone.embed_dim, num_classes, backbone.patch_size)
+
+    @property
+    def first_query_block(self) -> int:
+        return self.backbone.depth - self.num_query_blocks
+
+    def predict(self, x: torch.Tensor) -> PredictionSet:
+        """Tokens (B, Q + prefix + patches, D) -> one prediction set, after the final LayerNorm."""
+        x = self.backbone.norm(x)
+        return self.head(x[:, : self.num_queries], self.backbone.patch_map(x, skip=self.num_queries))
+
+    def attention_mask(self, pred: PredictionSet, num_tokens: int, layer: int) -> torch.Tensor:
+        """Bool (B, N, N), True = may attend; only query -> patch entries can be closed."""
+        b, q = pred.mask_logits.shape[:2]
+        grid = F.interpolate(pred.mask_logits, self.backbone.grid_size, mode="bilinear")  # (B, Q, h, w)
+        mask = torch.ones(b, num_tokens, num_tokens, dtype=torch.bool, device=grid.device)
+        start = q + self.backbone.num_prefix_tokens
+        mask[:, :q, start:] = self.drop_query_masks(grid.flatten(2) > 0, layer)
+        return mask
+
+    def forward(self, images: torch.Tensor) -> list[PredictionSet]:
+        x = self.backbone.embed(self.backbone.normalize(images))  # (B, prefix + patches, D)
+        sets: list[PredictionSet] = []
+        start = self.first_query_block
+        for i in range(self.backbone.depth):
+            attn_mask = None
+            if i == start:  # prepend the queries: (B, Q + prefix + patches, D)
+                x = torch.cat([self.q.weight[None].expand(x.shape[0], -1, -1), x], dim=1)
+            if i >= start and self.masking_active(i - start):
+                pred = self.predict(x)
+                sets.append(pred)
+                attn_mask = self.attention_mask(pred, x.shape[1], i - start)
+            x = self.backbone.run_block(i, x, attn_mask, extra_prefix=self.num_queries if i >= start else 0)
+        sets.append(self.predict(x))
+        return sets
+
+    def param_groups(self, layer_decay: float = 0.8) -> list[ParamGroup]:
+        return backbone_param_groups(self, self.backbone, layer_decay, prefix="backbone.vit.")
+
+    def components(self) -> dict[str, list[nn.Module]]:
+        blocks = list(self.backbone.blocks)
+        return {
+            "patch_embed": [self.backbone.vit.patch_embed],
+            "blocks_before_queries": blocks[: self.first_query_block],
+            "blocks_with_queries": blocks[self.first_query_block:],
+            "mask_module_and_upscaler": [self.head],
+        }
