@@ -1,0 +1,108 @@
+"""Parameters and GFLOPs with the paper's convention (paper.md section 8).
+
+The convention: fvcore, one multiply-add counted as one FLOP, attention matmuls (QK^T and AV) counted, on the
+padded square input at batch 1. The counter knows nothing of any model: it traces ``model(images)`` with
+fvcore and adds handlers for the operators fvcore cannot see. A model may add its own through a
+``flop_handles()`` method (the baselines' deformable attention does).
+
+Handlers added here (each counts multiply-adds):
+- ``aten::scaled_dot_product_attention``: fvcore skips the fused attention silently (132 GFLOPs missing for
+  EoMT-L at 640). Counted as QK^T (B*H*Lq*Lk*d) plus AV (B*H*Lq*Lk*dv); the mask, softmax and scale are
+  element-wise and not counted, as fvcore does for every element-wise op. A masked block costs the same
+  as an unmasked one: the dense matmuls run either way.
+
+Operators that remain uncounted (element-wise ops, activations, indexing) are listed in the result, so a
+count never hides what it could not see.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# fvcore itself ignores these (element-wise or data movement); anything else uncounted is reported.
+_ELEMENTWISE = {
+    "aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::div_", "aten::gelu",
+    "aten::silu", "aten::relu", "aten::relu_", "aten::sigmoid", "aten::softmax", "aten::neg", "aten::rsub",
+    "aten::gt", "aten::lt", "aten::ge", "aten::le", "aten::eq", "aten::ne", "aten::__and__", "aten::__or__",
+    "aten::bitwise_or", "aten::bitwise_not", "aten::exp", "aten::pow", "aten::sqrt", "aten::rsqrt",
+    "aten::clamp", "aten::clamp_min", "aten::sum", "aten::mean", "aten::max", "aten::abs", "aten::log",
+    "aten::cos", "aten::sin", "aten::tanh", "aten::masked_fill", "aten::masked_fill_", "aten::where",
+    "aten::fill_", "aten::zeros", "aten::ones", "aten::zeros_like", "aten::ones_like", "aten::rand",
+    "aten::full", "aten::arange", "aten::linspace", "aten::meshgrid", "aten::dropout", "aten::max_pool2d",
+    "aten::flatten", "aten::cumsum",
+}
+
+
+def sdpa_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: QK^T plus AV multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    *batch, lq, d = q
+    lk, dv = k[-2], v[-1]
+    n = 1
+    for b in batch:
+        n *= b
+    return n * lq * lk * d + n * lq * lk * dv
+
+
+DEFAULT_HANDLES: dict[str, Callable] = {"aten::scaled_dot_product_attention": sdpa_flop_jit}
+
+
+class _Flatten(nn.Module):
+    """Wraps a contract model so that the traced output is a flat tuple of tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return tuple(t for s in self.model(images) for t in s)
+
+
+@dataclass
+class FlopCount:
+    total: int  # multiply-adds (fvcore convention)
+    by_module: dict[str, int] = field(default_factory=dict)
+    by_operator: dict[str, int] = field(default_factory=dict)
+    uncounted: dict[str, int] = field(default_factory=dict)  # operator -> occurrences fvcore could not count
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def count_params(model: nn.Module) -> int:
+    """All trainable parameters, the position embedding resized to the target grid included (section 8)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = None) -> FlopCount:
+    """GFLOPs of one forward of ``model`` (eval mode) on a (1, 3, img_size, img_size) input."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    handles = dict(DEFAULT_HANDLES)
+    own = getattr(model, "flop_handles", None)
+    if callable(own):
+        handles.update(own())
+    handles.update(extra_handles or {})
+    device = next(model.parameters()).device
+    images = torch.rand(1, 3, img_size, img_size, device=device)
+    try:
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(_Flatten(model), images).set_op_handle(**handles)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            total = analysis.total()
+            by_module = {k.removeprefix("model."): v for k, v in analysis.by_module().items()
+                         if k.count(".") <= 2 and k not in ("", "model")}
+            by_op = dict(analysis.by_operator())
+            skipped = Counter({k: v for k, v in analysis.unsupported_ops().items() if k not in _ELEMENTWISE})
+    finally:
+        model.train(was_training)
+    return FlopCount(total, by_module, by_op, dict(skipped))

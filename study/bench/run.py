@@ -1,0 +1,106 @@
+"""``study bench``: parameters, GFLOPs and FPS of every (variant, size) combination, one JSON row each."""
+from __future__ import annotations
+
+import gc
+import platform
+import time
+
+import torch
+
+from study.bench.flops import count_flops, count_params
+from study.bench.paper import paper_numbers
+from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
+from study.config import Config
+from study.models.backbone import check_size
+from study.models.build import build_model, check_variant
+
+
+def check_bench(cfg: Config) -> None:
+    """Reject unknown variants or sizes and a bad input size before anything runs."""
+    b = cfg.bench
+    for v in b.variants:
+        check_variant(v)
+    for s in b.sizes:
+        check_size(s)
+    if b.img_size % cfg.model.patch_size:
+        raise ValueError(f"--img-size {b.img_size} is not divisible by the patch size {cfg.model.patch_size}")
+
+
+def bench_rows(cfg: Config, progress=print) -> list[dict]:
+    """One row per (variant, size) of ``cfg.bench``, the model configured by ``cfg.model`` otherwise."""
+    check_bench(cfg)
+    b = cfg.bench
+    protocol = SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters, b.scope)
+    rows = []
+    for size in b.sizes:
+        for variant in b.variants:
+            t0 = time.perf_counter()
+            mcfg = type(cfg.model)(**{**cfg.model.__dict__, "variant": variant, "size": size,
+                                      "img_size": b.img_size, "checkpoint": None, "pretrained": None})
+            torch.manual_seed(cfg.seed)
+            model = build_model(mcfg)
+            flops = count_flops(model, b.img_size)
+            row = {
+                "variant": variant, "size": size, "img_size": b.img_size,
+                "num_classes": mcfg.num_classes, "num_queries": mcfg.num_queries,
+                "params": count_params(model), "gflops": round(flops.gflops, 2),
+                "fps": None, "uncounted_ops": flops.uncounted,
+                "gflops_by_module": {k: round(v / 1e9, 3) for k, v in flops.by_module.items()},
+            }
+            paper = paper_numbers(variant, size, b.img_size)
+            if paper is not None:
+                row["paper"] = {"params_m": paper[0], "gflops": paper[1], "fps_h100": paper[2]}
+            if b.fps:
+                row.update(measure_fps(model, b.img_size, protocol))
+                if b.breakdown:
+                    row["breakdown_ms"] = component_breakdown(model, b.img_size, protocol)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row["host"] = platform.node()
+            rows.append(row)
+            progress(format_row(row))
+            del model
+            gc.collect()
+    return rows
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+HEADER = (f"{'variant':<22}{'size':>5}{'img':>6}{'params M':>10}{'paper':>7}{'GFLOPs':>10}{'paper':>7}"
+          f"{'FPS':>9}{'ms':>9}")
+
+
+def format_row(r: dict) -> str:
+    p = r.get("paper", {})
+    return (f"{r['variant']:<22}{r['size']:>5}{r['img_size']:>6}{r['params'] / 1e6:>10.2f}"
+            f"{_fmt(p.get('params_m'), '.0f'):>7}{r['gflops']:>10.1f}{_fmt(p.get('gflops'), '.0f'):>7}"
+            f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_mean'), '.1f'):>9}")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The terminal table, then speed ratios to the first variant of each size and the breakdowns."""
+    lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows]
+    timed = [r for r in rows if r.get("fps")]
+    if timed:
+        lines.append("")
+        lines.append("speed relative to the first variant of the same size (the paper compares to row 0):")
+        for size in dict.fromkeys(r["size"] for r in timed):
+            same = [r for r in timed if r["size"] == size]
+            ref = same[0]
+            lines.append("  " + ", ".join(f"{r['variant']} {r['fps'] / ref['fps']:.2f}x" for r in same)
+                         + f"  (size {size})")
+        broken = [r for r in timed if r.get("breakdown_ms")]
+        if broken:
+            lines.append("")
+            lines.append("time per forward by component (ms):")
+            for r in broken:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
+                lines.append(f"  {r['variant']}-{r['size']}: {parts}")
+        proto = timed[0]["protocol"]
+        lines.append("")
+        lines.append("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items())
+                     + f"; attention kernels: {timed[0]['attention_kernels']}")
+    lines.append("GFLOPs: fvcore convention (1 multiply-add = 1 FLOP, attention matmuls counted, batch 1, "
+                 "padded square input); params: all trainable parameters.")
+    return "\n".join(lines)

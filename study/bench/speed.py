@@ -1,0 +1,175 @@
+"""Speed with a written protocol (paper.md section 8), and a per-component time breakdown.
+
+The protocol, stated in every result row:
+- batch 1, one fixed random input of the padded square size, model in eval mode under ``torch.no_grad``;
+- device and precision from study/device.py (CUDA: bf16 autocast; CPU: fp32), ``torch.compile`` on or off;
+- ``warmup`` untimed iterations first (compilation, allocator and cuDNN autotuning settle there);
+- timer: CUDA events around the timed loop with a synchronisation before and after on the GPU;
+  ``time.perf_counter`` on the CPU (its ops are synchronous);
+- timed region: the model forward only (scope "model", the default), or pre-processing (uint8 image of
+  COCO's typical 640x480 size -> float, resize of the longer side, zero pad), forward and post-processing
+  (mask logits upsampled, padding cropped, resized to the image, panoptic merge) with scope "end_to_end";
+- FPS = timed iterations / elapsed seconds.
+The paper's H100 figures used FlashAttention-2 through SDPA, default ``torch.compile`` and mixed precision;
+the paper is silent on warm-up, timer and timed region, which is why each row records ours.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from study.device import autocast, resolve_device, resolve_precision, synchronize
+
+
+@dataclass
+class SpeedProtocol:
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    warmup: int = 3
+    iters: int = 10
+    scope: str = "model"
+    batch: int = 1
+
+    def resolved(self) -> "SpeedProtocol":
+        device = resolve_device(self.device)
+        return SpeedProtocol(str(device), resolve_precision(self.precision, device), self.compile, self.warmup,
+                             self.iters, self.scope, self.batch)
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        dev = torch.device(self.device)
+        d["timer"] = "cuda_events" if dev.type == "cuda" else "perf_counter"
+        d["sync"] = "cuda.synchronize before and after the timed loop" if dev.type == "cuda" else "none (CPU)"
+        d["threads"] = torch.get_num_threads()
+        d["torch"] = torch.__version__
+        if dev.type == "cuda":
+            d["gpu"] = torch.cuda.get_device_name(dev)
+        return d
+
+
+def _sdpa_backend(device: torch.device) -> str:
+    """Which attention kernel family SDPA can take here (recorded, since a silent fallback skews FPS)."""
+    if device.type != "cuda":
+        return "cpu (flash-attention CPU kernel for unmasked, math for masked attention)"
+    flags = torch.backends.cuda
+    return ",".join(n for n, on in (("flash", flags.flash_sdp_enabled()), ("mem_efficient",
+                    flags.mem_efficient_sdp_enabled()), ("math", flags.math_sdp_enabled())) if on)
+
+
+def _end_to_end(model: nn.Module, img_size: int, device: torch.device):
+    """A callable doing pre-processing, forward and panoptic post-processing of one raw image."""
+    from study.eval.inference import end_to_end_panoptic
+
+    raw = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, device=device)
+    return lambda: end_to_end_panoptic(model, raw, img_size)
+
+
+def measure_fps(model: nn.Module, img_size: int, protocol: SpeedProtocol) -> dict:
+    """Frames per second of ``model`` under ``protocol``; returns the figures and the protocol."""
+    p = protocol.resolved()
+    device = torch.device(p.device)
+    model = model.to(device).eval()
+    run_model = torch.compile(model) if p.compile else model
+    images = torch.rand(p.batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+    if p.scope == "model":
+        step = lambda: run_model(images)  # noqa: E731
+    elif p.scope == "end_to_end":
+        step = _end_to_end(run_model, img_size, device)
+    else:
+        raise ValueError(f"unknown timing scope '{p.scope}'; choose model or end_to_end")
+    times = []
+    with torch.no_grad(), autocast(device, p.precision):
+        for _ in range(p.warmup):
+            step()
+        synchronize(device)
+        for _ in range(p.iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                synchronize(device)
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+    total = sum(times)
+    return {
+        "fps": p.iters * p.batch / total,
+        "ms_mean": 1000 * total / p.iters,
+        "ms_std": 1000 * statistics.pstdev(times) if len(times) > 1 else 0.0,
+        "attention_kernels": _sdpa_backend(device),
+        "protocol": p.describe(),
+    }
+
+
+def component_breakdown(model: nn.Module, img_size: int, protocol: SpeedProtocol) -> dict[str, float]:
+    """Milliseconds per forward spent in each of ``model.components()``, plus "other" (the rest).
+
+    Runs eagerly (hooks cannot see inside a compiled graph), with the protocol's device, precision and
+    warm-up. On CUDA each component call is bracketed by CUDA events.
+    """
+    p = protocol.resolved()
+    device = torch.device(p.device)
+    model = model.to(device).eval()
+    images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+    spans: dict[str, list] = defaultdict(list)
+    handles = []
+    recording = [False]
+
+    def hooks(name: str):
+        def pre(_module, _inputs):
+            if recording[0]:
+                if device.type == "cuda":
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    spans[name].append([ev, None])
+                else:
+                    spans[name].append([time.perf_counter(), None])
+
+        def post(_module, _inputs, _output):
+            if recording[0]:
+                if device.type == "cuda":
+                    ev = torch.cuda.Event(enable_timing=True)
+                    ev.record()
+                    spans[name][-1][1] = ev
+                else:
+                    spans[name][-1][1] = time.perf_counter()
+
+        return pre, post
+
+    for name, modules in model.components().items():
+        pre, post = hooks(name)
+        for m in modules:
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        totals = []
+        with torch.no_grad(), autocast(device, p.precision):
+            for _ in range(p.warmup):
+                model(images)
+            recording[0] = True
+            for _ in range(p.iters):
+                synchronize(device)
+                t0 = time.perf_counter()
+                model(images)
+                synchronize(device)
+                totals.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def seconds(a, b) -> float:
+        return a.elapsed_time(b) / 1000 if device.type == "cuda" else b - a
+
+    out = {name: 1000 * sum(seconds(a, b) for a, b in s) / p.iters for name, s in spans.items()}
+    total = 1000 * sum(totals) / p.iters
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["total"] = total
+    return out
