@@ -1,8 +1,10 @@
 """Data section of the configuration."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+DATASET_NAMES = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes", "list", "synthetic")
 
 
 @dataclass
@@ -15,3 +17,55 @@ class DataConfig:
     val_split: str = "val"
     batch_size: int = 1  # per process; the paper's effective batch is 16 in total (see train.accumulate)
     num_workers: int = 0
+
+    # Overrides of the official layout, relative to root; '{split}' is replaced by the split name. Unset
+    # means the official place (COCO: '{split}2017', 'annotations/panoptic_{split}2017.json',
+    # 'annotations/panoptic_{split}2017'; ADE20K: 'images/{training|validation}'; list: '{split}.txt').
+    image_dir: Optional[str] = None
+    ann_file: Optional[str] = None  # COCO JSON, or the list file of the 'list' format
+    ann_dir: Optional[str] = None  # COCO panoptic PNG folder, ADE20K label folder
+
+    # 'list' format only (CamVid is the preset): names of label values 0..C-1; empty means CamVid's 11.
+    class_names: list[str] = field(default_factory=list)
+    # 'list' format: the label value meaning void (besides 255); None means len(class_names) (CamVid: 11).
+    ignore_value: Optional[int] = None
+
+    # Training images without any non-crowd segment are left out of the training split, as the official
+    # code does (its check_empty_targets); the paper is silent. Evaluation splits keep every image.
+    drop_empty_train_images: bool = True
+
+    # Augmentation (paper.md section 6). None takes the per-dataset default of study/data/transforms.py:
+    # scale range 0.1-2.0 for COCO panoptic/instance, 0.5-2.0 for semantic; colour jitter only for ADE20K
+    # and Cityscapes.
+    scale_range: Optional[tuple[float, float]] = None
+    color_jitter: Optional[bool] = None
+    # When a crop leaves no mask the augmentation is redrawn (paper.md section 6); the official code retries
+    # without limit, we stop after this many redraws and return no targets (our choice).
+    crop_retries: int = 50
+
+    # The built-in synthetic data set (study/data/synthetic.py); root unset means a folder under
+    # $STUDY_CACHE (default ~/.cache/study) named after these parameters.
+    synthetic_image_size: int = 128
+    synthetic_train_images: int = 400
+    synthetic_val_images: int = 100
+    synthetic_seed: int = 0
+
+    def validate(self) -> None:
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if self.crop_retries < 0:
+            raise ValueError("crop_retries must be >= 0")
+        if self.synthetic_image_size < 32:
+            raise ValueError("synthetic_image_size must be at least 32 pixels")
+        if self.synthetic_train_images < 1 or self.synthetic_val_images < 1:
+            raise ValueError("synthetic_train_images and synthetic_val_images must be >= 1")
+        if self.ignore_value is not None and not 0 <= self.ignore_value <= 255:
+            raise ValueError(f"ignore_value must be a label value 0..255, got {self.ignore_value}")
+        if self.class_names and len(self.class_names) > 255:
+            raise ValueError("the 'list' format holds at most 255 classes (8-bit label PNGs)")
