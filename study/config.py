@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ def apply_overrides(tree: dict, overrides: list[str], origin: dict) -> dict:
 # -------------------------------------------------------------------------------------------- validation
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -207,6 +211,9 @@ def _convert(value: Any, tp: Any, key: str, origin: dict) -> Any:
             raise fail()
         return value
     if tp is float:
+        # PyYAML (YAML 1.1) reads "3e-4" as a string; accept numeric literals written that way.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail()
         return float(value)

@@ -56,6 +56,13 @@ BACKBONES: tuple[str, ...] = (
 TINY_ARGS = dict(embed_dim=64, depth=4, num_heads=4, init_values=1e-5, reg_tokens=4, no_embed_class=True)
 
 
+def timm_name(name: str) -> str:
+    """The paper writes pretrained tags with dots (``eva02_large_patch14_224.mim.m38m``); current timm
+    writes them with underscores (``.mim_m38m``). Accept both."""
+    arch, dot, tag = name.partition(".")
+    return arch + dot + tag.replace(".", "_")
+
+
 def check_size(size: str) -> SizeSpec:
     if size not in SIZES:
         raise ValueError(f"unknown model size '{size}'; choose one of: {', '.join(SIZES)}")
@@ -108,7 +115,10 @@ class ViTBackbone(nn.Module):
             if not timm.is_model(name.split(".")[0]):
                 raise ValueError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
             # pretrained=False always: timm would otherwise try the model hub. Local weights load below.
-            self.vit = timm.create_model(name, pretrained=False, **kwargs)
+            try:
+                self.vit = timm.create_model(timm_name(name), pretrained=False, **kwargs)
+            except RuntimeError as e:  # an unknown pretrained tag
+                raise ValueError(f"backbone '{name}': {e}") from None
         self.name = name
         self.is_eva = hasattr(self.vit, "rope")  # EVA-02 uses rotary embeddings on the patch tokens
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -158,7 +168,8 @@ class ViTBackbone(nn.Module):
             x, self._rope = self.vit._pos_embed(x)
         else:
             x = self.vit._pos_embed(x)
-        x = self.vit.patch_drop(x)
+        if not self.is_eva:  # EVA's patch dropout returns indices too; it is off (rate 0) here anyway
+            x = self.vit.patch_drop(x)
         return self.vit.norm_pre(x)
 
     def run_block(self, i: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None,

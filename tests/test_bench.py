@@ -1,0 +1,99 @@
+"""study bench: parameter and GFLOPs counts against the paper, the SDPA handler, the JSON rows, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from study.bench.flops import count_flops, count_params
+from study.bench.paper import paper_numbers
+from study.cli import main
+from study.config import load_config
+from study.models.build import build_model
+
+
+def eomt(size: str, img: int, variant: str = "eomt"):
+    return build_model(load_config(None, [f"model.size={size}", f"model.img_size={img}",
+                                          f"model.variant={variant}"]).model)
+
+
+# paper.md section 8: the recount with the paper's conventions (params in M, GFLOPs)
+RECOUNT = {("eomt", "S", 640): (23.98, 67.9), ("eomt_masked", "S", 640): (23.98, 88.5),
+           ("eomt", "B", 640): (93.66, 215.7), ("eomt_masked", "B", 640): (93.66, 285.8),
+           ("eomt", "L", 640): (316.70, 668.3), ("eomt_masked", "L", 640): (316.70, 827.1),
+           ("eomt", "g", 640): (1163.62, 2261.0), ("eomt_masked", "g", 640): (1163.62, 2687.0),
+           ("eomt", "L", 1280): (321.61, 4145.5), ("eomt", "g", 1280): (None, 12710.6)}
+
+
+def check_against_paper(variant, size, img):
+    model = eomt(size, img, variant)
+    params, gflops = count_params(model) / 1e6, count_flops(model, img).gflops
+    paper_params, paper_gflops, _ = paper_numbers(variant, size, img)
+    assert params == pytest.approx(paper_params, rel=0.01)  # within 1% of the published column
+    assert gflops == pytest.approx(paper_gflops, rel=0.01)
+    recount_params, recount_gflops = RECOUNT[(variant, size, img)]
+    if recount_params is not None:
+        assert params == pytest.approx(recount_params, abs=0.01)
+    assert gflops == pytest.approx(recount_gflops, abs=2.0)  # "within 2 GFLOPs" of the recount
+
+
+@pytest.mark.parametrize("variant", ["eomt", "eomt_masked"])
+def test_eomt_small_matches_paper(variant):
+    check_against_paper(variant, "S", 640)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, size, img", [k for k in RECOUNT if k[1] != "S"])
+def test_eomt_full_table_matches_paper(variant, size, img):
+    check_against_paper(variant, size, img)
+
+
+def test_sdpa_is_counted():
+    """fvcore skips fused attention silently; our handler adds QK^T and AV for every block."""
+    model = eomt("tiny", 64)
+    flops = count_flops(model, 64)
+    vit = model.backbone
+    patches, prefix, dim = (64 // 16) ** 2, vit.num_prefix_tokens, vit.embed_dim
+    l2, depth = model.num_query_blocks, vit.depth
+    tokens = [prefix + patches] * (depth - l2) + [model.num_queries + prefix + patches] * l2
+    expected = sum(2 * n * n * dim for n in tokens)  # QK^T + AV, all heads together
+    assert flops.by_operator["scaled_dot_product_attention"] == expected
+    assert flops.uncounted == {}
+
+
+def test_cli_writes_json_rows_and_table(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--variants", "eomt,eomt_masked", "--sizes", "tiny", "--img-size", "64",
+                 "--warmup", "1", "--iters", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["size"], r["img_size"]) for r in rows] == [("eomt", "tiny", 64),
+                                                                        ("eomt_masked", "tiny", 64)]
+    for r in rows:
+        assert r["params"] > 0 and r["gflops"] > 0 and r["fps"] > 0
+        assert r["protocol"]["warmup"] == 1 and r["protocol"]["iters"] == 2 and r["protocol"]["batch"] == 1
+        assert r["protocol"]["device"] == "cpu" and r["protocol"]["timer"] == "perf_counter"
+        assert {"blocks_before_queries", "blocks_with_queries", "mask_module_and_upscaler", "total"} \
+            <= set(r["breakdown_ms"])
+    assert rows[1]["gflops"] > rows[0]["gflops"]  # the mask module before each query block costs FLOPs
+    printed = capsys.readouterr().out
+    assert "protocol: device=cpu" in printed and "speed relative" in printed
+
+
+def test_cli_no_fps(tmp_path):
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--sizes", "tiny", "--img-size", "32", "--no-fps", "--json", str(out)]) == 0
+    assert all(r["fps"] is None for r in json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "eomt_huge"], "unknown variant 'eomt_huge'"),
+    (["--sizes", "XL"], "unknown model size 'XL'"),
+    (["--img-size", "650"], "650 is not divisible by the patch size 16"),
+    (["--set", "model.num_querys=3"], "unknown config key 'model.num_querys'"),
+    (["--set", "bench.iters=many"], "'bench.iters' (from --set) must be int"),
+])
+def test_cli_bad_input_one_line(argv, message, capsys):
+    assert main(["bench", "--no-fps"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
