@@ -1,12 +1,114 @@
-"""Training section of the configuration (paper.md section 6)."""
+"""Training section of the configuration (paper.md section 6).
+
+Every number of the paper's training recipe is a field here, once, with the section it comes from. The
+modules (``loss.py``, ``optim.py``, ``schedules.py``) take plain arguments; ``build_loss``,
+``build_optimizer`` and ``build_lr_scheduler`` / ``build_mask_annealing`` map this section to them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class TrainConfig:
+    # ---- length and batch
+    # T, the number of optimiser steps. The paper counts epochs (COCO 12 = about 88.7k iterations at batch 16,
+    # ADE20K 31, Cityscapes 107; paper.md section 6); ``epochs`` (if set) wins over ``max_steps`` and the
+    # loop turns it into steps with ``total_steps(batches_per_epoch)``.
     max_steps: int = 100
+    epochs: Optional[int] = None
+    batch_size: int = 16  # the effective batch, summed over processes and accumulation (paper.md section 6)
+    # Micro-batches per optimiser step. None: derived as batch_size / (data.batch_size * world size), which
+    # must divide exactly (study.train.optim.accumulation_steps).
+    accumulate: Optional[int] = None
+
+    # ---- optimiser: AdamW (paper.md section 6)
     lr: float = 1e-4  # paper.md section 6
-    weight_decay: float = 0.05  # paper.md section 6
-    layer_decay: float = 0.8  # paper.md section 6: layer-wise lr decay
+    weight_decay: float = 0.05  # paper.md section 6: on all parameters
+    layer_decay: float = 0.8  # paper.md section 6: layer-wise lr decay, backbone block i gets 0.8^(L-1-i)
+    # The paper is silent on Adam's betas and eps; the official code uses torch's AdamW defaults.
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 0.01  # paper.md section 6: clip by global norm at 0.01; None = no clipping
+
+    # ---- lr schedule: two-stage warm-up, then poly decay (paper.md section 6)
+    # New parameters warm up linearly over the first warmup_steps; backbone parameters have lr 0 for those
+    # same steps, then warm up over the next backbone_warmup_steps (paper.md section 6: 0-500, 500-1500).
+    warmup_steps: int = 500  # paper.md section 6
+    backbone_warmup_steps: int = 1000  # paper.md section 6
+    # Poly decay power per iteration (paper.md section 6); the official code uses the same power for mask
+    # annealing, and so do we (P_mask = (1 - progress)^0.9, paper.md section 6).
+    poly_power: float = 0.9
+
+    # ---- loss: Mask2Former's (paper.md section 6)
+    class_weight: float = 2.0  # paper.md section 6: matching cost and loss weight of the cross-entropy
+    mask_weight: float = 5.0  # paper.md section 6: matching cost and loss weight of the point BCE
+    dice_weight: float = 5.0  # paper.md section 6: matching cost and loss weight of the Dice loss
+    no_object_weight: float = 0.1  # paper.md section 6: cross-entropy weight of the no-object class
+    num_points: int = 12544  # paper.md section 6: points sampled for matching and for the mask losses
+    oversample_ratio: float = 3.0  # paper.md section 6: candidates = 3 x num_points
+    importance_sample_ratio: float = 0.75  # paper.md section 6: share of points picked by uncertainty
+
+    # ---- mask annealing (paper.md section 6, Table 7)
+    # Off: P_mask stays 1 (masked attention throughout training).
+    mask_annealing: bool = True
+    # Per-block override of the annealing windows, in absolute steps (as the official configs write them,
+    # e.g. COCO-L starts [14782, 29564, 44346, 59128], ends [29564, 44346, 59128, 73910]). None: the sixths
+    # rule of study.train.schedules.annealing_windows, computed from T and the number of masked layers.
+    mask_annealing_starts: Optional[list[int]] = None
+    mask_annealing_ends: Optional[list[int]] = None
+
+    def total_steps(self, batches_per_epoch: Optional[int] = None) -> int:
+        """T: ``epochs * batches_per_epoch`` (optimiser steps) when ``epochs`` is set, else ``max_steps``."""
+        if self.epochs is None:
+            return self.max_steps
+        if batches_per_epoch is None or batches_per_epoch < 1:
+            raise ValueError("train.epochs is set: the number of optimiser steps per epoch is needed")
+        return self.epochs * batches_per_epoch
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or null), got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.accumulate is not None and self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1 (or null to derive it), got {self.accumulate}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
+            raise ValueError(f"betas must be in [0, 1) and eps > 0, got betas={self.betas}, eps={self.eps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
+        if self.warmup_steps < 0 or self.backbone_warmup_steps < 0:
+            raise ValueError("warmup_steps and backbone_warmup_steps must be >= 0")
+        if self.poly_power <= 0:
+            raise ValueError(f"poly_power must be > 0, got {self.poly_power}")
+        weights = (self.class_weight, self.mask_weight, self.dice_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("class_weight, mask_weight and dice_weight must be >= 0 and not all 0")
+        if self.no_object_weight < 0:
+            raise ValueError(f"no_object_weight must be >= 0, got {self.no_object_weight}")
+        if self.num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+        if self.oversample_ratio < 1:
+            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
+        if not 0 <= self.importance_sample_ratio <= 1:
+            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
+        starts, ends = self.mask_annealing_starts, self.mask_annealing_ends
+        if (starts is None) != (ends is None):
+            raise ValueError("set both mask_annealing_starts and mask_annealing_ends, or neither")
+        if starts is not None:
+            if len(starts) != len(ends):
+                raise ValueError(f"mask_annealing_starts has {len(starts)} entries but mask_annealing_ends "
+                                 f"has {len(ends)}; give one start and one end per masked layer")
+            for j, (s, e) in enumerate(zip(starts, ends)):
+                if not 0 <= s <= e:
+                    raise ValueError(f"mask annealing window {j} must satisfy 0 <= start <= end, got "
+                                     f"[{s}, {e}]")
