@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps panopticapi-lite
 	touch $(STAMP)
 
-# The main job: parameters, GFLOPs and FPS of EoMT at every size (paper.md sections 3 and 8).
+# The main job: parameters and GFLOPs of EoMT at every size (paper.md sections 3 and 8), then FPS at S.
 bench: install
-	$(VENV)/bin/study bench --variants eomt,eomt_masked --sizes S,B,L,g --img-size 640 --json bench_eomt.json
+	$(VENV)/bin/study bench experiments/bench_eomt.yaml --no-fps --json runs/bench/eomt_640.json
+	$(VENV)/bin/study bench experiments/bench_eomt_1280.yaml --no-fps --json runs/bench/eomt_1280.json
+	$(VENV)/bin/study bench experiments/bench_eomt.yaml --sizes S --json runs/bench/eomt_fps_S.json
 
 test: install
 	$(PY) -m pytest -q
