@@ -193,7 +193,7 @@ def decode_image(data: bytes, where: str) -> torch.Tensor:
             arr = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot decode image {where}: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W), one copy
 
 
 def decode_png(data: bytes, where: str, channels: int) -> np.ndarray:
