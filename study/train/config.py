@@ -7,7 +7,7 @@ modules (``loss.py``, ``optim.py``, ``schedules.py``) take plain arguments; ``bu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -59,6 +59,15 @@ class TrainConfig:
     mask_annealing_starts: Optional[list[int]] = None
     mask_annealing_ends: Optional[list[int]] = None
 
+    # ---- how the loop runs (no paper numbers; they do not change the recipe)
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    # paper.md section 6: mixed precision. auto = bf16 autocast on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the model for training
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)
+    checkpoint_every: int = 1000  # optimiser steps between checkpoints (and always at the end)
+    tensorboard: bool = True  # also log to TensorBoard (the CSV log is always written)
+
     def total_steps(self, batches_per_epoch: Optional[int] = None) -> int:
         """T: ``epochs * batches_per_epoch`` (optimiser steps) when ``epochs`` is set, else ``max_steps``."""
         if self.epochs is None:
@@ -74,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1 (or null), got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.accumulate is not None and self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 (or null to derive it), got {self.accumulate}")
         if self.lr <= 0:
