@@ -3,7 +3,6 @@ layout must give exactly the samples the extracted folder gives. Also Cityscapes
 a tiny folder in the official layout, extracted and zipped."""
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 

@@ -72,6 +72,8 @@ class CocoPanoptic(Dataset):
         s = coco_split(split)
         json_name = fill(ann_file, s, f"annotations/panoptic_{s}.json")
         png_dir = fill(ann_dir, s, f"annotations/panoptic_{s}")
+        if ann_dir is None and not (root / png_dir).is_dir() and (root / f"panoptic_{s}").is_dir():
+            png_dir = f"panoptic_{s}"  # detectron2 / Mask2Former keep the PNG folder beside annotations/
         ann_zip = "panoptic_annotations_trainval2017.zip"
         js, self.json_where = _load_json(root, json_name, [(ann_zip, f"annotations/panoptic_{s}.json")])
         self.images = locate_folder(root, fill(image_dir, s, s), [(f"{s}.zip", s)])

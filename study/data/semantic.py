@@ -3,7 +3,8 @@
 Each maps the raw label values of a single-channel PNG to contiguous class ids through a 256-entry
 look-up table (``IGNORE`` for void, ``INVALID`` for values the format does not define, which raise a
 :class:`DataError` naming the file and value). Each class present in an image becomes one segment
-(mask, label); semantic data has no crowd.
+(mask, label); semantic data has no crowd. ``Sample.segment_ids`` holds the dataset's label value of each
+class (ADE20K 1..150, Cityscapes label ids, list values), ``image_id`` the image file's stem.
 """
 from __future__ import annotations
 
@@ -81,8 +82,9 @@ def _ade_class_names(base: Path, root: Path, zips) -> Optional[list[str]]:
                 data, _ = read_file(folder, fname, [(z, p + "/" + fname) for z, p in zips])
             except DataNotFoundError:
                 continue
-            rows = list(csv.DictReader(io.StringIO(data.decode("utf-8")), delimiter=delim))
-            return [r["Name"].split(";")[0].strip() for r in rows]
+            rows = [r for r in csv.reader(io.StringIO(data.decode("utf-8")), delimiter=delim) if r]
+            # the name is the last column in both files ("wall", "building;edifice", ...): keep the first
+            return [r[-1].split(";")[0].strip() for r in rows[1:]]
     return None
 
 

@@ -191,7 +191,9 @@ def decode_image(data: bytes, where: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {where}: not a known image format (corrupt file?)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot decode image {where}: {e}") from None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W), one copy
 
@@ -208,7 +210,9 @@ def decode_png(data: bytes, where: str, channels: int) -> np.ndarray:
                 arr = np.asarray(im.convert("RGB"))
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode label PNG {where}: not a known image format (corrupt file?)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot decode label PNG {where}: {e}") from None
     return arr
 

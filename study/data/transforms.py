@@ -32,6 +32,7 @@ SCALE_RANGE_SEMANTIC = (0.5, 2.0)  # semantic data sets
 # Our choice, paper silent: the synthetic set's objects are small already; 0.1x would erase them.
 SCALE_RANGE_SYNTHETIC = (0.5, 1.5)
 FLIP_PROB = 0.5  # paper silent on the probability; the official code uses torchvision's default 0.5
+ORDER_PROB = 0.5  # paper silent; the official code puts contrast first or last by a fair coin
 
 
 def default_scale_range(dataset: str, task: str) -> tuple[float, float]:
@@ -106,7 +107,7 @@ class TrainTransform:
 
         if self._rand(g) < JITTER_PROB:
             image = TF.adjust_brightness(image, self._uniform(1 - BRIGHTNESS_DELTA, 1 + BRIGHTNESS_DELTA, g))
-        if self._rand(g) < 0.5:  # order of the two groups drawn by a fair coin, as in the official code
+        if self._rand(g) < ORDER_PROB:  # contrast first, or saturation and hue first
             return saturation_hue(contrast(image))
         return contrast(saturation_hue(image))
 
