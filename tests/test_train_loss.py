@@ -187,6 +187,21 @@ def test_mask_losses_are_normalised_by_masks_averaged_over_processes(monkeypatch
     torch.testing.assert_close(multi["loss_ce"], single["loss_ce"])  # CE is a weighted mean, unaffected
 
 
+def test_loss_runs_in_float32_under_mixed_precision():
+    ours = MaskClassificationLoss(C)
+    sets, targets = make_sets(num_sets=2), make_targets()
+    half = [PredictionSet(s.mask_logits.bfloat16(), s.class_logits.bfloat16()) for s in sets]
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = ours(half, targets)
+    torch.manual_seed(2)
+    ref_total, _ = ours([PredictionSet(s.mask_logits.float(), s.class_logits.float()) for s in half], targets)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, ref_total)
+    total.backward()
+    assert sets[0].mask_logits.grad is not None
+
+
 def test_defaults_are_the_papers_and_the_hugging_face_eomt_config():
     t, e = TrainConfig(), EomtConfig()
     assert (t.class_weight, t.mask_weight, t.dice_weight, t.no_object_weight) == (2.0, 5.0, 5.0, 0.1)

@@ -11,6 +11,9 @@ For each prediction set (every masked layer's intermediate prediction and the fi
 
 total = sum over sets of (2 * CE + 5 * BCE + 5 * Dice), as the official ``loss_total``.
 
+With gradient accumulation each micro-batch is normalised by its own mask count (averaged over processes);
+the loop divides the total by the number of micro-batches, as Lightning's ``accumulate_grad_batches`` does.
+
 The sets are processed final set first, then the intermediate ones in order, as Mask2Former's criterion
 does (outputs, then ``aux_outputs``): with the same seed a run draws exactly the points the Hugging Face
 ``Mask2FormerLoss`` draws, which is how tests/test_train_loss.py holds this module against it.
@@ -106,7 +109,8 @@ class MaskClassificationLoss(nn.Module):
         for i, (rows, cols) in enumerate(indices):
             target[i, rows.to(target.device)] = labels[i][cols.to(labels[i].device)].to(target.device)
         # Weighted mean: sum_i w_i * nll_i / sum_i w_i, as nn.CrossEntropyLoss(weight=...).
-        return F.cross_entropy(class_logits.transpose(1, 2), target, weight=self.class_weights)
+        weight = self.class_weights.to(class_logits.device)  # works even if the loss was never .to(device)
+        return F.cross_entropy(class_logits.transpose(1, 2), target, weight=weight)
 
     def loss_masks(self, mask_logits: torch.Tensor, masks: list[torch.Tensor],
                    indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: torch.Tensor
