@@ -147,3 +147,21 @@ def test_build_dataset_generates_on_first_use(tmp_path):
     assert Path(ds.info.extra["panoptic_json"]).is_file() and Path(ds.info.extra["panoptic_dir"]).is_dir()
     assert build_dataset(cfg, "val", "instance").info.extra["instances_json"].endswith("instances_val2017.json")
     assert np.asarray(ds[0].image).dtype == np.uint8
+
+
+def test_training_split_leaves_out_images_without_non_crowd_segments(tmp_path):
+    root = generate(tmp_path / "s", 48, 4, 2, seed=0)
+    for split in ("train2017", "val2017"):  # first image of each split: every thing becomes crowd
+        path = root / "annotations" / f"instances_{split}.json"
+        js = json.loads(path.read_text())
+        first = js["images"][0]["id"]
+        for a in js["annotations"]:
+            if a["image_id"] == first:
+                a["iscrowd"] = 1
+        path.write_text(json.dumps(js))
+    cfg = DataConfig(dataset="coco_instance", root=str(root))
+    train, val = build_dataset(cfg, "train", "instance"), build_dataset(cfg, "val", "instance")
+    assert len(train) == 3 and 1 not in [e[0]["id"] for e in train.entries]
+    assert len(val) == 2  # evaluation keeps every image
+    cfg.drop_empty_train_images = False
+    assert len(build_dataset(cfg, "train", "instance")) == 4
