@@ -75,6 +75,15 @@ def weighted_total(parts):
     return sum(w[k.rsplit("_", 1)[0] if k[-1].isdigit() else k] * v for k, v in parts.items())
 
 
+def recording(forward, log):
+    """Wrap a matcher's forward so that each call's matching is appended to ``log``."""
+    def wrapped(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        log.append(out)
+        return out
+    return wrapped
+
+
 def grads(sets):
     return [g for s in sets for g in (s.mask_logits.grad.clone(), s.class_logits.grad.clone())]
 
@@ -91,6 +100,8 @@ def test_loss_equals_hugging_face_with_every_set_supervised(oracle):
     hf = oracle(hf_config(cfg_cls), weight_dict={})
     ours = build_loss(TrainConfig(), C)
     sets, targets = make_sets(), make_targets()
+    ours.matcher.forward = recording(ours.matcher.forward, our_matches := [])
+    hf.matcher.forward = recording(hf.matcher.forward, hf_matches := [])
     torch.manual_seed(0)
     total, parts = ours(sets, targets)
     total.backward()
@@ -98,6 +109,11 @@ def test_loss_equals_hugging_face_with_every_set_supervised(oracle):
     zero_grads(sets)
 
     hf_parts = hf_parts_renamed(run_hf(hf, sets, targets, seed=0))
+    # The same matching for every set (3 sets x 2 images), in the same order.
+    assert len(our_matches) == len(hf_matches) == 3
+    for mine, theirs in zip(our_matches, hf_matches):
+        for (r1, c1), (r2, c2) in zip(mine, theirs):
+            assert torch.equal(r1, r2) and torch.equal(c1, c2)
     assert set(parts) == set(hf_parts) == {f"{k}{s}" for k in HF_NAMES for s in ("", "_0", "_1")}
     for key in parts:
         torch.testing.assert_close(parts[key], hf_parts[key].detach(), rtol=1e-5, atol=1e-6, msg=key)
