@@ -1,9 +1,44 @@
-"""Evaluation section of the configuration (paper.md section 7)."""
+"""Evaluation section of the configuration (paper.md section 7).
+
+The paper's inference numbers live here, once; post-processing functions take them as arguments.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 1
+    split: Optional[str] = None  # data split to score; None means data.val_split
+    # Square input side of the padded protocol and crop side of the windowed protocol; None means
+    # model.img_size (COCO 640, ADE20K semantic 512; paper.md section 6).
+    input_size: Optional[int] = None
+    # Panoptic merge (paper.md section 7): keep a query when its top class is not no-object and its score
+    # exceeds this.
+    score_threshold: float = 0.8
+    # Panoptic merge (paper.md section 7): drop a query whose won area / area with sigmoid >= mask_threshold
+    # is below this.
+    overlap_threshold: float = 0.8
+    # Panoptic merge (paper.md section 7): a segment is the query's pixels with sigmoid >= this.
+    mask_threshold: float = 0.5
+    # Instance (paper.md section 7): the top this-many (query, class) pairs per image.
+    top_k: int = 100
+    # Score at most this many images (None: all), for quick checks.
+    max_images: Optional[int] = None
+    # Write predictions in the official formats under this folder (None: do not export).
+    export_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError("input_size must be positive")
+        for name in ("score_threshold", "overlap_threshold", "mask_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError("max_images must be >= 1")

@@ -1,0 +1,183 @@
+"""``study score {panoptic,instance,semantic}`` (score official-format files) and ``study eval CONFIG``.
+
+Each scorer prints the per-class table and the summary; ``--json PATH`` also writes the numbers. User
+mistakes (missing files, inconsistent predictions) raise ValueError subclasses that ``study`` prints as one
+line.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from study.io import atomic_write_json
+
+
+def _jsonable(result: dict) -> dict:
+    out = dict(result)
+    out.pop("categories", None)
+    out.pop("summary", None)
+    return out
+
+
+def _write(args, result: dict) -> None:
+    if args.json:
+        atomic_write_json(args.json, _jsonable(result))
+        print(f"wrote {args.json}")
+
+
+# ------------------------------------------------------------------------------------------------ score
+
+
+def score_panoptic(args) -> int:
+    from study.eval.pq import format_table
+    from study.eval.pq_files import score_panoptic_files
+
+    t0 = time.perf_counter()
+    result = score_panoptic_files(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, args.workers)
+    result["seconds"] = time.perf_counter() - t0
+    print(format_table(result, result["categories"], per_class=not args.no_per_class))
+    print(f"{result['num_images']} images in {result['seconds']:.2f} s")
+    _write(args, result)
+    return 0
+
+
+def score_instance(args) -> int:
+    from study.eval.coco_ap import evaluate_masks, format_table
+    from study.eval.pq_files import read_json
+
+    gt = read_json(args.gt_json, "ground-truth JSON")
+    pred = read_json(args.pred_json, "prediction JSON")
+    if isinstance(pred, dict) and "annotations" in pred:  # a full COCO dict instead of a results list
+        pred = pred["annotations"]
+    if not isinstance(pred, list):
+        raise ValueError(f"prediction JSON {args.pred_json} must hold a list of COCO results")
+    result = evaluate_masks(gt, pred)
+    print(format_table(result, gt.get("categories", []), per_class=not args.no_per_class))
+    _write(args, result)
+    return 0
+
+
+def score_semantic(args) -> int:
+    from study.eval.miou import format_table, score_semantic_dirs
+
+    result = score_semantic_dirs(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index,
+                                 args.label_offset, args.pred_label_offset)
+    names = Path(args.class_names).read_text().split("\n") if args.class_names else None
+    result["reported"] = "miou_all_classes" if args.average == "all" else "miou"
+    print(format_table(result, [n.strip() for n in names] if names else None, per_class=not args.no_per_class))
+    print(f"reported mIoU ({'all classes, ADE20K official' if args.average == 'all' else 'classes present'}): "
+          f"{100 * result[result['reported']]:.2f}")
+    _write(args, result)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- eval
+
+
+def run_eval(args) -> int:
+    from study.config import load_config
+    from study.data import build_dataset
+    from study.eval.run import evaluate
+    from study.models.build import build_model
+
+    cfg = load_config(args.config, args.set)
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+        cfg.model.checkpoint = args.checkpoint
+    if args.export:
+        cfg.eval.export_dir = args.export
+    if args.max_images is not None:
+        cfg.eval.max_images = args.max_images
+    split = cfg.eval.split or cfg.data.val_split
+    dataset = build_dataset(cfg.data, split, cfg.task)
+    model = build_model(cfg.model)
+    size = cfg.eval.input_size or cfg.model.img_size
+    masked = {"on": True, "off": False, None: None}[args.masked]
+    t0 = time.perf_counter()
+    result = evaluate(model, dataset, cfg.task, cfg.eval, size, progress=not args.no_progress, masked=masked)
+    result["seconds"] = time.perf_counter() - t0
+    result["split"] = split
+    result["checkpoint"] = cfg.model.checkpoint
+    _print_eval(result, dataset.info)
+    out = Path(args.json) if args.json else (
+        Path(args.checkpoint).parent if args.checkpoint else Path(cfg.output_dir)) / f"eval_{cfg.task}_{split}.json"
+    atomic_write_json(out, _jsonable(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_eval(result: dict, info) -> None:
+    from study.eval import coco_ap, miou, pq
+    from study.eval.run import categories_of
+
+    if result["task"] == "panoptic":
+        print(pq.format_table(result, categories_of(info)))
+    elif result["task"] == "instance":
+        print(coco_ap.format_table(result, categories_of(info)))
+    else:
+        print(miou.format_table(result, info.class_names))
+
+
+# ------------------------------------------------------------------------------------------- argparse
+
+
+def register(subparsers) -> None:
+    """Add ``score`` (with panoptic / instance / semantic) and ``eval`` to the ``study`` command."""
+    score = subparsers.add_parser("score", help="score predictions in the official formats",
+                                  description="Score predictions stored in the official file formats.")
+    kinds = score.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    def common(p):
+        p.add_argument("--json", help="also write the numbers to this JSON file")
+        p.add_argument("--no-per-class", action="store_true", help="print only the summary")
+
+    p = kinds.add_parser("panoptic", help="PQ / SQ / RQ (panopticapi's rules) of COCO panoptic JSON + PNGs")
+    p.add_argument("--gt-json", required=True)
+    p.add_argument("--gt-dir", help="GT PNG folder (default: the GT JSON path without .json)")
+    p.add_argument("--pred-json", required=True)
+    p.add_argument("--pred-dir", help="prediction PNG folder (default: the prediction JSON path without .json)")
+    p.add_argument("--workers", type=int, default=1, help="threads reading and scoring images (default 1)")
+    common(p)
+    p.set_defaults(func=score_panoptic)
+
+    p = kinds.add_parser("instance", help="mask AP with pycocotools (12 summary numbers as 'stats')")
+    p.add_argument("--gt-json", required=True, help="COCO instance ground truth")
+    p.add_argument("--pred-json", required=True, help="COCO results: list of image_id, category_id, "
+                                                      "segmentation (RLE), score")
+    common(p)
+    p.set_defaults(func=score_instance)
+
+    p = kinds.add_parser("semantic", help="mIoU of label PNGs (classes present; ADE20K all-classes too)",
+                         description="mIoU of label PNGs paired by relative path. ADE20K official files "
+                                     "(0 = ignore, 1..150): --num-classes 150 --label-offset 1. CamVid "
+                                     "(11 = void): --num-classes 11 --ignore-index 11.")
+    p.add_argument("--gt-dir", required=True)
+    p.add_argument("--pred-dir", required=True)
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--ignore-index", type=int, default=255, help="label value left out of scoring (255)")
+    p.add_argument("--label-offset", type=int, default=0,
+                   help="value v means class v - offset; values below it are ignored (ADE20K: 1)")
+    p.add_argument("--pred-label-offset", type=int, default=None,
+                   help="offset of the predictions if it differs from --label-offset")
+    p.add_argument("--average", choices=("present", "all"), default="present",
+                   help="the reported mean: over classes present (paper, mmseg) or all classes (ADE20K "
+                        "official script); both are always written")
+    p.add_argument("--class-names", help="text file with one class name per line")
+    common(p)
+    p.set_defaults(func=score_semantic)
+
+    p = subparsers.add_parser("eval", help="run a model over a data set and score it",
+                              description="Run the model a config describes over a data split (padded "
+                                          "or windowed protocol), post-process, score, optionally export.")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("--checkpoint", help="model checkpoint (ours, official EoMT or Hugging Face)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--export", metavar="DIR", help="write predictions in the official formats here")
+    p.add_argument("--json", help="metrics file (default: beside the checkpoint, eval_<task>_<split>.json)")
+    p.add_argument("--max-images", type=int, help="score only the first N images")
+    p.add_argument("--masked", choices=("on", "off"), default=None,
+                   help="masked attention at inference (default: the model variant's setting)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)

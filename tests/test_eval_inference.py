@@ -1,0 +1,191 @@
+"""Inference protocols (padded, windowed, masking) and post-processing (paper.md section 7)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from study.config import load_config
+from study.eval.config import EvalConfig
+from study.eval.inference import pad_to_square, run_padded, run_windowed, window_crops
+from study.eval.postprocess import instance_topk, panoptic_merge, semantic_logits
+from study.models.build import build_model
+from study.models.contract import PredictionSet
+
+CFG = EvalConfig()
+BIG = 20.0  # a logit that saturates softmax / sigmoid
+
+
+def _merge(masks, classes, is_thing):
+    return panoptic_merge(masks, classes, is_thing, CFG.score_threshold, CFG.overlap_threshold, CFG.mask_threshold)
+
+
+def _class_logits(probs_rows):
+    """Rows of probabilities over C + 1 -> logits with exactly these softmax values."""
+    return torch.log(torch.tensor(probs_rows, dtype=torch.float64)).float()
+
+
+# ---------------------------------------------------------------------------------------- post-processing
+
+
+def test_panoptic_merge_rules():
+    h, w = 8, 8
+    # classes: 0 thing, 1 stuff; C + 1 = 3 with no-object last
+    is_thing = [True, False]
+    m = torch.full((6, h, w), -BIG)
+    m[0, :4, :4] = BIG  # thing, score 0.9: kept
+    m[1, 4:, :4] = BIG  # stuff, score 0.85: kept
+    m[2, 4:, 4:] = BIG  # the same stuff class elsewhere: merged into query 1's segment
+    m[3, :4, 4:] = BIG  # score 0.79 < 0.8: dropped -> void
+    m[4, :2, :2] = BIG  # no-object is its top class: dropped
+    m[5, :4, :] = BIG  # thing, score 0.95, covers query 0's area and query 3's: wins only the right half
+    m[5, :4, :4] = -BIG  # ... after we take back the left half; keep an overlap to test the ratio rule below
+    classes = _class_logits([[0.9, 0.05, 0.05], [0.05, 0.85, 0.1], [0.05, 0.9, 0.05], [0.79, 0.11, 0.1],
+                             [0.1, 0.1, 0.8], [0.95, 0.03, 0.02]])
+    r = _merge(m, classes, is_thing)
+    ids = r.ids
+    labels = {s["id"]: s["label"] for s in r.segments}
+    assert len(r.segments) == 3  # thing (q0), stuff (q1 + q2), thing (q5)
+    assert labels[int(ids[0, 0])] == 0 and labels[int(ids[5, 0])] == 1
+    assert int(ids[5, 0]) == int(ids[5, 7])  # stuff merged per class
+    assert int(ids[0, 7]) not in (0, int(ids[0, 0]))  # q5's own segment
+    assert r.segments[0]["score"] == pytest.approx(0.9, abs=1e-5)
+
+
+def test_panoptic_overlap_ratio_drops_a_mostly_covered_query():
+    is_thing = [True, True]
+    m = torch.full((2, 10, 10), -BIG)
+    m[0, :, :] = BIG  # everywhere, score 0.9
+    m[1, :, :] = BIG  # everywhere too, but score 0.95 wins every pixel -> q0 wins nothing
+    m[1, :, 8:] = -BIG  # q1 absent on the right 2 columns: q0 wins 20 of its 100 pixels (0.2 < 0.8)
+    classes = _class_logits([[0.9, 0.05, 0.05], [0.02, 0.95, 0.03]])
+    r = _merge(m, classes, is_thing)
+    assert [s["label"] for s in r.segments] == [1]
+    assert int((r.ids == 0).sum()) == 20  # q0's remaining pixels stay void
+    # With the ratio just above the threshold the query survives: q1 absent on 9 of 10 columns.
+    m[1, :, 1:] = -BIG
+    r = _merge(m, classes, is_thing)
+    assert sorted(s["label"] for s in r.segments) == [0, 1]
+
+
+def test_panoptic_mask_threshold_is_sigmoid_half():
+    m = torch.full((1, 4, 4), -BIG)
+    m[0, :2] = 0.0  # sigmoid exactly 0.5: inside (>= 0.5)
+    m[0, 2:] = -1e-3  # just below
+    r = _merge(m, _class_logits([[0.9, 0.05, 0.05]]), [True, True])
+    assert int((r.ids > 0).sum()) == 8
+
+
+def test_instance_topk_scores_and_count():
+    torch.manual_seed(0)
+    q, c, h, w = 30, 7, 12, 10
+    masks = torch.randn(q, h, w) * 3
+    classes = torch.randn(q, c + 1) * 2
+    r = instance_topk(masks, classes, CFG.top_k)
+    assert len(r.scores) == CFG.top_k == 100  # paper.md section 7: top 100 of the 210 (query, class) pairs
+    probs = classes.softmax(-1)[:, :c]
+    best = probs.flatten().topk(CFG.top_k).indices
+    assert torch.equal(r.labels, best % c)
+    qi = best // c
+    for k in (0, 17, 99):
+        inside = masks[qi[k]] > 0
+        mean_prob = masks[qi[k]].sigmoid()[inside].mean() if inside.any() else torch.tensor(0.0)
+        assert r.scores[k] == pytest.approx(float(probs.flatten()[best[k]] * mean_prob), rel=1e-4)
+        assert torch.equal(r.masks[k], inside)
+    few = instance_topk(masks[:3], classes[:3], CFG.top_k)  # fewer pairs than top_k: all of them
+    assert len(few.scores) == 3 * c
+
+
+def test_semantic_logits_is_sum_over_queries():
+    torch.manual_seed(0)
+    masks, classes = torch.randn(5, 6, 4), torch.randn(5, 4)
+    out = semantic_logits(masks, classes)
+    ref = sum(classes[q].softmax(-1)[:3, None, None] * masks[q].sigmoid()[None] for q in range(5))
+    assert torch.allclose(out, ref, atol=1e-6) and out.shape == (3, 6, 4)
+
+
+# ----------------------------------------------------------------------------------------- protocols
+
+
+class EchoModel(nn.Module):
+    """A contract model whose single mask is the input's red channel at 1/4 resolution (as a logit), and
+    whose class logits favour class 0; it records the inputs it saw."""
+
+    num_classes = 2
+    masked_inference = False
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.clone())
+        b, _, h, w = images.shape
+        red = F.interpolate(images[:, :1], size=(h // 4, w // 4), mode="bilinear", align_corners=False)
+        masks = torch.cat([red * 10 - 5, -red * 10 + 5], dim=1)  # (B, 2, H/4, W/4)
+        classes = torch.tensor([[BIG, 0.0, 0.0], [0.0, BIG, 0.0]]).expand(b, 2, 3)
+        return [PredictionSet(masks, classes)]
+
+
+def _ramp(h, w):
+    """uint8 image whose red channel is a smooth horizontal ramp, green/blue constant."""
+    x = torch.linspace(0, 255, w).round().to(torch.uint8)
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    img[0] = x[None].expand(h, w)
+    img[1] = 77
+    return img
+
+
+def test_padded_protocol_resizes_pads_and_crops():
+    imgs = [_ramp(30, 60), _ramp(64, 32)]
+    batch, kept = pad_to_square(imgs, 64)
+    assert kept == [(32, 64), (64, 32)]
+    assert batch.shape == (2, 3, 64, 64)
+    assert bool((batch[0, :, 32:] == 0).all()) and bool((batch[1, :, :, 32:] == 0).all())  # zero pad bottom/right
+    assert float(batch[0, 1, :32].mean()) == pytest.approx(77 / 255)  # content top-left, in [0, 1]
+    model = EchoModel()
+    out = run_padded(model, imgs, 64)
+    assert model.seen[0].shape == (2, 3, 64, 64)  # batched
+    for img, (m, c) in zip(imgs, out):
+        assert m.shape == (2, *img.shape[-2:]) and c.shape == (2, 3)
+        # The echoed mask follows the ramp at the original resolution: padding was cropped away.
+        ref = img[0].float() / 255 * 10 - 5
+        inner = (slice(4, -4), slice(4, -4))
+        assert torch.allclose(m[0][inner], ref[inner], atol=0.6)
+
+
+@pytest.mark.parametrize("hw,size,starts", [((30, 70), 10, [0, 6, 13]), ((50, 50), 25, [0]),
+                                            ((90, 40), 20, [0, 12, 25])])
+def test_window_crops_spread_overlap(hw, size, starts):
+    crops, got, (nh, nw) = window_crops(_ramp(*hw), size)
+    assert min(nh, nw) == size and len(got) == math.ceil(max(nh, nw) / size) == crops.shape[0]
+    assert got == starts and got[-1] + size == max(nh, nw)
+    assert crops.shape[1:] == (3, size, size)
+
+
+def test_windowed_protocol_averages_overlaps():
+    img = _ramp(40, 100)
+    model = EchoModel()
+    out = run_windowed(model, [img, _ramp(20, 20)], 20, batch_size=2)
+    assert out[0].shape == (2, 40, 100) and out[1].shape == (2, 20, 20)
+    assert sum(s.shape[0] for s in model.seen) == 3 + 1 and model.seen[0].shape[0] == 2  # crops batched
+    # Class 0's per-pixel logit = sigmoid(mask 0) everywhere (class probs ~ one-hot): a smooth function of
+    # the ramp, so averaging overlapping crops must reproduce it without seams.
+    ref = torch.sigmoid(img[0].float() / 255 * 10 - 5)
+    assert torch.allclose(out[0][0, :, 3:-3], ref[:, 3:-3], atol=0.08)
+
+
+def test_masked_inference_switch_on_tiny_eomt():
+    model = build_model(load_config(None, ["model.size=tiny", "model.img_size=64", "model.num_classes=4",
+                                           "model.num_queries=6", "model.num_query_blocks=2"]).model).eval()
+    model.set_mask_probs([1.0, 1.0])
+    img = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)]
+    off = run_padded(model, img, 64, masked=False)[0][0]
+    on = run_padded(model, img, 64, masked=True)[0][0]
+    assert model.masked_inference is False  # restored
+    assert off.shape == on.shape == (6, 48, 64)
+    assert not torch.allclose(on, off)  # masked attention changes the final prediction
+    assert torch.allclose(run_padded(model, img, 64)[0][0], off)
