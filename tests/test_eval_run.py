@@ -1,0 +1,197 @@
+"""The evaluation loop end to end on the real samples, its exports re-scored by the official tools, and the
+``study score`` / ``study eval`` commands.
+
+An oracle model (it predicts each sample's ground truth through the same resize/pad/crop geometry as the
+protocols) makes the scores high and known; the exported files must give the same numbers in panopticapi,
+pycocotools and the semantic folder scorer as the loop reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import data_dir
+from study.data import build_dataset
+from study.data.config import DataConfig
+from study.eval import cli as eval_cli
+from study.eval.config import EvalConfig
+from study.eval.inference import window_crops
+from study.eval.run import evaluate
+from study.models.contract import PredictionSet
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2
+
+
+class Oracle(nn.Module):
+    """Predicts the GT segments of ``samples`` (in order), one query each, extra queries no-object."""
+
+    masked_inference = False
+
+    def __init__(self, samples, num_classes, size, windowed=False, queries=None):
+        super().__init__()
+        self.num_classes, self.size = num_classes, size
+        self.q = queries or max(len(s.labels) for s in samples) + 2
+        self.queue = []  # per model input: (masks (N, S, S) in [0, 1], labels (N,))
+        for s in samples:
+            m = s.masks.float()
+            if windowed:  # one entry per crop, as the windowed protocol cuts them
+                crops, _, _ = window_crops(m, size)
+                self.queue.extend((c, s.labels) for c in crops)
+            else:  # resize longer side, pad bottom/right
+                h, w = m.shape[-2:]
+                f = size / max(h, w)
+                nh, nw = round(h * f), round(w * f)
+                pad = torch.zeros(len(m), size, size)
+                pad[:, :nh, :nw] = F.interpolate(m[None], (nh, nw), mode="bilinear", align_corners=False)[0]
+                self.queue.append((pad, s.labels))
+
+    def forward(self, images):
+        b = images.shape[0]
+        masks = torch.full((b, self.q, self.size // 4, self.size // 4), -20.0)
+        classes = torch.zeros(b, self.q, self.num_classes + 1)
+        classes[..., -1] = 20.0  # no-object by default
+        for i in range(b):
+            m, labels = self.queue.pop(0)
+            small = F.interpolate(m[None], (self.size // 4,) * 2, mode="bilinear", align_corners=False)[0]
+            n = len(labels)
+            masks[i, :n] = (small - 0.5) * 40
+            classes[i, :n, -1] = 0.0
+            classes[i, torch.arange(n), labels] = 20.0
+        return [PredictionSet(masks, classes)]
+
+
+def _settings(**kw):
+    return EvalConfig(**kw)
+
+
+def test_panoptic_loop_and_export_agree_with_panopticapi(tmp_path):
+    pq_compute = pytest.importorskip("panopticapi.evaluation").pq_compute
+    root = data_dir("coco_panoptic_sample")
+    ds = build_dataset(DataConfig(dataset="coco_panoptic", root=str(root), image_dir="input_images",
+                                  ann_file="panoptic_examples.json", ann_dir="panoptic_examples"), "val", "panoptic")
+    model = Oracle([ds[i] for i in range(len(ds))], ds.info.num_classes, 320)
+    out = evaluate(model, ds, "panoptic", _settings(batch_size=2, export_dir=str(tmp_path)), 320, progress=False)
+    assert out["All"]["pq"] > 0.85 and out["num_images"] == 2
+    gt = json.loads((root / "panoptic_examples.json").read_text())
+    gt["categories"] = json.loads((root / "panoptic_coco_categories.json").read_text())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = pq_compute(str(tmp_path / "gt.json"), out["exported"], str(root / "panoptic_examples"),
+                            str(tmp_path / "panoptic_pred"))
+    for g in ("All", "Things", "Stuff"):
+        assert abs(out[g]["pq"] - theirs[g]["pq"]) < 1e-9 and out[g]["n"] == theirs[g]["n"]
+    for cid, r in theirs["per_class"].items():
+        assert abs(out["per_class"][cid]["pq"] - r["pq"]) < 1e-9
+
+
+def test_instance_loop_and_export_agree_with_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = data_dir("coco_mini")
+    ds = build_dataset(DataConfig(dataset="coco_instance", root=str(root)), "val", "instance")
+    n = 4
+    model = Oracle([ds[i] for i in range(n)], ds.info.num_classes, 320)
+    out = evaluate(model, ds, "instance", _settings(max_images=n, export_dir=str(tmp_path)), 320, progress=False)
+    assert out["ground_truth"] == "official JSON" and out["AP"] > 0.5 and len(out["stats"]) == 12
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(root / "annotations" / "instances_val2017.json"))
+        ev = COCOeval(coco, coco.loadRes(out["exported"]), "segm")
+        ev.params.imgIds = [ds[i].image_id for i in range(n)]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert np.array_equal(out["stats"], ev.stats)
+    results = json.loads(open(out["exported"]).read())
+    per_image = {}
+    for r in results:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) <= 100  # paper.md section 7: top 100 per image
+
+
+def test_semantic_loop_and_export_agree_with_folder_scorer(tmp_path):
+    from study.eval.miou import score_semantic_dirs
+
+    root = data_dir("ade20k_sample")
+    ds = build_dataset(DataConfig(dataset="ade20k", root=str(root), image_dir="images", ann_dir="annotations"),
+                       "val", "semantic")
+    model = Oracle([ds[i] for i in range(len(ds))], ds.info.num_classes, 128, windowed=True)
+    out = evaluate(model, ds, "semantic", _settings(batch_size=2, export_dir=str(tmp_path)), 128, progress=False)
+    assert out["miou"] > 0.7 and out["num_classes_present"] >= 15
+    again = score_semantic_dirs(root / "annotations", out["exported"], 150, label_offset=1)
+    assert again["miou"] == out["miou"] and again["miou_all_classes"] == out["miou_all_classes"]
+
+
+def test_model_dataset_class_mismatch_is_readable():
+    root = data_dir("ade20k_sample")
+    ds = build_dataset(DataConfig(dataset="ade20k", root=str(root), image_dir="images", ann_dir="annotations"),
+                       "val", "semantic")
+    model = Oracle([ds[0]], 7, 64, windowed=True)
+    with pytest.raises(ValueError, match="7 classes.*150"):
+        evaluate(model, ds, "semantic", _settings(), 64, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser(prog="study")
+    eval_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = args.func(args)
+    return rc, buf.getvalue()
+
+
+def test_score_commands_write_json(tmp_path):
+    pan = data_dir("coco_panoptic_sample")
+    gt = json.loads((pan / "panoptic_examples.json").read_text())
+    gt["categories"] = json.loads((pan / "panoptic_coco_categories.json").read_text())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    rc, text = _run(["score", "panoptic", "--gt-json", str(tmp_path / "gt.json"), "--gt-dir",
+                     str(pan / "panoptic_examples"), "--pred-json", str(tmp_path / "gt.json"), "--pred-dir",
+                     str(pan / "panoptic_examples"), "--json", str(tmp_path / "pq.json")])
+    res = json.loads((tmp_path / "pq.json").read_text())
+    assert rc == 0 and res["All"]["pq"] == 1.0 and res["All"]["n"] == 8 and "person" in text
+
+    det = pan / "panoptic_coco_detection_format.json"
+    from study.eval.coco_ap import results_from_ground_truth
+    (tmp_path / "res.json").write_text(json.dumps(results_from_ground_truth(json.loads(det.read_text()))))
+    rc, text = _run(["score", "instance", "--gt-json", str(det), "--pred-json", str(tmp_path / "res.json"),
+                     "--json", str(tmp_path / "ap.json")])
+    res = json.loads((tmp_path / "ap.json").read_text())
+    assert len(res["stats"]) == 12 and res["stats"][0] == pytest.approx(1.0)
+
+    ade = data_dir("ade20k_sample") / "annotations"
+    rc, text = _run(["score", "semantic", "--gt-dir", str(ade), "--pred-dir", str(ade), "--num-classes", "150",
+                     "--label-offset", "1", "--average", "all", "--json", str(tmp_path / "miou.json")])
+    res = json.loads((tmp_path / "miou.json").read_text())
+    assert res["miou"] == 1.0 and res["miou_all_classes"] == pytest.approx(0.1) and "ADE20K official" in text
+
+
+def test_eval_command_on_synthetic_data_with_tiny_eomt(tmp_path):
+    data = dict(dataset="synthetic", root=str(tmp_path / "syn"), synthetic_image_size=64,
+                synthetic_train_images=1, synthetic_val_images=2)
+    ds = build_dataset(DataConfig(**data), "val", "panoptic")
+    cfg = {"task": "panoptic", "data": data,
+           "model": {"size": "tiny", "img_size": 64, "num_classes": ds.info.num_classes, "num_queries": 5,
+                     "num_query_blocks": 2}}
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--set", "eval.batch_size=2", "--no-progress",
+                     "--export", str(tmp_path / "exp"), "--json", str(tmp_path / "m.json")])
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert rc == 0 and res["num_images"] == 2 and res["task"] == "panoptic" and "All" in res
+    assert (tmp_path / "exp" / "panoptic_pred.json").is_file()
+    with pytest.raises(ValueError, match="does not exist"):
+        _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "nope.pt")])
