@@ -159,3 +159,26 @@ def test_collate_and_augmented_dataset():
     assert not torch.equal(aug[0].image, again[0].image) or not torch.equal(aug[0].masks, again[0].masks)
     with pytest.raises(ValueError, match="one size"):
         collate([_sample(), _sample(50, 30)])
+
+
+def test_mask_resize_by_index_equals_resize_pad_crop():
+    """resize_crop_masks (only the crop's pixels) == flip, torchvision nearest resize, pad, crop in full."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from study.data.transforms import resize_crop_masks
+
+    g = _g(0)
+    for _ in range(60):
+        h, w = (int(v) for v in torch.randint(5, 90, (2,), generator=g))
+        nh, nw = (int(v) for v in torch.randint(1, 150, (2,), generator=g))
+        size = int(torch.randint(4, 100, (), generator=g))
+        flip = bool(torch.rand((), generator=g) < 0.5)
+        masks = torch.rand(3, h, w, generator=g) < 0.3
+        ref = TF.resize((masks.flip(-1) if flip else masks).to(torch.uint8), [nh, nw],
+                        interpolation=InterpolationMode.NEAREST).bool()
+        ref = torch.nn.functional.pad(ref, (0, max(0, size - nw), 0, max(0, size - nh)))
+        top = int(torch.randint(0, ref.shape[1] - size + 1, ()))
+        left = int(torch.randint(0, ref.shape[2] - size + 1, ()))
+        ref = ref[:, top:top + size, left:left + size]
+        assert torch.equal(resize_crop_masks(masks, nh, nw, top, left, size, flip), ref), (h, w, nh, nw, size)

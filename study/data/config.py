@@ -67,5 +67,7 @@ class DataConfig:
             raise ValueError("synthetic_train_images and synthetic_val_images must be >= 1")
         if self.ignore_value is not None and not 0 <= self.ignore_value <= 255:
             raise ValueError(f"ignore_value must be a label value 0..255, got {self.ignore_value}")
+        if self.class_names and self.ignore_value is not None and self.ignore_value < len(self.class_names):
+            raise ValueError(f"ignore_value {self.ignore_value} is one of the {len(self.class_names)} class values")
         if self.class_names and len(self.class_names) > 255:
             raise ValueError("the 'list' format holds at most 255 classes (8-bit label PNGs)")
