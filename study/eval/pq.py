@@ -25,6 +25,10 @@ MATCH_IOU = 0.5  # panopticapi: a match needs IoU > 0.5 (unique by construction)
 VOID_FRACTION = 0.5  # panopticapi: an unmatched prediction mostly on void + crowd is not a false positive
 
 
+_NO_ROW = np.iinfo(np.uint16).max  # look-up table entry of an id that is not listed
+_LUT_IDS = 1 << 24  # COCO panoptic ids are R + 256 G + 256^2 B < 2^24
+
+
 def _positions(ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For flat ``ids`` (N,) and sorted unique ``keys`` (K,): index into keys (N,) and whether it hit."""
     if keys.size == 0:
@@ -51,6 +55,25 @@ class PQAccumulator:
         self.fp = np.zeros(k, np.int64)
         self.fn = np.zeros(k, np.int64)
         self.num_images = 0
+        self._lut: Optional[np.ndarray] = None  # (2^24,) uint16 id -> row, allocated on first use
+
+    def _rows(self, flat: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Flat ids (N,) -> rows (N,) int64: 0 = void (id 0), 1..K = ``keys`` (sorted), K + 1 = not listed.
+
+        COCO ids fit a 2^24-entry look-up table, which replaces a sort or binary search per pixel (the
+        table is filled with this image's keys and cleared again); other ids take a binary search.
+        """
+        k = keys.size
+        if k < _NO_ROW - 1 and flat.size and 0 <= flat.min() and flat.max() < _LUT_IDS and (k == 0 or keys[0] > 0):
+            if self._lut is None:
+                self._lut = np.full(_LUT_IDS, _NO_ROW, np.uint16)
+                self._lut[0] = 0
+            self._lut[keys] = np.arange(1, k + 1, dtype=np.uint16)
+            rows = self._lut[flat]
+            self._lut[keys] = _NO_ROW
+            return np.minimum(rows, k + 1).astype(np.int64)
+        pos, hit = _positions(flat, keys)
+        return np.where(hit, pos + 1, np.where(flat == 0, 0, k + 1))
 
     def _cat_index(self, segs: list[dict], image: str, what: str) -> np.ndarray:
         out = np.empty(len(segs), np.int64)
@@ -88,15 +111,13 @@ class PQAccumulator:
         g_keys = np.array(sorted(int(s["id"]) for s in gt_segs), dtype=np.int64)
         p_keys = np.array(sorted(int(s["id"]) for s in pred_segs), dtype=np.int64)
         ng, npr = g_keys.size, p_keys.size
-        pos, hit = _positions(gt_flat, g_keys)
-        g_idx = np.where(hit, pos + 1, np.where(gt_flat == 0, 0, ng + 1))
-        pos, hit = _positions(pred_flat, p_keys)
-        bad = ~hit & (pred_flat != 0)
+        g_idx = self._rows(gt_flat, g_keys)
+        p_idx = self._rows(pred_flat, p_keys)
+        bad = p_idx == npr + 1
         if bad.any():
             ids = np.unique(pred_flat[bad])
             raise UnknownSegmentError(f"image {image}: the prediction PNG holds segment id(s) "
                                       f"{ids[:5].tolist()} that its JSON does not list")
-        p_idx = np.where(hit, pos + 1, 0)
         inter = np.bincount(g_idx * (npr + 1) + p_idx, minlength=(ng + 2) * (npr + 1)).reshape(ng + 2, npr + 1)
 
         # Reorder the JSON-order attributes to the sorted-id order of the matrix.
@@ -199,8 +220,8 @@ def format_table(result: dict, categories: list[dict], per_class: bool = True) -
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG (H, W, 3) uint8 -> (H, W) int64 ids, id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
+    """COCO panoptic PNG (H, W, 3) uint8 -> (H, W) int32 ids, id = R + 256 G + 256^2 B."""
+    rgb = rgb.astype(np.int32)  # ids < 2^24 fit; int32 halves the memory traffic of int64
     return rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
 
 
@@ -208,10 +229,6 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """(H, W) ids < 256^3 -> (H, W, 3) uint8, the inverse of :func:`rgb_to_id`."""
     ids = np.asarray(ids, dtype=np.int64)
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def category_lookup(categories: list[dict]) -> dict[int, dict]:
-    return {int(c["id"]): c for c in categories}
 
 
 def check_categories(categories: Optional[list], where: str) -> list[dict]:

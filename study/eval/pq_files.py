@@ -35,7 +35,7 @@ def read_id_png(path: Path, image: str, what: str) -> np.ndarray:
         raise EvalInputError(f"image {image}: {what} PNG {path} does not exist")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3) uint8
     except OSError as e:
         raise EvalInputError(f"image {image}: cannot read {what} PNG {path}: {e}") from None
     return rgb_to_id(rgb)
