@@ -165,3 +165,80 @@ def test_training_split_leaves_out_images_without_non_crowd_segments(tmp_path):
     assert len(val) == 2  # evaluation keeps every image
     cfg.drop_empty_train_images = False
     assert len(build_dataset(cfg, "train", "instance")) == 4
+
+
+def _panoptic_ids(mask_logits, class_logits, is_thing, threshold=0.5):
+    """A plain Mask2Former-style merge for the learnability check: (Q, H, W) logits -> id map and segments."""
+    prob = mask_logits.sigmoid()
+    score, cls = class_logits.softmax(-1)[:, :-1].max(-1)
+    keep = (score > threshold).nonzero()[:, 0].tolist()
+    ids = np.zeros(prob.shape[1:], np.int64)
+    segs, stuff = [], {}
+    if keep:
+        owner = (score[keep, None, None] * prob[keep]).argmax(0)
+        for j, q in enumerate(keep):
+            m = ((owner == j) & (prob[q] >= 0.5)).numpy()
+            if m.sum() == 0 or m.sum() < 0.8 * int((prob[q] >= 0.5).sum()):
+                continue
+            c = int(cls[q])
+            if not is_thing[c] and c in stuff:
+                ids[m] = stuff[c]
+                continue
+            segs.append({"id": len(segs) + 1, "label": c})
+            stuff[c] = ids[m] = len(segs)
+    present = set(np.unique(ids).tolist())
+    return ids, [s for s in segs if s["id"] in present]
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_synthetic_set_in_cpu_minutes(tmp_path):
+    """The default synthetic set is learnable: a tiny EoMT (4 blocks, 64 wide) trained for 250 steps of 8
+    images (about 2-3 CPU minutes) reaches a clearly non-trivial PQ (measured 78 on 2 cores)."""
+    from study.eval.pq import PQAccumulator
+    from study.models.build import build_model
+    from study.models.config import ModelConfig
+    from study.train.loss import MaskClassificationLoss
+    from study.data.transforms import AugmentedDataset, TrainTransform, collate
+
+    torch.manual_seed(0)
+    cfg = DataConfig(dataset="synthetic", root=str(tmp_path / "syn"))
+    train, val = build_dataset(cfg, "train", "panoptic"), build_dataset(cfg, "val", "panoptic")
+    size, c = cfg.synthetic_image_size, train.info.num_classes
+    aug = AugmentedDataset(train, TrainTransform.from_config(cfg, "panoptic", size), seed=0)
+    model = build_model(ModelConfig(size="tiny", img_size=size, num_classes=c, num_queries=20,
+                                    num_query_blocks=2, masked_attention=False))
+    criterion = MaskClassificationLoss(c, num_points=1024)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    loader = torch.utils.data.DataLoader(aug, batch_size=8, shuffle=True, collate_fn=collate, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
+    step, epoch = 0, 0
+    model.train()
+    while step < 250:
+        aug.set_epoch(epoch)
+        for images, targets in loader:
+            loss, _ = criterion(model(images), targets)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step == 250:
+                break
+        epoch += 1
+
+    model.eval()
+    acc = PQAccumulator(val.info.extra["categories"])
+    with torch.no_grad():
+        for s in val:
+            pred = model(s.image.float()[None] / 255)[-1]
+            logits = torch.nn.functional.interpolate(pred.mask_logits, size=(size, size), mode="bilinear")[0]
+            ids, segs = _panoptic_ids(logits, pred.class_logits[0], val.info.is_thing)
+            gt = np.zeros((size, size), np.int64)
+            for m, sid in zip(s.masks, s.segment_ids.tolist()):
+                gt[m.numpy()] = sid
+            gt_segs = [{"id": int(sid), "category_id": val.info.category_ids[int(lab)], "iscrowd": int(cr)}
+                       for lab, cr, sid in zip(s.labels, s.is_crowd, s.segment_ids)]
+            pred_segs = [{"id": p["id"], "category_id": val.info.category_ids[p["label"]]} for p in segs]
+            acc.add(gt, gt_segs, ids, pred_segs, image=s.file_name)
+    result = acc.summary()
+    assert result["All"]["pq"] > 0.4, result["All"]
