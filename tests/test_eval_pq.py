@@ -233,3 +233,13 @@ def test_errors_are_value_errors():
 def test_id_png_round_trip():
     ids = np.array([[0, 1, 255], [256, 65535, 256 ** 3 - 1]])
     assert (rgb_to_id(id_to_rgb(ids)) == ids).all()
+
+
+def test_bench_score_runs_and_agrees(capsys):
+    """The benchmark script (python -m study.eval.bench_score) at its smallest: every scorer agrees."""
+    from study.eval import bench_score
+
+    assert bench_score.main(["--sample", str(data_dir("coco_panoptic_sample")), "--copies", "2",
+                             "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ours", "panopticapi"))]
+    assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-9 for r in rows)

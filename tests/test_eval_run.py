@@ -195,3 +195,21 @@ def test_eval_command_on_synthetic_data_with_tiny_eomt(tmp_path):
     assert (tmp_path / "exp" / "panoptic_pred.json").is_file()
     with pytest.raises(ValueError, match="does not exist"):
         _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "nope.pt")])
+
+
+def test_study_command_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    """Through ``study.cli.main`` (with this module registered): exit 2 and one line naming the image."""
+    import study.cli as study_cli
+
+    if "study.eval.cli" not in study_cli.COMMANDS:
+        monkeypatch.setattr(study_cli, "COMMANDS", study_cli.COMMANDS + ["study.eval.cli"])
+    pan = data_dir("coco_panoptic_sample")
+    gt = json.loads((pan / "panoptic_examples.json").read_text())
+    gt["categories"] = json.loads((pan / "panoptic_coco_categories.json").read_text())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps({"annotations": gt["annotations"][:1]}))
+    rc = study_cli.main(["score", "panoptic", "--gt-json", str(tmp_path / "gt.json"), "--gt-dir",
+                         str(pan / "panoptic_examples"), "--pred-json", str(tmp_path / "pred.json"),
+                         "--pred-dir", str(pan / "panoptic_examples")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "000000439180" in err and "no prediction" in err

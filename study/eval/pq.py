@@ -9,12 +9,14 @@ The rules (panopticapi ``pq_compute_single_core``), reproduced one for one:
   region of its own category (the last crowd segment of that category listed in the GT JSON);
 - the mean over categories leaves out those with no TP, FP or FN (absent from both GT and predictions).
 
-Instead of panopticapi's Python loop over ``np.unique`` of combined ids, every image is reduced to one
-(GT segment x predicted segment) intersection matrix by a single ``np.bincount``; matching and FP/FN are
-array operations on that matrix.
+Instead of panopticapi's sort (``np.unique`` of combined 64-bit ids) and Python loop over the pairs, each
+pixel's GT and predicted ids are mapped to small row / column numbers through a look-up table, the image is
+reduced to one (GT segment x predicted segment) intersection matrix by a single ``np.bincount``, and
+matching and FP/FN are array operations on that matrix.
 """
 from __future__ import annotations
 
+import threading
 from typing import Iterable, Optional
 
 import numpy as np
@@ -27,6 +29,18 @@ VOID_FRACTION = 0.5  # panopticapi: an unmatched prediction mostly on void + cro
 
 _NO_ROW = np.iinfo(np.uint16).max  # look-up table entry of an id that is not listed
 _LUT_IDS = 1 << 24  # COCO panoptic ids are R + 256 G + 256^2 B < 2^24
+
+
+_tables = threading.local()  # one look-up table per thread, reused across images and scorer calls
+
+
+def _lookup_table() -> np.ndarray:
+    """(2^24,) uint16, every entry _NO_ROW except id 0 (void) -> row 0; callers restore what they change."""
+    lut = getattr(_tables, "lut", None)
+    if lut is None:
+        lut = _tables.lut = np.full(_LUT_IDS, _NO_ROW, np.uint16)
+        lut[0] = 0
+    return lut
 
 
 def _positions(ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +69,6 @@ class PQAccumulator:
         self.fp = np.zeros(k, np.int64)
         self.fn = np.zeros(k, np.int64)
         self.num_images = 0
-        self._lut: Optional[np.ndarray] = None  # (2^24,) uint16 id -> row, allocated on first use
 
     def _rows(self, flat: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """Flat ids (N,) -> rows (N,) int64: 0 = void (id 0), 1..K = ``keys`` (sorted), K + 1 = not listed.
@@ -65,12 +78,10 @@ class PQAccumulator:
         """
         k = keys.size
         if k < _NO_ROW - 1 and flat.size and 0 <= flat.min() and flat.max() < _LUT_IDS and (k == 0 or keys[0] > 0):
-            if self._lut is None:
-                self._lut = np.full(_LUT_IDS, _NO_ROW, np.uint16)
-                self._lut[0] = 0
-            self._lut[keys] = np.arange(1, k + 1, dtype=np.uint16)
-            rows = self._lut[flat]
-            self._lut[keys] = _NO_ROW
+            lut = _lookup_table()
+            lut[keys] = np.arange(1, k + 1, dtype=np.uint16)
+            rows = lut[flat]
+            lut[keys] = _NO_ROW
             return np.minimum(rows, k + 1).astype(np.int64)
         pos, hit = _positions(flat, keys)
         return np.where(hit, pos + 1, np.where(flat == 0, 0, k + 1))
