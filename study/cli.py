@@ -11,6 +11,7 @@ import sys
 
 # Sub-command modules, in the order `study --help` lists them.
 COMMANDS = [
+    "study.train.cli",
     "study.bench.cli",
 ]
 
