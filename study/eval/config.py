@@ -29,6 +29,8 @@ class EvalConfig:
     max_images: Optional[int] = None
     # Write predictions in the official formats under this folder (None: do not export).
     export_dir: Optional[str] = None
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16, fp16
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -40,5 +42,7 @@ class EvalConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.top_k < 1:
             raise ValueError("top_k must be >= 1")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError("max_images must be >= 1")

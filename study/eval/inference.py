@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch.nn import functional as F
 
+from study.device import autocast
 from study.eval.postprocess import semantic_logits
 
 
@@ -41,9 +42,11 @@ def _to_float(image: torch.Tensor) -> torch.Tensor:
     return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
 
-def _final(model, batch: torch.Tensor):
-    """The last prediction set: mask logits (B, Q, S/4, S/4), class logits (B, Q, C + 1)."""
-    return model(batch)[-1]
+def _final(model, batch: torch.Tensor, precision: str):
+    """The last prediction set: mask logits (B, Q, S/4, S/4), class logits (B, Q, C + 1); only the model
+    runs under autocast, post-processing stays in float32."""
+    with autocast(batch.device, precision):
+        return model(batch)[-1]
 
 
 def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -63,12 +66,12 @@ def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def run_padded(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
-               device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+               device: str | torch.device = "cpu", precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Padded protocol on a batch of images: per image, (mask logits (Q, H, W) at the original resolution,
     class logits (Q, C + 1))."""
     batch, kept = pad_to_square(images, size)
     with masking(model, masked):
-        pred = _final(model, batch.to(device))
+        pred = _final(model, batch.to(device), precision)
     masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
     out = []
     for i, img in enumerate(images):
@@ -102,14 +105,15 @@ def window_crops(image: torch.Tensor, size: int) -> tuple[torch.Tensor, list[int
 
 @torch.no_grad()
 def run_windowed(model, images: list[torch.Tensor], size: int, batch_size: int = 1,
-                 masked: Optional[bool] = None, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+                 masked: Optional[bool] = None, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> list[torch.Tensor]:
     """Windowed protocol: per image, per-pixel class logits (C, H, W) at the original resolution."""
     windows = [window_crops(img, size) for img in images]
     crops = torch.cat([c for c, _, _ in windows])  # (N, 3, S, S) over all images
     logits = []
     with masking(model, masked):
         for i in range(0, len(crops), batch_size):
-            pred = _final(model, crops[i:i + batch_size].to(device))
+            pred = _final(model, crops[i:i + batch_size].to(device), precision)
             masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear",
                                   align_corners=False)  # (b, Q, S, S)
             logits.extend(semantic_logits(m, c) for m, c in zip(masks, pred.class_logits))  # (C, S, S) each

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from study.data.types import DatasetInfo, Sample
+from study.device import resolve_device, resolve_precision
 from study.eval.coco_ap import encode_mask, evaluate_masks
 from study.eval.config import EvalConfig
 from study.eval.export import InstanceExporter, PanopticExporter, SemanticExporter
@@ -97,7 +98,7 @@ def _official_instance_gt(info: DatasetInfo, image_ids: list) -> Optional[dict]:
 
 
 def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, progress: bool = True,
-             device: str | torch.device = "cpu", masked: Optional[bool] = None) -> dict:
+             masked: Optional[bool] = None) -> dict:
     """Run ``model`` over ``dataset`` (items :class:`Sample`, attribute ``info``) and score it.
 
     Returns the metrics (PQ summary, pycocotools stats, or mIoU summary) with ``task``, ``num_images``
@@ -109,7 +110,9 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
     if getattr(model, "num_classes", info.num_classes) != info.num_classes:
         raise ValueError(f"the model predicts {model.num_classes} classes but dataset '{info.name}' has "
                          f"{info.num_classes}; set model.num_classes to match")
-    model.eval()
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    model.to(device).eval()
     n = len(dataset) if settings.max_images is None else min(len(dataset), settings.max_images)
     cats = categories_of(info)
     export = settings.export_dir
@@ -130,13 +133,14 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
         images = [s.image for s in samples]
         if task == "semantic":
             for s, logits in zip(samples, run_windowed(model, images, input_size, settings.batch_size,
-                                                       masked, device)):
+                                                       masked, device, precision)):
                 pred = logits.argmax(0).cpu().numpy()  # (H, W) contiguous classes
                 cm.add(semantic_ground_truth(s, info.ignore_index), pred, image=_image_name(s))
                 if exporter:
                     exporter.add(s.image_id, s.file_name, np.asarray(info.category_ids)[pred])
         else:
-            for s, (masks, classes) in zip(samples, run_padded(model, images, input_size, masked, device)):
+            for s, (masks, classes) in zip(samples, run_padded(model, images, input_size, masked, device,
+                                                                    precision)):
                 if task == "panoptic":
                     r = panoptic_merge(masks, classes, info.is_thing, settings.score_threshold,
                                        settings.overlap_threshold, settings.mask_threshold)
@@ -160,7 +164,8 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
         bar.update(len(samples))
     bar.close()
 
-    out: dict = {"task": task, "dataset": info.name, "num_images": n, "input_size": input_size}
+    out: dict = {"task": task, "dataset": info.name, "num_images": n, "input_size": input_size,
+                 "device": str(device), "precision": precision}
     if task == "panoptic":
         out.update(pq.summary())
     elif task == "semantic":
