@@ -193,6 +193,13 @@ def test_eval_command_on_synthetic_data_with_tiny_eomt(tmp_path):
     res = json.loads((tmp_path / "m.json").read_text())
     assert rc == 0 and res["num_images"] == 2 and res["task"] == "panoptic" and "All" in res
     assert (tmp_path / "exp" / "panoptic_pred.json").is_file()
+    # Semantic (windowed) with masked attention kept on at inference.
+    sem = build_dataset(DataConfig(**data), "val", "semantic")
+    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--set", "task=semantic", "--set",
+                     f"model.num_classes={sem.info.num_classes}", "--masked", "on", "--no-progress",
+                     "--json", str(tmp_path / "s.json")])
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert rc == 0 and 0 <= res["miou"] <= 1 and "mIoU (classes present" in text
     with pytest.raises(ValueError, match="does not exist"):
         _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "nope.pt")])
 
