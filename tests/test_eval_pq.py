@@ -243,3 +243,20 @@ def test_bench_score_runs_and_agrees(capsys):
                              "--repeats", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ours", "panopticapi"))]
     assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-9 for r in rows)
+
+
+def test_gt_png_id_missing_from_gt_json_follows_panopticapi(sample, tmp_path):
+    """An id drawn in a GT PNG but not listed in the GT JSON is neither void nor matchable (panopticapi)."""
+    root, gt, ids = sample
+    gt_dir = tmp_path / "gt_png"
+    gt_dir.mkdir()
+    preds = _perturb("noise", gt, ids, np.random.default_rng(7))
+    for ann in gt["annotations"]:
+        m = ids[ann["image_id"]].copy()
+        m[20:120, 30:200] = 123456  # unlisted in the JSON
+        m[300:340, 0:60] = 0  # and some new void
+        Image.fromarray(id_to_rgb(m)).save(gt_dir / ann["file_name"])
+    gt_json = _write_gt(tmp_path, root, gt)
+    pred_json, pred_dir = _write_pred(tmp_path, preds)
+    theirs = pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir))
+    _assert_same(score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir), theirs)
