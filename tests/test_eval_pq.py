@@ -33,7 +33,7 @@ def sample():
 
 
 def _write_gt(tmp: Path, root: Path, gt: dict) -> Path:
-    path = tmp / "gt.json"  # the sample JSON keeps its categories in a file beside it
+    path = tmp / "gt.json"
     path.write_text(json.dumps(gt))
     return path
 

@@ -162,6 +162,15 @@ def test_score_commands_write_json(tmp_path):
                      str(pan / "panoptic_examples"), "--json", str(tmp_path / "pq.json")])
     res = json.loads((tmp_path / "pq.json").read_text())
     assert rc == 0 and res["All"]["pq"] == 1.0 and res["All"]["n"] == 8 and "person" in text
+    # A GT JSON without categories needs them from a separate file: --categories.
+    bare = {k: v for k, v in gt.items() if k != "categories"}
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    argv = ["score", "panoptic", "--gt-json", str(tmp_path / "bare.json"), "--gt-dir", str(pan / "panoptic_examples"),
+            "--pred-json", str(tmp_path / "bare.json"), "--pred-dir", str(pan / "panoptic_examples"), "--no-per-class"]
+    rc, text = _run(argv + ["--categories", str(pan / "panoptic_coco_categories.json")])
+    assert rc == 0 and "All       | 100.00" in text
+    with pytest.raises(ValueError, match="no 'categories'"):
+        _run(argv)
 
     det = pan / "panoptic_coco_detection_format.json"
     from study.eval.coco_ap import results_from_ground_truth

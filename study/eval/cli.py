@@ -34,7 +34,8 @@ def score_panoptic(args) -> int:
     from study.eval.pq_files import score_panoptic_files
 
     t0 = time.perf_counter()
-    result = score_panoptic_files(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, args.workers)
+    result = score_panoptic_files(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, args.workers,
+                                  args.categories)
     result["seconds"] = time.perf_counter() - t0
     print(format_table(result, result["categories"], per_class=not args.no_per_class))
     print(f"{result['num_images']} images in {result['seconds']:.2f} s")
@@ -138,6 +139,8 @@ def register(subparsers) -> None:
     p.add_argument("--gt-dir", help="GT PNG folder (default: the GT JSON path without .json)")
     p.add_argument("--pred-json", required=True)
     p.add_argument("--pred-dir", help="prediction PNG folder (default: the prediction JSON path without .json)")
+    p.add_argument("--categories", help="JSON with the categories, when the GT JSON does not hold them "
+                                        "(e.g. panoptic_coco_categories.json)")
     p.add_argument("--workers", type=int, default=1, help="threads reading and scoring images (default 1)")
     common(p)
     p.set_defaults(func=score_panoptic)

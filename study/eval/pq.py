@@ -246,5 +246,6 @@ def check_categories(categories: Optional[list], where: str) -> list[dict]:
     from study.eval.errors import EvalInputError
 
     if not categories:
-        raise EvalInputError(f"{where} lists no 'categories'; PQ needs the ground-truth categories")
+        raise EvalInputError(f"{where} lists no 'categories'; PQ needs the ground-truth categories (give them "
+                             f"with --categories FILE if they are kept in a separate file)")
     return list(categories)

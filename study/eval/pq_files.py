@@ -97,9 +97,11 @@ def score_pairs(pairs: list[tuple[dict, dict]], categories: list[dict], gt_dir: 
 
 def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
                          gt_dir: Optional[str | os.PathLike] = None, pred_dir: Optional[str | os.PathLike] = None,
-                         workers: int = 1) -> dict:
+                         workers: int = 1, categories_json: Optional[str | os.PathLike] = None) -> dict:
     """PQ of a COCO panoptic prediction (JSON + PNG folder) against the GT; folders default to the JSON
-    path without ``.json`` (panopticapi's default). Returns :meth:`PQAccumulator.summary`."""
+    path without ``.json`` (panopticapi's default). The categories come from the GT JSON, or from
+    ``categories_json`` (a list, or a dict with ``categories``) when the GT keeps them in a separate file
+    (panopticapi's sample does). Returns :meth:`PQAccumulator.summary`."""
     gt = read_json(gt_json, "ground-truth JSON")
     pred = read_json(pred_json, "prediction JSON")
     gt_dir = Path(gt_dir) if gt_dir is not None else Path(str(gt_json)[:-len(".json")])
@@ -107,7 +109,12 @@ def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLik
     for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not d.is_dir():
             raise EvalInputError(f"{what} PNG folder {d} does not exist")
-    categories = check_categories(gt.get("categories"), str(gt_json))
+    if categories_json is not None:
+        cats = read_json(categories_json, "categories JSON")
+        categories = check_categories(cats.get("categories") if isinstance(cats, dict) else cats,
+                                      str(categories_json))
+    else:
+        categories = check_categories(gt.get("categories"), str(gt_json))
     pairs = pair_annotations(gt, pred, str(gt_json), str(pred_json))
     result = score_pairs(pairs, categories, gt_dir, pred_dir, workers).summary()
     result["categories"] = categories
