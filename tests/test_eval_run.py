@@ -101,7 +101,7 @@ def test_instance_loop_and_export_agree_with_pycocotools(tmp_path):
     n = 4
     model = Oracle([ds[i] for i in range(n)], ds.info.num_classes, 320)
     out = evaluate(model, ds, "instance", _settings(max_images=n, export_dir=str(tmp_path)), 320, progress=False)
-    assert out["ground_truth"] == "official JSON" and out["AP"] > 0.5 and len(out["stats"]) == 12
+    assert out["ground_truth"].endswith("instances_val2017.json") and out["AP"] > 0.5 and len(out["stats"]) == 12
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(root / "annotations" / "instances_val2017.json"))
         ev = COCOeval(coco, coco.loadRes(out["exported"]), "segm")
@@ -229,3 +229,56 @@ def test_study_command_reports_bad_input_in_one_line(tmp_path, monkeypatch, caps
                          "--pred-dir", str(pan / "panoptic_examples")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "000000439180" in err and "no prediction" in err
+
+
+class TinySet(torch.utils.data.Dataset):
+    """Two in-memory images with rectangles: things (ids 5, 9) and one stuff class (id 20), one crowd."""
+
+    def __init__(self):
+        from study.data.types import DatasetInfo, Sample
+
+        self.info = DatasetInfo(name="tiny", num_classes=3, class_names=["a", "b", "ground"],
+                                category_ids=[5, 9, 20], is_thing=[True, True, False])
+        self.samples = []
+        for k, (h, w) in enumerate([(48, 64), (64, 40)]):
+            masks = torch.zeros(4, h, w, dtype=torch.bool)
+            masks[0, 4:20, 4:24] = True
+            masks[1, 24:40, 8:30] = True
+            masks[2, 40:, :] = True
+            masks[3, 2:10, 30:38] = True  # a crowd region of class a
+            masks[2] &= ~(masks[0] | masks[1] | masks[3])
+            image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+            self.samples.append(Sample(image=image, masks=masks, labels=torch.tensor([0, 1, 2, 0]),
+                                       is_crowd=torch.tensor([False, False, False, True]), image_id=k + 1,
+                                       file_name=f"img{k}.jpg", segment_ids=torch.tensor([11, 12, 13, 14])))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_loop_on_an_in_memory_dataset(task, tmp_path):
+    ds = TinySet()
+    keep = [0, 1, 2]  # the oracle predicts the non-crowd segments only
+    from study.data.types import Sample
+
+    visible = [Sample(image=s.image, masks=s.masks[keep], labels=s.labels[keep], is_crowd=s.is_crowd[keep])
+               for s in ds.samples]
+    model = Oracle(visible, 3, 64, windowed=task == "semantic")
+    out = evaluate(model, ds, task, _settings(batch_size=2, export_dir=str(tmp_path)), 64, progress=False)
+    if task == "panoptic":
+        assert out["All"]["pq"] > 0.9 and out["All"]["n"] == 3 and out["per_class"][5]["fp"] == 0
+        pred = json.loads((tmp_path / "panoptic_pred.json").read_text())
+        assert {s["category_id"] for a in pred["annotations"] for s in a["segments_info"]} == {5, 9, 20}
+    elif task == "instance":
+        assert out["ground_truth"] == "sample masks" and out["AP50"] == pytest.approx(1.0)
+        res = json.loads((tmp_path / "instances_pred.json").read_text())
+        assert len(res) == 2 * model.q * 3  # fewer than 100 (query, class) pairs: every pair is kept
+        assert {r["category_id"] for r in res} == {5, 9, 20}  # dataset ids, not contiguous ones
+    else:
+        assert out["miou"] > 0.9
+        from PIL import Image
+        assert set(np.unique(np.asarray(Image.open(tmp_path / "semantic_pred" / "img0.png")))) <= {5, 9, 20}

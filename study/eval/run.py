@@ -86,11 +86,15 @@ class _InstanceGT:
                 "area": float(m.sum()), "iscrowd": int(crowd)})
 
 
-def _official_instance_gt(info: DatasetInfo, image_ids: list) -> Optional[dict]:
+def _official_instance_json(info: DatasetInfo) -> Optional[Path]:
+    """The dataset's official instance JSON if it is a file on disk (not inside a zip)."""
     path = info.extra.get("instances_json")
-    if not path or not Path(path).is_file():
-        return None
-    gt = json.loads(Path(path).read_text())
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _official_instance_gt(path: Path, image_ids: list) -> dict:
+    """The official GT restricted to the scored images."""
+    gt = json.loads(path.read_text())
     keep = set(image_ids)
     gt["images"] = [im for im in gt["images"] if im["id"] in keep]
     gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
@@ -118,6 +122,7 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
     export = settings.export_dir
     pq = PQAccumulator(cats) if task == "panoptic" else None
     cm = ConfusionMatrix(info.num_classes, info.ignore_index) if task == "semantic" else None
+    official_json = _official_instance_json(info) if task == "instance" else None
     inst_gt, results, image_ids = _InstanceGT(info), [], []
     exporter = None
     if export and task == "panoptic":
@@ -157,7 +162,8 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
                         s.image_id, r.masks.cpu().numpy(),
                         [info.category_ids[c] for c in r.labels.tolist()], r.scores.tolist())
                     results.extend(res)
-                    inst_gt.add(s)
+                    if official_json is None:
+                        inst_gt.add(s)
                     image_ids.append(s.image_id)
                     if exporter:
                         exporter.add(res)
@@ -171,9 +177,12 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
     elif task == "semantic":
         out.update(cm.summary())
     else:
-        official = _official_instance_gt(info, image_ids)
-        out["ground_truth"] = "official JSON" if official is not None else "sample masks"
-        out.update(evaluate_masks(official if official is not None else inst_gt.gt, results))
+        if official_json is not None:
+            out["ground_truth"] = str(official_json)
+            out.update(evaluate_masks(_official_instance_gt(official_json, image_ids), results))
+        else:
+            out["ground_truth"] = "sample masks"
+            out.update(evaluate_masks(inst_gt.gt, results))
     if exporter is not None:
         path = exporter.finish(cats) if task == "panoptic" else exporter.finish() if task == "instance" else None
         out["exported"] = str(path) if path is not None else str(exporter.png_dir)
