@@ -13,6 +13,7 @@ import sys
 COMMANDS = [
     "study.train.cli",
     "study.bench.cli",
+    "study.eval.cli",
 ]
 
 

@@ -97,3 +97,14 @@ def test_cli_bad_input_one_line(argv, message, capsys):
     assert main(["bench", "--no-fps"] + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_end_to_end_scope_times_more_than_the_forward(tmp_path):
+    from study.bench.speed import SpeedProtocol, measure_fps
+
+    model = eomt("tiny", 64)
+    forward = measure_fps(model, 64, SpeedProtocol(warmup=1, iters=3))
+    whole = measure_fps(model, 64, SpeedProtocol(warmup=1, iters=3, scope="end_to_end"))
+    assert whole["protocol"]["scope"] == "end_to_end"
+    # resizing a 640x480 image, upsampling 200 masks to it and merging them cannot be free
+    assert whole["ms_mean"] > forward["ms_mean"]
