@@ -130,3 +130,18 @@ def test_flop_count_sees_the_deformable_sampling():
     encoder = 84 * 4 * 3 * 4 * 8 * 5  # pixel decoder: 84 tokens, 4 heads of 8, 3 levels
     expected = 6 * one_extractor + 4 * injector + 2 * encoder
     assert with_handles.by_operator["grid_sampler"] == expected
+
+
+def test_bf16_autocast_forward():
+    model = tiny("vit_adapter_m2f").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sets = model(torch.rand(1, 3, IMG, IMG))
+    assert len(sets) == 10 and torch.isfinite(sets[-1].mask_logits.float()).all()
+
+
+def test_batchnorm_becomes_syncbatchnorm_for_ddp():
+    from baselines.vit_adapter import convert_sync_batchnorm
+
+    model = convert_sync_batchnorm(tiny("vit_adapter_m2f"))
+    kinds = {type(m).__name__ for m in model.adapter.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds

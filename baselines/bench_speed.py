@@ -1,0 +1,145 @@
+"""Speed of the six Table 1 rows side by side, and of our Mask2Former parts next to Hugging Face's.
+
+    python -m baselines.bench_speed                      # tiny and S at 640 on this machine
+    python -m baselines.bench_speed --sizes S --img-size 640 --iters 5 --json runs/bench_baselines.jsonl
+
+Part 1: for each size, the four baselines (rows 0-3) and EoMT with and without masking (rows 4-5), all built
+through study.models.build and timed with the suite's protocol (study/bench/speed.py: batch 1, eval mode,
+no_grad, warm-up, perf_counter on the CPU), FPS and ratio to row 0, then the per-component breakdown (ms).
+Part 2: our pixel decoder and Transformer decoder against HF's ``Mask2FormerPixelDecoder`` and
+``Mask2FormerTransformerModule`` (+ class predictor) with the same weights on the same inputs (the features an
+S-size adapter gives at the input size), outputs checked equal before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
+from study.models.build import build_model
+from study.models.config import ModelConfig
+
+ROWS = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
+
+
+def bench_rows(size: str, img: int, protocol: SpeedProtocol) -> list[dict]:
+    rows = []
+    for variant in ROWS:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(variant=variant, size=size, img_size=img)).eval()
+        fps = measure_fps(model, img, protocol)
+        parts = component_breakdown(model, img, protocol)
+        rows.append(dict(kind="row", variant=variant, size=size, img_size=img, fps=fps["fps"], ms=fps["ms_mean"],
+                         ms_std=fps["ms_std"], components=parts, protocol=fps["protocol"]))
+    base = rows[0]["fps"]
+    for r in rows:
+        r["ratio_to_row0"] = r["fps"] / base
+    return rows
+
+
+def _time(fn, warmup: int, iters: int) -> float:
+    """Mean milliseconds of ``fn()`` after ``warmup`` calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+    return 1000 * (time.perf_counter() - t0) / iters
+
+
+def bench_against_hf(in_dim: int, img: int, warmup: int, iters: int) -> list[dict]:
+    """Our pixel decoder and decoder vs HF's, same weights, same inputs (Mask2Former's default widths)."""
+    from transformers.models.mask2former import modeling_mask2former as m2f
+
+    from baselines.config import BaselineConfig
+    from baselines.hf import decoder_from_hf, pixel_decoder_from_hf
+    from baselines.m2f_decoder import MaskedAttentionDecoder
+    from baselines.pixel_decoder import PixelDecoder
+
+    opts = BaselineConfig()
+    cfg = m2f.Mask2FormerConfig(num_queries=200, num_labels=133)  # HF defaults = the widths of baseline.md
+    torch.manual_seed(0)
+    feats = [torch.randn(1, in_dim, img // s, img // s) for s in (4, 8, 16, 32)]
+
+    hf_pd = m2f.Mask2FormerPixelDecoder(cfg, feature_channels=[in_dim] * 4).eval()
+    with torch.no_grad():
+        hf_pd.level_embed.normal_()  # HF leaves it uninitialised outside a PreTrainedModel
+    ours_pd = PixelDecoder(in_dim, opts.hidden_dim, opts.encoder_layers, opts.encoder_heads, opts.encoder_points,
+                           opts.encoder_ffn).eval()
+    ours_pd.load_state_dict(pixel_decoder_from_hf(hf_pd.state_dict()))
+    fmap = dict(zip((4, 8, 16, 32), feats))
+    with torch.no_grad():
+        ref = hf_pd(feats)
+        mask_features, levels = ours_pd(fmap)
+    pd_err = (mask_features - ref.mask_features).abs().max().item()
+
+    hf_dec = m2f.Mask2FormerTransformerModule(opts.hidden_dim, cfg).eval()
+    cls = torch.nn.Linear(opts.hidden_dim, 134)
+    ours_dec = MaskedAttentionDecoder(opts.hidden_dim, opts.decoder_heads, opts.decoder_ffn, opts.decoder_layers,
+                                      3, 200, 133).eval()
+    ours_dec.load_state_dict(decoder_from_hf(hf_dec.state_dict(), cls.state_dict()))
+    levels = [t.contiguous() for t in levels]
+
+    def hf_decoder():
+        out = hf_dec(levels, mask_features)
+        return [cls(h.transpose(0, 1)) for h in out.intermediate_hidden_states], out.masks_queries_logits
+
+    def our_decoder():
+        return ours_dec(levels, mask_features, active=lambda i: True, drop=lambda m, i: m)
+
+    with torch.no_grad():
+        hf_classes, hf_masks = hf_decoder()
+        dec_err = max((s.mask_logits - m).abs().max().item() for s, m in zip(our_decoder(), hf_masks))
+    results = []
+    for part, ours, theirs, err in (("pixel_decoder", lambda: ours_pd(fmap), lambda: hf_pd(feats), pd_err),
+                                    ("decoder", our_decoder, hf_decoder, dec_err)):
+        ms_theirs = _time(theirs, warmup, iters)
+        ms_ours = _time(ours, warmup, iters)
+        results.append(dict(kind="hf", part=part, in_dim=in_dim, img_size=img, ms_ours=ms_ours, ms_hf=ms_theirs,
+                            speedup=ms_theirs / ms_ours, max_abs_diff=err))
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "S"])
+    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol = SpeedProtocol(device="cpu", precision="fp32", warmup=args.warmup, iters=args.iters)
+    out = []
+    for size in args.sizes:
+        rows = bench_rows(size, args.img_size, protocol)
+        out += rows
+        print(f"\n== size {size}, {args.img_size}x{args.img_size}, CPU threads {torch.get_num_threads()}, "
+              f"batch 1, fp32, eager")
+        print(f"{'variant':22s} {'FPS':>7s} {'ms':>8s} {'vs row 0':>8s}   per-component ms")
+        for r in rows:
+            comps = ", ".join(f"{k} {v:.0f}" for k, v in r["components"].items() if k != "total")
+            print(f"{r['variant']:22s} {r['fps']:7.2f} {r['ms']:8.1f} {r['ratio_to_row0']:7.2f}x   {comps}")
+    if not args.skip_hf:
+        in_dim = 384  # ViT-S width: the features our S-size pixel decoder reads
+        hf = bench_against_hf(in_dim, args.img_size, args.warmup, args.iters)
+        out += hf
+        print(f"\n== ours vs Hugging Face Mask2Former, same weights, inputs of width {in_dim} at {args.img_size}")
+        for r in hf:
+            print(f"{r['part']:14s} ours {r['ms_ours']:8.1f} ms   HF {r['ms_hf']:8.1f} ms   "
+                  f"HF/ours {r['speedup']:.2f}x   max |diff| {r['max_abs_diff']:.1e}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in out:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
