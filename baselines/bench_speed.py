@@ -8,7 +8,7 @@ through study.models.build and timed with the suite's protocol (study/bench/spee
 no_grad, warm-up, perf_counter on the CPU), FPS and ratio to row 0, then the per-component breakdown (ms).
 Part 2: our pixel decoder and Transformer decoder against HF's ``Mask2FormerPixelDecoder`` and
 ``Mask2FormerTransformerModule`` (+ class predictor) with the same weights on the same inputs (the features an
-S-size adapter gives at the input size), outputs checked equal before timing.
+S-size adapter gives at the input size); the largest output difference is reported next to the times.
 """
 from __future__ import annotations
 

@@ -79,6 +79,8 @@ class BaselineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.extra_extractors < 0:
             raise ValueError(f"extra_extractors must be >= 0, got {self.extra_extractors}")
+        if self.hidden_dim % 32:  # the pixel decoder's GroupNorm(32) (baseline.md)
+            raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) groups), got {self.hidden_dim}")
         if self.hidden_dim % self.encoder_heads or self.hidden_dim % self.decoder_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by the number of heads")
         if self.adapter_norm == "group" and self.conv_inplane % 32:

@@ -103,3 +103,13 @@ def test_compiled_op_runs_the_same_model():
     with torch.no_grad():
         torch.testing.assert_close(compiled(images)[-1].mask_logits, ours(images)[-1].mask_logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_op_is_counted_like_the_pytorch_form():
+    pytest.importorskip("torch_ms_deform_attn")
+    from study.bench.flops import count_flops
+
+    ours = count_flops(build_model(small_cfg(img_size=64)), 64)
+    compiled = count_flops(build_model(small_cfg(img_size=64, use_compiled_deform_attn=True)), 64)
+    assert compiled.by_operator["forward"] == ours.by_operator["grid_sampler"] > 0  # torch_ms_deform_attn::forward
+    assert compiled.total == ours.total
