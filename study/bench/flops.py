@@ -33,7 +33,7 @@ _ELEMENTWISE = {
     "aten::cos", "aten::sin", "aten::tanh", "aten::masked_fill", "aten::masked_fill_", "aten::where",
     "aten::fill_", "aten::zeros", "aten::ones", "aten::zeros_like", "aten::ones_like", "aten::rand",
     "aten::full", "aten::arange", "aten::linspace", "aten::meshgrid", "aten::dropout", "aten::max_pool2d",
-    "aten::flatten", "aten::cumsum",
+    "aten::flatten", "aten::cumsum", "aten::unflatten", "aten::any", "aten::all", "aten::prod",
 }
 
 

@@ -150,7 +150,9 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
             print(f"study train: resuming {run.path} at step {step} of {total}")
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        if device.type == "cuda":  # the ViT-Adapter's BatchNorm pools statistics over processes, as the reference
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (SyncBatchNorm needs a GPU)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
     forward = torch.compile(net) if t.compile else net
 
     def batches(start: int):
