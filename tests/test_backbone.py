@@ -77,5 +77,5 @@ def test_weights_of_another_width_are_rejected(tmp_path):
     other = VisionTransformer(img_size=64, patch_size=16, num_classes=0, **{**TINY_ARGS, "embed_dim": 32})
     path = tmp_path / "narrow.pth"
     torch.save(other.state_dict(), path)
-    with pytest.raises(ValueError, match=r"narrow\.pth do not fit 'tiny'.*wrong shapes"):
+    with pytest.raises(ValueError, match=r"narrow\.pth do not fit .tiny.: .* shape mismatches"):
         ViTBackbone("tiny", 64, pretrained=str(path))

@@ -90,6 +90,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
+def state_dict_mismatch(own: dict, sd: dict) -> str:
+    """'' when ``sd`` fits ``own`` key for key and shape for shape, else what does not fit (first few each)."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
+    return "; ".join(parts)
+
+
 class ViTBackbone(nn.Module):
     """A timm ViT with patch size ``patch_size`` at ``img_size``, plus pixel normalisation.
 
@@ -238,20 +254,9 @@ class ViTBackbone(nn.Module):
         if filter_fn is not None:
             sd = filter_fn(sd, self.vit)
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        own = self.vit.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys (first: {missing[:3]})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})")
-            if wrong:
-                parts.append(f"wrong shapes: {wrong[:3]}")
-            raise ValueError(f"backbone weights {path} do not fit '{self.name}': " + "; ".join(parts))
+        problem = state_dict_mismatch(self.vit.state_dict(), sd)
+        if problem:
+            raise ValueError(f"backbone weights {path} do not fit '{self.name}': {problem}")
         self.vit.load_state_dict(sd)
 
 

@@ -11,7 +11,7 @@ import re
 import torch
 from torch import nn
 
-from study.models.backbone import read_state_dict
+from study.models.backbone import read_state_dict, state_dict_mismatch
 
 # Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
 _OFFICIAL = [
@@ -107,19 +107,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     for k in ("backbone.pixel_mean", "backbone.pixel_std"):
         if k in own and k not in sd:
             sd[k] = own[k]
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
-        raise ValueError(f"checkpoint {path} ({layout} layout) does not fit the model: " + "; ".join(parts)
-                         + ". Check model.size, model.num_classes, model.num_queries and model.img_size.")
+    problem = state_dict_mismatch(own, sd)
+    if problem:
+        raise ValueError(f"checkpoint {path} ({layout} layout) does not fit the model: {problem}. "
+                         "Check model.size, model.num_classes, model.num_queries and model.img_size.")
     model.load_state_dict(sd)
     return layout
