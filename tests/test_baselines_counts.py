@@ -43,8 +43,16 @@ CASES = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant,size,img,params,ours,paper_m,paper_g,tol", CASES)
+def _slow_unless_small(case):
+    """The S row runs in the default test set (a few seconds); the others are slow tests."""
+    values = case.values if hasattr(case, "values") else case
+    marks = list(getattr(case, "marks", ()))
+    if values[1] != "S":
+        marks.append(pytest.mark.slow)
+    return pytest.param(*values, marks=marks)
+
+
+@pytest.mark.parametrize("variant,size,img,params,ours,paper_m,paper_g,tol", [_slow_unless_small(c) for c in CASES])
 def test_params_and_gflops(variant, size, img, params, ours, paper_m, paper_g, tol):
     torch.set_num_threads(2)
     model = build_model(ModelConfig(variant=variant, size=size, img_size=img))
