@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from study.config import Config, load_config
@@ -89,16 +88,16 @@ def main(argv=None) -> int:
         cfg = config_for(args.preset, variant, args.root, steps, out)
         from study.train.loop import train
 
-        t0 = time.perf_counter()
-        run: RunDir = train(cfg)
-        train_min = (time.perf_counter() - t0) / 60
+        run: RunDir = train(cfg)  # a finished run of the same config is reused, not retrained
+        images_per_s = run.metrics()["train"]["images_per_s"]
+        train_min = steps * cfg.train.batch_size / images_per_s / 60  # the loop's own clock
         cfg.model.checkpoint = str(run.final_weights)
         model = build_model(cfg.model)
         dataset = build_dataset(cfg.data, cfg.data.val_split, cfg.task)
         metrics = evaluate(model, dataset, cfg.task, cfg.eval, cfg.model.img_size, progress=False)
         score = metrics["miou"] if cfg.task == "semantic" else metrics["All"]["pq"]
         row = {"variant": variant, "preset": args.preset, "steps": steps, "train_minutes": round(train_min, 2),
-               "images_per_s": round(run.metrics()["train"]["images_per_s"], 2),
+               "images_per_s": round(images_per_s, 2),
                "params_m": round(count_params(model) / 1e6, 3),
                "gflops": round(count_flops(model, cfg.model.img_size).gflops, 3),
                "metric": "mIoU" if cfg.task == "semantic" else "PQ", "score": score,
