@@ -17,13 +17,7 @@ from study.train.schedules import build_lr_scheduler, build_mask_annealing
 TINY = ["model.size=tiny", "model.img_size=64", "model.num_classes=3", "model.num_queries=6"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: one thread is faster and immune to other processes on the 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_eomt(overrides=()):
