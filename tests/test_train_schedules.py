@@ -63,6 +63,10 @@ def test_mask_annealing_from_config_override_and_off():
     with pytest.raises(ValueError, match="masked layers"):
         build_mask_annealing(cfg, total_steps=100, num_layers=4)
     assert build_mask_annealing(TrainConfig(mask_annealing=False), 100, 4) is None
+    # unset: annealed for EoMT (row 5), not for models that keep masking at inference (rows 0-4)
+    assert build_mask_annealing(TrainConfig(), 100, 4, masked_inference=False) is not None
+    assert build_mask_annealing(TrainConfig(), 100, 4, masked_inference=True) is None
+    assert build_mask_annealing(TrainConfig(mask_annealing=True), 100, 9, masked_inference=True) is not None
     ann = build_mask_annealing(TrainConfig(), COCO_T, 4)
     assert ann.windows == list(zip(COCO_L_STARTS, COCO_L_ENDS))
 

@@ -51,11 +51,11 @@ class TrainConfig:
     importance_sample_ratio: float = 0.75  # paper.md section 6: share of points picked by uncertainty
 
     # ---- mask annealing (paper.md section 6, Table 7)
-    # Off: P_mask stays 1 (masked attention throughout training).
-    mask_annealing: bool = True
-    # Per-block override of the annealing windows, in absolute steps (as the official configs write them,
-    # e.g. COCO-L starts [14782, 29564, 44346, 59128], ends [29564, 44346, 59128, 73910]). None: the sixths
-    # rule of study.train.schedules.annealing_windows, computed from T and the number of masked layers.
+    # On: P_mask annealed to 0 (Table 1 row 5, EoMT). Off: P_mask stays 1, masked attention throughout
+    # training (rows 0-4, which keep masking at inference). None: annealed exactly when the model does not
+    # keep masked attention at inference (so eomt anneals, eomt_masked and the baselines do not; Table C's
+    # annealed baseline is mask_annealing=true with masked_inference=false).
+    mask_annealing: Optional[bool] = None
     mask_annealing_starts: Optional[list[int]] = None
     mask_annealing_ends: Optional[list[int]] = None
 

@@ -134,7 +134,7 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
     _seed(cfg.seed + rank)
     optimizer = build_optimizer(model, t)
     scheduler = build_lr_scheduler(optimizer, t, total)
-    annealing = build_mask_annealing(t, total, model.num_masked_layers)
+    annealing = build_mask_annealing(t, total, model.num_masked_layers, model.masked_inference)
     criterion = build_loss(t, cfg.model.num_classes)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = 0

@@ -137,12 +137,15 @@ class MaskAnnealing:
         return probs
 
 
-def build_mask_annealing(cfg: TrainConfig, total_steps: int, num_layers: int) -> Optional[MaskAnnealing]:
+def build_mask_annealing(cfg: TrainConfig, total_steps: int, num_layers: int,
+                         masked_inference: bool = False) -> Optional[MaskAnnealing]:
     """The annealing a :class:`TrainConfig` describes for a model with ``num_layers`` masked layers.
 
-    None when annealing is off (masks stay on, P_mask = 1) or the model has no masked layer.
+    None when annealing is off (masks stay on, P_mask = 1) or the model has no masked layer. With
+    ``cfg.mask_annealing`` unset, a model that keeps masked attention at inference is not annealed.
     """
-    if not cfg.mask_annealing or num_layers == 0:
+    enabled = cfg.mask_annealing if cfg.mask_annealing is not None else not masked_inference
+    if not enabled or num_layers == 0:
         return None
     if cfg.mask_annealing_starts is None:
         return MaskAnnealing(annealing_windows(total_steps, num_layers), cfg.poly_power)
