@@ -35,7 +35,8 @@ def check_against_paper(variant, size, img):
     recount_params, recount_gflops = RECOUNT[(variant, size, img)]
     if recount_params is not None:
         assert params == pytest.approx(recount_params, abs=0.01)
-    assert gflops == pytest.approx(recount_gflops, abs=2.0)  # "within 2 GFLOPs" of the recount
+    # paper.md section 8's recount, to 0.1% (our masked rows read 0.3-2.0 GFLOPs above it, S to g)
+    assert gflops == pytest.approx(recount_gflops, rel=1e-3)
 
 
 @pytest.mark.parametrize("variant", ["eomt", "eomt_masked"])
