@@ -65,9 +65,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"study bench: {len(cfg.bench.variants)} variants x {len(cfg.bench.sizes)} sizes at "
           f"{cfg.bench.img_size}px, {cfg.model.num_classes} classes, {cfg.model.num_queries} queries")
     print(HEADER)
-    rows = bench_rows(cfg)
-    print()
-    print(format_table(rows))
+    rows = bench_rows(cfg)  # prints each row as it is measured
+    print(format_table(rows, with_rows=False))
     if args.json:
         atomic_write_json(args.json, rows)
         print(f"wrote {len(rows)} rows to {args.json}")

@@ -78,9 +78,10 @@ def format_row(r: dict) -> str:
             f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_mean'), '.1f'):>9}")
 
 
-def format_table(rows: list[dict]) -> str:
-    """The terminal table, then speed ratios to the first variant of each size and the breakdowns."""
-    lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows]
+def format_table(rows: list[dict], with_rows: bool = True) -> str:
+    """The terminal table (``with_rows``: the rows too, else only what follows them), then speed ratios to
+    the first variant of each size, the breakdowns and the protocol."""
+    lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows] if with_rows else []
     timed = [r for r in rows if r.get("fps")]
     if timed:
         lines.append("")
