@@ -145,6 +145,9 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        if len(ckpt["rng"]) != world:
+            raise ValueError(f"{run.last_checkpoint} was written by {len(ckpt['rng'])} process(es); resume it with "
+                             f"the same number (this launch has {world}) so the data order stays the same")
         _set_rng_state(ckpt["rng"][rank])
         if main:
             print(f"study train: resuming {run.path} at step {step} of {total}")
