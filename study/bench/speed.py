@@ -70,16 +70,19 @@ def _end_to_end(model: nn.Module, num_classes: int, img_size: int, device: torch
     the benchmark therefore merges with threshold 0, so every query enters it: an upper bound of a trained
     model's post-processing cost.
     """
+    from study.eval.config import EvalConfig
     from study.eval.inference import run_padded
     from study.eval.postprocess import panoptic_merge
+
+    paper = EvalConfig()  # the merge's thresholds (paper.md section 7), but for the score threshold
 
     raw = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     is_thing = [True] * num_classes
 
     def step():
         (masks, classes), = run_padded(model, [raw], img_size, device=device, precision=precision)
-        return panoptic_merge(masks, classes, is_thing, score_threshold=0.0, overlap_threshold=0.8,
-                              mask_threshold=0.5)
+        return panoptic_merge(masks, classes, is_thing, score_threshold=0.0,
+                              overlap_threshold=paper.overlap_threshold, mask_threshold=paper.mask_threshold)
 
     return step
 
