@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from study.models.checkpoint import rename_key, rename_keys
+
 # HF pixel decoder name -> ours (regular expressions, applied in order; the first match wins).
 PIXEL_DECODER_MAP = [
     (r"^input_projections\.(\d+)\.", r"input_proj.\1."),
@@ -37,16 +39,9 @@ DECODER_MAP = [
 ]
 
 
-def _rename(key: str, table) -> str:
-    for pattern, repl in table:
-        if re.search(pattern, key):
-            return re.sub(pattern, repl, key)
-    raise KeyError(f"no mapping for Hugging Face key '{key}'")
-
-
 def pixel_decoder_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """State dict of HF ``Mask2FormerPixelDecoder`` -> state dict of our ``PixelDecoder``."""
-    return {_rename(k, PIXEL_DECODER_MAP): v for k, v in hf_state.items()}
+    return rename_keys(hf_state, PIXEL_DECODER_MAP, where="Hugging Face pixel decoder")
 
 
 def decoder_from_hf(hf_state: dict[str, torch.Tensor], class_predictor: dict[str, torch.Tensor]
@@ -68,6 +63,6 @@ def decoder_from_hf(hf_state: dict[str, torch.Tensor], class_predictor: dict[str
         if m:  # three Linear blocks -> our Sequential(Linear, ReLU, Linear, ReLU, Linear)
             out[f"mask_head.{2 * int(m.group(1))}.{m.group(2)}"] = v
             continue
-        out[_rename(k, DECODER_MAP)] = v
+        out[rename_key(k, DECODER_MAP, "Hugging Face Transformer decoder")] = v
     out.update({f"class_head.{k}": v for k, v in class_predictor.items()})
     return out

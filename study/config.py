@@ -17,7 +17,6 @@ import json
 import os
 import re
 import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints

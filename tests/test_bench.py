@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from study.bench.flops import count_flops, count_params
 from study.bench.paper import paper_numbers

@@ -13,7 +13,7 @@ def write(path, data):
 
 
 def test_defaults_then_base_then_file_then_overrides(tmp_path):
-    base = write(tmp_path / "base.yaml", {"model": {"size": "S", "num_queries": 100}, "train": {"lr": 2e-4}})
+    write(tmp_path / "base.yaml", {"model": {"size": "S", "num_queries": 100}, "train": {"lr": 2e-4}})
     child = write(tmp_path / "child.yaml", {"base": "base.yaml", "model": {"size": "B"}})
     cfg = load_config(child, ["model.img_size=1280", "train.lr=3e-4"])
     assert cfg.model.size == "B"  # the file overrides its base

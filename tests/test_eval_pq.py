@@ -5,7 +5,6 @@ Every perturbation writes a prediction (JSON + PNGs) to a temporary folder; our 
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -8,11 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from study.config import load_config, save_config
 from study.runs import RunDir
@@ -45,7 +43,7 @@ def logged_steps(run: RunDir) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f)]
 
 
-def study(*args, env=None):
+def study(*args):
     return [sys.executable, "-m", "study.cli", *args]
 
 

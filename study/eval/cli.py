@@ -6,7 +6,6 @@ line.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from study.data.types import DatasetInfo, Sample

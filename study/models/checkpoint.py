@@ -59,18 +59,17 @@ def detect_layout(sd: dict) -> str:
     return "ours"
 
 
-def _rename(sd: dict, rules: list, dropped: tuple, path) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if any(re.match(d, k) for d in dropped):
-            continue
-        for pat, rep in rules:
-            if re.match(pat, k):
-                out[re.sub(pat, rep, k)] = v
-                break
-        else:
-            raise ValueError(f"checkpoint {path}: key '{k}' has no counterpart in this suite's EoMT")
-    return out
+def rename_key(key: str, rules: list, where="<state dict>") -> str:
+    """The first of ``rules`` (regex, replacement) that matches ``key`` renames it; no match is an error."""
+    for pat, rep in rules:
+        if re.match(pat, key):
+            return re.sub(pat, rep, key)
+    raise ValueError(f"checkpoint {where}: key '{key}' has no counterpart in this suite's model")
+
+
+def rename_keys(sd: dict, rules: list, dropped: tuple = (), where="<state dict>") -> dict:
+    """A state dict renamed by ``rules``; keys matching a pattern of ``dropped`` are left out."""
+    return {rename_key(k, rules, where): v for k, v in sd.items() if not any(re.match(d, k) for d in dropped)}
 
 
 def _fuse_qkv(sd: dict) -> dict:
@@ -88,9 +87,9 @@ def _fuse_qkv(sd: dict) -> dict:
 
 def convert_state_dict(sd: dict, layout: str, path="<state dict>") -> dict:
     if layout == "official":
-        return _rename(sd, _OFFICIAL, _OFFICIAL_DROPPED, path)
+        return rename_keys(sd, _OFFICIAL, _OFFICIAL_DROPPED, path)
     if layout == "huggingface":
-        sd = _fuse_qkv(_rename(sd, _HF, _HF_DROPPED, path))
+        sd = _fuse_qkv(rename_keys(sd, _HF, _HF_DROPPED, path))
         if "backbone.vit.pos_embed" in sd and sd["backbone.vit.pos_embed"].dim() == 2:
             sd["backbone.vit.pos_embed"] = sd["backbone.vit.pos_embed"][None]  # (N, D) -> (1, N, D)
         return sd
