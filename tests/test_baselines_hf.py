@@ -126,3 +126,78 @@ def test_decoder_matches_hf():
     # the comparison is meaningful: masks block part of every level, not nothing and not everything
     frac = torch.stack([m.float().mean() for m in blocked])
     assert len(blocked) == 9 and (frac > 0.05).all() and (frac < 0.95).all()
+
+
+# --- FLOP counts: the paper counted its Hugging Face Mask2Former with fvcore (paper.md section 8, baseline.md).
+# Counting HF's modules with fvcore is therefore an oracle for our counts, at the real widths (HF's default
+# Mask2FormerConfig: 256 wide, 6 encoder layers, 9 decoder layers) on a smaller input.
+
+
+def _fvcore(module, inputs, handles=None) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**(handles or {}))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return analysis.total()
+
+
+class _Outputs(torch.nn.Module):
+    """Adapts a decoder's call and output to what fvcore traces: positional tensors in, a tuple of tensors out."""
+
+    def __init__(self, module, call):
+        super().__init__()
+        self.module, self.call = module, call
+
+    def forward(self, *tensors):
+        return self.call(self.module, tensors)
+
+
+def test_pixel_decoder_flops_equal_hf():
+    """Same count as fvcore gives for HF's pixel decoder (its PyTorch deformable sampling is a grid_sample
+    fvcore cannot see, as ours: without handles the two must agree to the multiply-add)."""
+    torch.manual_seed(0)
+    in_dim, img = 96, 256
+    theirs = m2f.Mask2FormerPixelDecoder(m2f.Mask2FormerConfig(), feature_channels=[in_dim] * 4).eval()
+    ours = PixelDecoder(in_dim, 256, layers=6, heads=8, points=4, ffn=1024).eval()
+    feats = tuple(torch.randn(1, in_dim, img // s, img // s) for s in (4, 8, 16, 32))
+    hf_count = _fvcore(_Outputs(theirs, lambda m, f: (lambda o: (o.mask_features, *o.multi_scale_features))(
+        m(list(f)))), feats)
+    our_count = _fvcore(_Outputs(ours, lambda m, f: (lambda o: (o[0], *o[1]))(m(dict(zip((4, 8, 16, 32), f))))),
+                        feats)
+    assert our_count == hf_count
+    assert hf_count > 5e9  # the 6 encoder layers are in it (about 6 GFLOPs of the total at this size)
+
+
+def _baddbmm_flop_jit(inputs, outputs):
+    """fvcore handle for ``aten::baddbmm`` (input + batch1 @ batch2): the matmul's multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    b, n, k = get_shape(inputs[1])
+    return b * n * k * get_shape(inputs[2])[-1]
+
+
+def test_decoder_flops_equal_hf():
+    """Same count as HF's Transformer decoder (all 10 mask predictions traced) once its masked cross-attention
+    QK^T is counted: HF computes it with ``baddbmm`` (the attention mask is added there), which plain fvcore
+    skips; the paper's convention counts attention matmuls, as our SDPA handler does."""
+    from study.bench.flops import DEFAULT_HANDLES
+
+    torch.manual_seed(0)
+    img, queries = 256, 200
+    theirs = m2f.Mask2FormerTransformerModule(256, m2f.Mask2FormerConfig(num_queries=queries)).eval()
+    ours = MaskedAttentionDecoder(256, 8, 2048, 9, 3, queries, 133).eval()
+    levels = tuple(torch.randn(1, 256, img // s, img // s) for s in (32, 16, 8))
+    inputs = (*levels, torch.randn(1, 256, img // 4, img // 4))
+
+    def hf_masks(m, t):
+        return tuple(m(list(t[:3]), t[3]).masks_queries_logits)
+
+    def our_masks(m, t):
+        return tuple(s.mask_logits for s in m(list(t[:3]), t[3], active=lambda i: True, drop=lambda mask, i: mask))
+
+    hf_plain = _fvcore(_Outputs(theirs, hf_masks), inputs)
+    hf_count = _fvcore(_Outputs(theirs, hf_masks), inputs, {"aten::baddbmm": _baddbmm_flop_jit})
+    our_count = _fvcore(_Outputs(ours, our_masks), inputs, DEFAULT_HANDLES)
+    assert our_count == hf_count
+    qk = queries * 256 * sum((img // s) ** 2 for s in (32, 16, 8)) * 3  # 9 layers = 3 rounds of the 3 levels
+    assert hf_count - hf_plain == qk  # what plain fvcore misses in HF's module: exactly the QK^T products

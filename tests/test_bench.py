@@ -109,3 +109,33 @@ def test_end_to_end_scope_times_more_than_the_forward(tmp_path):
     assert whole["protocol"]["scope"] == "end_to_end"
     # resizing a 640x480 image, upsampling 200 masks to it and merging them cannot be free
     assert whole["ms_mean"] > forward["ms_mean"]
+
+
+def test_flops_by_component_explain_each_table1_step():
+    """The per-component split sums to the total, and consecutive Table 1 rows differ only in the components
+    their step replaces (paper.md section 2): the FLOP side of 'the table is the ablation'."""
+    rows = {}
+    for variant in ("vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"):
+        model = build_model(load_config(None, [f"model.variant={variant}", "model.size=tiny",
+                                               "model.img_size=64"]).model)
+        flops = count_flops(model, 64)
+        split = flops.by_component
+        assert set(split) == set(model.components()) | {"other"}
+        assert sum(split.values()) == flops.total
+        assert 0 <= split["other"] <= 0.01 * flops.total  # every module that computes belongs to a component
+        rows[variant] = split
+    r0, r1, r2, r3 = (rows[v] for v in ("vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale"))
+    # (1) the adapter becomes the pyramid; the ViT's blocks, the pixel decoder and the decoder are unchanged
+    assert r0["pixel_decoder"] == r1["pixel_decoder"]
+    # the same ViT blocks; the pyramid reads the final LayerNorm's output, the adapter does not (fvcore: 5 per
+    # element of the 16 patch + 5 prefix tokens, 64 wide)
+    assert r1["backbone"] - r0["backbone"] == 5 * (16 + 5) * 64
+    assert r0["decoder"] == r1["decoder"] and "adapter" in r0 and "pyramid" in r1
+    # (2) the pixel decoder becomes plain projections; nothing else changes
+    assert (r1["backbone"], r1["pyramid"], r1["decoder"]) == (r2["backbone"], r2["pyramid"], r2["decoder"])
+    assert r2["projection"] < r1["pixel_decoder"]
+    # (3) no F8 / F32: a cheaper pyramid and decoder, the same ViT
+    assert r3["backbone"] == r2["backbone"] and r3["pyramid"] < r2["pyramid"] and r3["decoder"] < r2["decoder"]
+    # (5) EoMT without masking at inference: the mask module runs once instead of before every query block
+    assert rows["eomt"]["mask_module_and_upscaler"] < rows["eomt_masked"]["mask_module_and_upscaler"]
+    assert rows["eomt"]["blocks_with_queries"] == rows["eomt_masked"]["blocks_with_queries"]

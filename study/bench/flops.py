@@ -68,6 +68,8 @@ class _Flatten(nn.Module):
 class FlopCount:
     total: int  # multiply-adds (fvcore convention)
     by_module: dict[str, int] = field(default_factory=dict)
+    # multiply-adds per entry of ``model.components()`` (the same split as the time breakdown), plus "other"
+    by_component: dict[str, int] = field(default_factory=dict)
     by_operator: dict[str, int] = field(default_factory=dict)
     uncounted: dict[str, int] = field(default_factory=dict)  # operator -> occurrences fvcore could not count
 
@@ -99,10 +101,25 @@ def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = No
             analysis = FlopCountAnalysis(_Flatten(model), images).set_op_handle(**handles)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
-            by_module = {k.removeprefix("model."): v for k, v in analysis.by_module().items()
+            every_module = analysis.by_module()
+            by_module = {k.removeprefix("model."): v for k, v in every_module.items()
                          if k.count(".") <= 2 and k not in ("", "model")}
+            by_component = _by_component(model, every_module, total)
             by_op = dict(analysis.by_operator())
             skipped = Counter({k: v for k, v in analysis.unsupported_ops().items() if k not in _ELEMENTWISE})
     finally:
         model.train(was_training)
-    return FlopCount(total, by_module, by_op, dict(skipped))
+    return FlopCount(total, by_module, by_component, by_op, dict(skipped))
+
+
+def _by_component(model: nn.Module, every_module: dict[str, int], total: int) -> dict[str, int]:
+    """Sum fvcore's per-module counts over each component of ``model.components()`` (disjoint module lists);
+    what no component holds (element-wise glue is free; e.g. EoMT's class head) is "other"."""
+    components = getattr(model, "components", None)
+    if not callable(components):
+        return {}
+    names = {id(m): name for name, m in model.named_modules()}
+    out = {part: sum(every_module.get(f"model.{names[id(m)]}", 0) for m in modules)
+           for part, modules in components().items()}
+    out["other"] = total - sum(out.values())
+    return out

@@ -46,6 +46,7 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
                 "params": count_params(model), "gflops": round(flops.gflops, 2),
                 "fps": None, "uncounted_ops": flops.uncounted,
                 "gflops_by_module": {k: round(v / 1e9, 3) for k, v in flops.by_module.items()},
+                "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
             }
             paper = paper_numbers(variant, size, b.img_size)
             if paper is not None:
@@ -82,6 +83,13 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
     """The terminal table (``with_rows``: the rows too, else only what follows them), then speed ratios to
     the first variant of each size, the breakdowns and the protocol."""
     lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows] if with_rows else []
+    split = [r for r in rows if r.get("gflops_by_component")]
+    if split:
+        lines.append("")
+        lines.append("GFLOPs by component:")
+        for r in split:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["gflops_by_component"].items())
+            lines.append(f"  {r['variant']}-{r['size']}: {parts}")
     timed = [r for r in rows if r.get("fps")]
     if timed:
         lines.append("")
