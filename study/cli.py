@@ -14,6 +14,7 @@ COMMANDS = [
     "study.train.cli",
     "study.bench.cli",
     "study.eval.cli",
+    "study.launch.cli",
 ]
 
 

@@ -1,0 +1,105 @@
+"""``study launch GRID``, ``study status GRID|FOLDER`` and ``study collect FOLDER``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Columns of the status table (those present), after the run's changes from the grid's base.
+_SHOWN = ["state", "step", "total_steps", "PQ", "AP", "mIoU", "params_M", "GFLOPs", "FPS", "job_id", "error"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="run a grid of configurations (in-process, local processes or Slurm)",
+                       description="Expand a grid file and submit every run that is not complete: each job "
+                                   "trains, evaluates and benchmarks its configuration. Finished runs are "
+                                   "skipped, interrupted ones resume.")
+    p.add_argument("grid", help="grid YAML (a run config with a 'grid:' section; see study/launch/grid.py)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override for every run, repeatable (e.g. --set launch.partition=gpu)")
+    p.add_argument("--cluster", choices=["local", "debug", "slurm"],
+                   help="shorthand for --set launch.cluster=...")
+    p.add_argument("--steps", default=",".join(("train", "eval", "bench")),
+                   help="comma-separated steps of each run: train, eval, bench (default: all three)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and report each run")
+    p.set_defaults(func=run_launch)
+
+    p = sub.add_parser("status", help="the state of every run of a grid file or under a folder")
+    p.add_argument("path", help="grid YAML, or a folder of runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="the overrides the grid was launched with (they change run identities)")
+    p.set_defaults(func=run_status)
+
+    p = sub.add_parser("collect", help="the results table of every run under a folder, as CSV")
+    p.add_argument("folder", help="folder of runs (e.g. runs/table1)")
+    p.add_argument("--csv", help="where to write it (default: FOLDER/results.csv)")
+    p.set_defaults(func=run_collect)
+
+
+def _changes(change: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in change.items())
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    from study.launch.grid import expand_grid
+    from study.launch.pipeline import check_steps
+    from study.launch.submit import launch, wait
+
+    steps = check_steps(s.strip() for s in args.steps.split(",") if s.strip())
+    overrides = list(args.overrides) + ([f"launch.cluster={args.cluster}"] if args.cluster else [])
+    name, runs = expand_grid(args.grid, overrides)
+    grid_dir = Path(runs[0].config.output_dir)
+    submitted = launch(runs, grid_dir, steps, dry_run=args.dry_run)
+    counts: dict[str, int] = {}
+    print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
+    for s in submitted:
+        counts[s.action] = counts.get(s.action, 0) + 1
+        job = f"job {s.job.job_id}" if s.job is not None else ("dry run" if s.action != "skip" else "complete")
+        print(f"  {s.action:<7}{Path(s.run.folder).name:<30}{_changes(s.run.changes):<50} {job}")
+    print("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if args.wait and not args.dry_run:
+        failed = [r for r, error in wait(submitted) if error]
+        if failed:
+            print(f"study launch: {len(failed)} run(s) failed; `study status {args.grid}` lists them")
+            return 1
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from study.launch.collect import collect, run_row
+    from study.runs import RunDir
+
+    path = Path(args.path)
+    if path.is_file():
+        from study.launch.grid import expand_grid
+
+        _, runs = expand_grid(path, args.overrides)
+        rows = []
+        for r in runs:
+            folder = RunDir(r.folder)
+            row = run_row(folder) if folder.config.is_file() else {"run": folder.path.name, "state": "pending"}
+            rows.append({"run": row["run"], "changes": _changes(r.changes), **row})
+        table = pd.DataFrame(rows)
+    else:
+        table = collect(path)
+    if table.empty:
+        print(f"study status: no runs under {path}")
+        return 0
+    columns = ["run"] + (["changes"] if "changes" in table else []) + [c for c in _SHOWN if c in table]
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+        print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print("  " + ", ".join(f"{n} {s}" for s, n in table["state"].value_counts().items()))
+    return 0
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    from study.io import atomic_write_text
+    from study.launch.collect import collect
+
+    table = collect(args.folder)
+    out = Path(args.csv) if args.csv else Path(args.folder) / "results.csv"
+    atomic_write_text(out, table.to_csv(index=False))
+    print(f"study collect: {len(table)} runs -> {out}")
+    return 0

@@ -1,0 +1,175 @@
+"""Grids, the end-to-end run callable, submitit launching (in-process and as local subprocesses), status and
+the results table. Real Slurm is in the `cluster`-marked test at the end."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from study.cli import main
+from study.config import ConfigError, to_dict
+from study.launch.collect import collect, run_state
+from study.launch.grid import expand_grid
+from study.launch.pipeline import RunJob, pending_steps
+from study.runs import RunDir
+
+# A tiny run on the built-in synthetic set: a few optimiser steps, a few images scored, GFLOPs without FPS.
+TINY = {
+    "name": "tiny", "task": "panoptic",
+    "model": {"size": "tiny", "img_size": 64, "num_classes": 6, "num_queries": 8},
+    "data": {"dataset": "synthetic", "synthetic_image_size": 64, "synthetic_train_images": 8,
+             "synthetic_val_images": 3, "batch_size": 2},
+    "train": {"max_steps": 3, "batch_size": 2, "num_points": 256, "warmup_steps": 1, "backbone_warmup_steps": 1,
+              "checkpoint_every": 2, "tensorboard": False},
+    "bench": {"fps": False},
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def write_grid(tmp_path, synthetic_root, grid: dict, **top) -> str:
+    tree = json.loads(json.dumps(TINY))
+    tree["data"]["root"] = synthetic_root
+    tree["output_dir"] = str(tmp_path / "runs")
+    tree.update(top)
+    tree["grid"] = grid
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- grid files
+
+
+def test_axes_and_explicit_runs_expand_in_order(tmp_path, synthetic_root):
+    path = write_grid(tmp_path, synthetic_root, {"name": "g", "axes": {"model.variant": ["eomt", "eomt_masked"],
+                                                                       "seed": [0, 1]},
+                                                 "runs": [{"model.variant": "single_scale", "train.lr": 0.001}]})
+    name, runs = expand_grid(path, ["train.max_steps=5"])
+    assert name == "g" and len(runs) == 5
+    assert [(r.config.model.variant, r.config.seed) for r in runs[:4]] == [
+        ("eomt", 0), ("eomt", 1), ("eomt_masked", 0), ("eomt_masked", 1)]
+    assert runs[4].config.model.variant == "single_scale" and runs[4].config.train.lr == 0.001
+    assert all(r.config.train.max_steps == 5 for r in runs)  # --set applies to every run
+    assert len({r.folder for r in runs}) == 5
+    assert all(r.folder.parent == tmp_path / "runs" / "g" for r in runs)  # runs/<grid>/<name>-<hash>
+
+
+@pytest.mark.parametrize("grid, message", [
+    (None, "has no 'grid:' section"),
+    ({"axis": {"seed": [1]}}, "unknown key(s) ['axis'] in the 'grid' section"),
+    ({"axes": {"seed": 3}}, "grid.axes.seed in"),
+    ({"axes": {}}, "has no runs"),
+    ({"axes": {"model.variant": ["eomt", "eomt_huge"]}}, "run 1 (model.variant=eomt_huge)"),
+    ({"axes": {"model.sise": ["S"]}}, "unknown config key 'model.sise'"),
+    ({"runs": [{"seed": 1}, {"seed": 1}]}, "runs 0 and 1 (seed=1) are the same configuration"),
+])
+def test_bad_grid_one_clear_error(tmp_path, synthetic_root, grid, message, capsys):
+    path = write_grid(tmp_path, synthetic_root, grid)
+    if grid is None:
+        tree = yaml.safe_load(open(path))
+        tree.pop("grid")
+        open(path, "w").write(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=None) as e:
+        expand_grid(path)
+    assert message in str(e.value)
+    assert main(["launch", path, "--dry-run"]) == 2  # the CLI prints it as one line
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------ running and skipping
+
+
+def test_debug_launch_runs_every_step_then_skips(tmp_path, synthetic_root, capsys):
+    path = write_grid(tmp_path, synthetic_root, {"axes": {"model.variant": ["eomt", "sfp_no_pixel_decoder"]}})
+    assert main(["launch", path, "--cluster", "debug", "--wait"]) == 0
+    _, runs = expand_grid(path, ["launch.cluster=debug"])
+    for r in runs:
+        run = RunDir(r.folder)
+        assert run_state(run) == "complete" and pending_steps(run) == []
+        metrics = run.metrics()
+        assert metrics["train"]["steps"] == 3
+        assert metrics["eval"]["task"] == "panoptic" and metrics["eval"]["num_images"] == 3
+        assert "per_class" not in metrics["eval"]  # per-class numbers live in the eval file
+        assert "per_class" in json.loads((run.path / "eval_panoptic_val.json").read_text())
+        assert metrics["bench"]["params"] > 0 and metrics["bench"]["gflops"] > 0
+        assert json.loads((run.path / "launch.json").read_text())["cluster"] == "debug"
+    mtimes = [RunDir(r.folder).metrics_file.stat().st_mtime_ns for r in runs]
+    capsys.readouterr()
+    assert main(["launch", path, "--cluster", "debug", "--wait"]) == 0  # launching again: nothing to do
+    assert "2 skip" in capsys.readouterr().out
+    assert [RunDir(r.folder).metrics_file.stat().st_mtime_ns for r in runs] == mtimes
+
+    table = collect(tmp_path / "runs")
+    assert sorted(table["model.variant"]) == ["eomt", "sfp_no_pixel_decoder"]
+    assert set(table["state"]) == {"complete"}
+    for _, row in table.iterrows():  # headline numbers in percent, straight from metrics.json
+        assert row["PQ"] == pytest.approx(100 * row["eval.All.pq"])
+        assert row["GFLOPs"] == row["bench.gflops"] and row["params_M"] == row["bench.params"] / 1e6
+    assert main(["collect", str(tmp_path / "runs" / "grid")]) == 0
+    assert (tmp_path / "runs" / "grid" / "results.csv").read_text().startswith("run,")
+    assert main(["status", path, "--set", "launch.cluster=debug"]) == 0
+    assert "2 complete" in capsys.readouterr().out
+
+
+def test_an_evaluation_left_undone_is_finished_without_retraining(tmp_path, synthetic_root):
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 3}]})
+    _, (r,) = expand_grid(path)
+    RunJob()(to_dict(r.config), ("train",))  # what a job calls, here directly: training only
+    run = RunDir(r.folder)
+    assert run_state(run) == "trained" and pending_steps(run) == ["eval", "bench"]
+    weights = run.final_weights.stat().st_mtime_ns
+    assert main(["launch", path, "--cluster", "debug", "--wait", "--steps", "train,eval"]) == 0
+    assert run.final_weights.stat().st_mtime_ns == weights  # not trained again
+    assert "eval" in run.metrics() and "bench" not in run.metrics()
+
+
+def test_local_executor_runs_a_job_in_a_subprocess(tmp_path, synthetic_root):
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 1}]})
+    assert main(["launch", path, "--cluster", "local", "--wait", "--steps", "train,bench"]) == 0
+    _, (r,) = expand_grid(path)
+    run = RunDir(r.folder)
+    record = json.loads((run.path / "launch.json").read_text())
+    assert record["cluster"] == "local" and record["job_id"].isdigit()  # a process id, not in-process
+    assert run.status()["state"] == "finished" and "bench" in run.metrics()
+
+
+def test_failed_job_is_reported_and_the_others_run(tmp_path, synthetic_root, capsys):
+    # the second run asks for more classes than the data set has: its job fails, the first one completes
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 0}, {"model.num_classes": 9}]})
+    assert main(["launch", path, "--cluster", "debug", "--wait", "--steps", "train"]) == 1
+    out = capsys.readouterr().out
+    assert "model.num_classes=9 but the synthetic data set has 6 classes" in out and "1 run(s) failed" in out
+    states = sorted(collect(tmp_path / "runs")["state"])
+    assert states == ["complete", "failed"]
+
+
+def test_dry_run_submits_nothing(tmp_path, synthetic_root, capsys):
+    path = write_grid(tmp_path, synthetic_root, {"axes": {"seed": [0, 1]}})
+    assert main(["launch", path, "--dry-run"]) == 0
+    assert "2 submit" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------- real Slurm
+
+
+@pytest.mark.cluster
+def test_slurm_job_array_completes(tmp_path, synthetic_root):
+    """Needs a running Slurm cluster with accounting (see README, "On a Slurm cluster"); run with
+    `pytest -m cluster`. The folders must be on a file system the compute nodes share."""
+    if shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+        pytest.skip("no reachable Slurm cluster (sbatch/sinfo)")
+    path = write_grid(tmp_path, synthetic_root, {"axes": {"seed": [0, 1]}})
+    assert main(["launch", path, "--cluster", "slurm", "--wait", "--set", "launch.timeout_min=10",
+                 "--set", "launch.mem_gb=2", "--set", "launch.cpus_per_task=1"]) == 0
+    table = collect(tmp_path / "runs")
+    assert list(table["state"]) == ["complete", "complete"]
+    assert all(str(j).split("_")[0].isdigit() for j in table["job_id"])  # Slurm array job ids
