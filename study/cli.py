@@ -15,6 +15,7 @@ COMMANDS = [
     "study.bench.cli",
     "study.eval.cli",
     "study.launch.cli",
+    "analysis.cli",
 ]
 
 

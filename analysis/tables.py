@@ -1,0 +1,85 @@
+"""The paper's tables from the results table (study/launch/collect.py): pure functions of a DataFrame.
+
+Runs that differ only in ``seed`` are one table row: the mean, with the number of seeds and the standard
+deviation of the main metric. The paper's own numbers (study/bench/paper.py) sit next to ours.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from study.bench.paper import PAPER, PAPER_PQ
+
+KEY = ["model.variant", "model.size", "model.img_size"]
+METRICS = ["params_M", "GFLOPs", "FPS", "PQ", "PQ_th", "PQ_st", "AP", "mIoU"]
+# Table 1 order (paper.md section 2): row 0 (ViT-Adapter + Mask2Former) to row 5 (EoMT).
+TABLE1 = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
+# Table 3 (paper.md section 3): the three models at every size, largest first.
+TABLE3_VARIANTS = ["vit_adapter_m2f", "eomt_masked", "eomt"]
+SIZES = ["g", "L", "B", "S", "tiny"]
+
+
+def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
+    """One row per (variant, size, input size): the mean of every metric over the runs (seeds), ``n`` runs and
+    ``<main>_std``. Only complete runs count."""
+    missing = [k for k in KEY if k not in results]
+    if missing:
+        raise ValueError(f"the results table has no column(s) {missing}: is it the output of `study collect`?")
+    done = results[results["state"] == "complete"] if "state" in results else results
+    metrics = [m for m in METRICS if m in done]
+    if done.empty:
+        return pd.DataFrame(columns=KEY + metrics + ["n"])
+    grouped = done.groupby(KEY, sort=False)
+    out = grouped[metrics].mean()
+    out["n"] = grouped.size()
+    if main in done:
+        out[f"{main}_std"] = grouped[main].std(ddof=1)  # NaN for a single seed
+    return out.reset_index()
+
+
+def _with_paper(rows: pd.DataFrame) -> pd.DataFrame:
+    def paper(r, i):
+        v = PAPER.get((r["model.variant"], r["model.size"], int(r["model.img_size"])))
+        return None if v is None else v[i]
+
+    rows = rows.copy()
+    rows["paper_params_M"] = [paper(r, 0) for _, r in rows.iterrows()]
+    rows["paper_GFLOPs"] = [paper(r, 1) for _, r in rows.iterrows()]
+    rows["paper_FPS"] = [paper(r, 2) for _, r in rows.iterrows()]
+    rows["paper_PQ"] = [PAPER_PQ.get((r["model.variant"], r["model.size"], int(r["model.img_size"])))
+                        for _, r in rows.iterrows()]
+    return rows
+
+
+def table1(results: pd.DataFrame, size: str = "L", img_size: int = 640) -> pd.DataFrame:
+    """Table 1: the stepwise removal, rows 0-5 of one size, in the paper's order (rows with no run left out)."""
+    s = summarize(results)
+    s = s[(s["model.size"] == size) & (s["model.img_size"] == img_size) & s["model.variant"].isin(TABLE1)]
+    s = s.assign(row=s["model.variant"].map(TABLE1.index)).sort_values("row")
+    s = s[["row"] + [c for c in s.columns if c != "row"]]
+    return _with_paper(s).reset_index(drop=True)
+
+
+def table3(results: pd.DataFrame, img_size: int = 640) -> pd.DataFrame:
+    """Table 3: ViT-Adapter + Mask2Former, EoMT with masking and EoMT at every size present, largest first."""
+    s = summarize(results)
+    s = s[(s["model.img_size"] == img_size) & s["model.variant"].isin(TABLE3_VARIANTS)]
+    order = s["model.size"].map(lambda z: SIZES.index(z) if z in SIZES else len(SIZES))
+    s = s.assign(_size=order, _variant=s["model.variant"].map(TABLE3_VARIANTS.index))
+    s = s.sort_values(["_size", "_variant"]).drop(columns=["_size", "_variant"])
+    return _with_paper(s).reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
+    """A GitHub table; numbers rounded to ``digits``, missing values as '-'."""
+    cols = [c for c in table.columns if not table[c].isna().all()]
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
+    return "\n".join(lines)
