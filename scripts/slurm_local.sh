@@ -137,12 +137,14 @@ start() {
 
 stop() {
   # Reverse order of start; kill only the pids we recorded, never by process name.
-  local f
+  local f pid
   for f in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" "$DB_PID" "$MUNGE_PID"; do
     if alive "$f"; then
-      log "stopping $(name "$f") (pid $(cat "$f"))"
-      kill "$(cat "$f")"
-      for ((i = 0; i < 100; i++)); do kill -0 "$(cat "$f" 2>/dev/null || echo 0)" 2>/dev/null || break; sleep 0.2; done
+      pid=$(cat "$f")   # read once: daemons delete their own pid file on exit
+      log "stopping $(name "$f") (pid $pid)"
+      kill "$pid"
+      for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && log "WARNING: $(name "$f") (pid $pid) still running after 30s"
     fi
     rm -f "$f"
   done

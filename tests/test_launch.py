@@ -141,12 +141,24 @@ def test_local_executor_runs_a_job_in_a_subprocess(tmp_path, synthetic_root):
     assert run.status()["state"] == "finished" and "bench" in run.metrics()
 
 
+def test_two_task_job_trains_with_ddp(tmp_path, synthetic_root):
+    """tasks_per_node=2: submitit starts two processes that join torch.distributed (gloo on the CPU) from
+    submitit's environment; only rank 0 evaluates and benchmarks."""
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"data.batch_size": 1}]})
+    assert main(["launch", path, "--cluster", "local", "--wait", "--set", "launch.tasks_per_node=2"]) == 0
+    _, (r,) = expand_grid(path, ["launch.tasks_per_node=2"])
+    metrics = RunDir(r.folder).metrics()
+    assert metrics["train"]["world_size"] == 2 and metrics["train"]["steps"] == 3
+    assert "eval" in metrics and "bench" in metrics
+
+
 def test_failed_job_is_reported_and_the_others_run(tmp_path, synthetic_root, capsys):
     # the second run asks for more classes than the data set has: its job fails, the first one completes
     path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 0}, {"model.num_classes": 9}]})
     assert main(["launch", path, "--cluster", "debug", "--wait", "--steps", "train"]) == 1
     out = capsys.readouterr().out
     assert "model.num_classes=9 but the synthetic data set has 6 classes" in out and "1 run(s) failed" in out
+    assert "ValueError: model.num_classes=9" in out  # the run's own error, not the path of a log
     states = sorted(collect(tmp_path / "runs")["state"])
     assert states == ["complete", "failed"]
 

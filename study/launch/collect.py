@@ -26,7 +26,8 @@ def _launch_record(run: RunDir) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _failure(run: RunDir) -> dict:
+def run_failure(run: RunDir) -> dict:
+    """The run's failure.json (step, error, time), or {} when its last attempt has not failed."""
     from study.launch.pipeline import FAILURE_FILE
 
     path = run.path / FAILURE_FILE
@@ -41,7 +42,7 @@ def run_state(run: RunDir, steps=None) -> str:
 
     steps = steps or _launch_record(run).get("steps") or STEPS
     status = run.status().get("state")
-    if status == "failed" or _failure(run):
+    if status == "failed" or run_failure(run):
         return "failed"
     if not pending_steps(run, steps):
         return "complete"
@@ -88,7 +89,7 @@ def run_row(run: RunDir) -> dict:
     config = yaml.safe_load(run.config.read_text()) or {}
     metrics = run.metrics()
     status = run.status()
-    launch, failure = _launch_record(run), _failure(run)
+    launch, failure = _launch_record(run), run_failure(run)
     row = {"run": run.path.name, "path": str(run.path), "state": run_state(run),
            "step": status.get("step"), "total_steps": status.get("total_steps"), "job_id": launch.get("job_id"),
            "error": failure.get("error") or status.get("error")}

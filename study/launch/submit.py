@@ -15,7 +15,7 @@ import submitit
 
 from study.config import to_dict
 from study.io import atomic_write_json
-from study.launch.collect import run_state
+from study.launch.collect import run_failure, run_state
 from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
 from study.launch.pipeline import STEPS, RunJob, pending_steps
@@ -98,10 +98,13 @@ def wait(submitted: list[Submitted], progress=print) -> list[tuple[GridRun, Opti
         if s.job is None:
             continue
         try:
-            s.job.result()
+            s.job.results()  # every task of the job (one per process under DDP)
             error = None
         except Exception as e:  # noqa: BLE001 - a job's failure is reported, not raised
-            error = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            # the run's own record names the error; submitit's exception ends with the log's path
+            failure = run_failure(RunDir(s.run.folder)).get("error")
+            logs = getattr(s.job, "paths", None)
+            error = failure or f"{type(e).__name__} (see {logs.stderr if logs else 'the job log'})"
         results.append((s.run, error))
         progress(f"  {Path(s.run.folder).name}: {run_state(RunDir(s.run.folder))}"
                  + (f" ({error})" if error else ""))
