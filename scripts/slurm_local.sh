@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Single-node Slurm cluster (slurmctld + slurmd + slurmdbd/mariadb accounting) for local tests,
 # e.g. submitit with cluster="slurm". No systemd: daemons are started by hand, stopped by pid file.
-#   scripts/slurm_local.sh start|stop|status      (needs root; state in $SLURM_LOCAL_DIR, default /tmp/slurm-local)
-# The config goes to the default /etc/slurm/slurm.conf, so no SLURM_CONF is needed by clients.
+#   scripts/slurm_local.sh start|stop|status   (root; state in $SLURM_LOCAL_DIR, default /tmp/slurm-local)
+# Config goes to the default /etc/slurm/slurm.conf, so clients need no SLURM_CONF. One cluster at a time.
 set -euo pipefail
 
+ACTIVE=/run/slurm-local.dir             # records the state dir of the running cluster (munge/mariadb pids are global)
 DIR=${SLURM_LOCAL_DIR:-/tmp/slurm-local}
+[[ ${1:-} != start && -z ${SLURM_LOCAL_DIR:-} && -s $ACTIVE ]] && DIR=$(cat "$ACTIVE")   # stop/status: the running one
 ETC=/etc/slurm                           # default config dir: sinfo/sbatch/submitit find it with no env var
 CLUSTER=local
 NODE=$(hostname -s)
@@ -25,7 +27,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD until it succeeds
 }
 
 install_pkgs() {
-  local missing=()
+  local missing=() p
   for p in "${PKGS[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p"); done
   ((${#missing[@]} == 0)) && return 0
   log "installing ${missing[*]} (apt-get, ~250 MB)"
@@ -71,14 +73,13 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
   cat >"$ETC/slurmdbd.conf" <<EOF
-# Written by slurm_local.sh
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=6819
 SlurmUser=root
 StorageType=accounting_storage/mysql
-# libmysqlclient takes "localhost" as a unix socket; StoragePort is unused then but must not break.
+# "localhost" = the client's default unix socket (mariadbd below listens on no TCP port).
 StorageHost=localhost
 StorageUser=slurm
 StoragePass=slurm
@@ -118,7 +119,11 @@ start_mariadb() {
 
 start() {
   [[ $EUID -eq 0 ]] || die "run as root"
-  local t0=$SECONDS
+  if [[ -s $ACTIVE && $(cat "$ACTIVE") != "$DIR" ]] && alive "$(cat "$ACTIVE")/run/slurmctld.pid"; then
+    die "a cluster with state dir $(cat "$ACTIVE") is running; stop it first (SLURM_LOCAL_DIR=$(cat "$ACTIVE") $0 stop)"
+  fi
+  echo "$DIR" >"$ACTIVE"
+  local t0=$SECONDS f
   install_pkgs
   write_configs
   start_munge
@@ -130,6 +135,8 @@ start() {
   wait_for 30 slurmctld scontrol ping
   alive "$DIR/run/slurmd.pid" || slurmd
   wait_for 60 "node $NODE idle" bash -c "sinfo -h -N -n $NODE -o %t | grep -qx idle"
+  # A daemon that could not bind its port (e.g. a stray instance) exits at once: catch it here, not in a test.
+  for f in "$DIR"/run/{slurmdbd,slurmctld,slurmd}.pid; do alive "$f" || die "$(name "$f") is not running, see $DIR/log"; done
   log "cluster '$CLUSTER' up in $((SECONDS - t0))s; config is $ETC/slurm.conf (default path, no SLURM_CONF needed)"
   [[ -z ${SLURM_CONF:-} || ${SLURM_CONF} == "$ETC/slurm.conf" ]] || log "WARNING: unset SLURM_CONF (now $SLURM_CONF)"
   sinfo
@@ -148,6 +155,7 @@ stop() {
     fi
     rm -f "$f"
   done
+  rm -f "$ACTIVE"
   log "stopped"
 }
 
@@ -161,8 +169,6 @@ status() {
 }
 
 case ${1:-} in
-  start) start ;;
-  stop) stop ;;
-  status) status ;;
+  start | stop | status) "$1" ;;
   *) echo "usage: $0 start|stop|status   (state dir: \$SLURM_LOCAL_DIR, default /tmp/slurm-local)" >&2; exit 2 ;;
 esac

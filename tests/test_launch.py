@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from study.cli import main
-from study.config import ConfigError, to_dict
+from study.config import ConfigError, load_config, to_dict
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import RunJob, pending_steps
 from study.runs import RunDir
+from conftest import REPO
 
 # A tiny run on the built-in synthetic set: a few optimiser steps, a few images scored, GFLOPs without FPS.
 TINY = {
@@ -40,7 +41,7 @@ def write_grid(tmp_path, synthetic_root, grid: dict, **top) -> str:
     tree.update(top)
     tree["grid"] = grid
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return str(path)
 
 
@@ -59,6 +60,25 @@ def test_axes_and_explicit_runs_expand_in_order(tmp_path, synthetic_root):
     assert all(r.config.train.max_steps == 5 for r in runs)  # --set applies to every run
     assert len({r.folder for r in runs}) == 5
     assert all(r.folder.parent == tmp_path / "runs" / "g" for r in runs)  # runs/<grid>/<name>-<hash>
+
+
+def test_an_axis_of_mappings_changes_keys_together(tmp_path, synthetic_root):
+    path = write_grid(tmp_path, synthetic_root, {"axes": {
+        "size": [{"model.size": "tiny", "model.num_queries": 4}, {"model.size": "S", "model.num_queries": 9}],
+        "model.variant": ["eomt", "eomt_masked"]}})
+    _, runs = expand_grid(path)
+    assert [(r.config.model.size, r.config.model.num_queries, r.config.model.variant) for r in runs] == [
+        ("tiny", 4, "eomt"), ("tiny", 4, "eomt_masked"), ("S", 9, "eomt"), ("S", 9, "eomt_masked")]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_is_valid(path):
+    """The shipped configurations and grids (the paper's tables) expand and validate."""
+    if "grid" in yaml.safe_load(path.read_text()):
+        _, runs = expand_grid(path)
+        assert runs and len({r.folder for r in runs}) == len(runs)
+    else:
+        load_config(path)
 
 
 @pytest.mark.parametrize("grid, message", [

@@ -18,7 +18,7 @@ from study.runs import RunDir
 
 # What a run folder's state is, from its files (a submitted job that has not started has only config.yaml
 # and launch.json).
-STATES = ("pending", "submitted", "running", "failed", "trained", "complete")
+STATES = ("pending", "submitted", "running", "interrupted", "failed", "trained", "complete")
 
 
 def _launch_record(run: RunDir) -> dict:
@@ -35,9 +35,10 @@ def run_failure(run: RunDir) -> dict:
 
 
 def run_state(run: RunDir, steps=None) -> str:
-    """pending (no record), submitted (a job id, no progress yet), running, failed, trained (training done,
-    evaluation or benchmark missing), complete (every step done: of ``steps``, else of the steps the run was
-    launched with, else train, eval and bench)."""
+    """pending (no record), submitted (a job id, no progress yet), running, interrupted (stopped by a time
+    limit, a pre-emption or Ctrl-C: the requeued job, or launching again, resumes it), failed, trained
+    (training done, evaluation or benchmark missing), complete (every step done: of ``steps``, else of the
+    steps the run was launched with, else train, eval and bench)."""
     from study.launch.pipeline import STEPS, pending_steps
 
     steps = steps or _launch_record(run).get("steps") or STEPS
@@ -46,8 +47,8 @@ def run_state(run: RunDir, steps=None) -> str:
         return "failed"
     if not pending_steps(run, steps):
         return "complete"
-    if status == "running":
-        return "running"
+    if status in ("running", "interrupted"):
+        return status
     if status == "finished":
         return "trained"
     return "submitted" if _launch_record(run) else "pending"

@@ -9,6 +9,9 @@ A grid file is a run configuration (it may build on another with ``base:``) plus
       axes:                          # every combination of these dotted keys (a Cartesian product)
         model.variant: [vit_adapter_m2f, sfp_m2f, eomt]
         seed: [0, 1]
+        size:                        # a value may be a mapping: keys that change together (the axis name
+          - {model.size: S, model.pretrained: weights/dinov2_vits14_reg4_pretrain.pth}  # is only a label)
+          - {model.size: L, model.pretrained: weights/dinov2_vitl14_reg4_pretrain.pth}
       runs:                          # and/or an explicit list, each a mapping of dotted keys
         - {model.variant: eomt, model.size: S}
 
@@ -75,9 +78,15 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.axes.{key} in {path} must be a non-empty list of values")
+        for v in values:
+            if isinstance(v, dict):
+                _dotted(f"a value of grid.axes.{key} in {path}", v)
     changes: list[dict] = []
-    if axes:
-        changes += [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    for combo in (itertools.product(*axes.values()) if axes else ()):
+        change: dict = {}
+        for key, value in zip(axes, combo):
+            change.update(value if isinstance(value, dict) else {key: value})
+        changes.append(change)
     explicit = spec.get("runs") or []
     if not isinstance(explicit, list):
         raise ConfigError(f"grid.runs in {path} must be a list of mappings")

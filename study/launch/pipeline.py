@@ -116,7 +116,7 @@ def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = N
         if "bench" in todo:
             step = "bench"
             run.update_metrics(bench=_bench(cfg))
-    except BaseException as e:
+    except Exception as e:  # (not SystemExit: a requeued job leaves through it, to resume later)
         if rank == 0:  # what failed where, for `study status` (the trainer's status.json may not know)
             atomic_write_json(failure, {"step": step, "error": f"{type(e).__name__}: {e}",
                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")})

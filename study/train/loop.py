@@ -231,9 +231,13 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
                 save(final=step == total)
                 if main:
                     run.write_status("running", step=step, total_steps=total, world_size=world)
-    except BaseException as e:
+    except Exception as e:
         if main:
             run.write_status("failed", step=step, total_steps=total, error=f"{type(e).__name__}: {e}")
+        raise
+    except BaseException as e:  # SystemExit (a job's time limit or pre-emption, requeued) or Ctrl-C: resumable
+        if main:
+            run.write_status("interrupted", step=step, total_steps=total, reason=type(e).__name__)
         raise
     finally:
         bar.close()
