@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from study.config import ConfigError, load_config, to_dict
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import RunJob, pending_steps
+from study.launch.submit import job_active
 from study.runs import RunDir
 from conftest import REPO
 
@@ -161,6 +163,21 @@ def test_local_executor_runs_a_job_in_a_subprocess(tmp_path, synthetic_root):
     assert run.status()["state"] == "finished" and "bench" in run.metrics()
 
 
+def test_a_run_whose_job_is_still_running_is_not_submitted_twice(tmp_path, synthetic_root, capsys):
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 2}]})
+    assert main(["launch", path, "--cluster", "local"]) == 0  # no --wait: the job runs in the background
+    _, (r,) = expand_grid(path)
+    run = RunDir(r.folder)
+    assert job_active(run)
+    capsys.readouterr()
+    assert main(["launch", path, "--cluster", "local"]) == 0
+    assert "1 active" in capsys.readouterr().out
+    deadline = time.time() + 300
+    while job_active(run) and time.time() < deadline:
+        time.sleep(0.5)
+    assert run_state(run) == "complete"
+
+
 def test_two_task_job_trains_with_ddp(tmp_path, synthetic_root):
     """tasks_per_node=2: submitit starts two processes that join torch.distributed (gloo on the CPU) from
     submitit's environment; only rank 0 evaluates and benchmarks."""
@@ -194,7 +211,7 @@ def test_dry_run_submits_nothing(tmp_path, synthetic_root, capsys):
 
 
 @pytest.mark.cluster
-def test_slurm_job_array_completes(tmp_path, synthetic_root):
+def test_slurm_job_array_completes(tmp_path, synthetic_root, capsys):
     """Needs a running Slurm cluster with accounting (see README, "On a Slurm cluster"); run with
     `pytest -m cluster`. The folders must be on a file system the compute nodes share."""
     if shutil.which("sbatch") is None or subprocess.run(["sinfo"], capture_output=True).returncode != 0:
@@ -205,3 +222,15 @@ def test_slurm_job_array_completes(tmp_path, synthetic_root):
     table = collect(tmp_path / "runs")
     assert list(table["state"]) == ["complete", "complete"]
     assert all(str(j).split("_")[0].isdigit() for j in table["job_id"])  # Slurm array job ids
+    # a queued job is seen through sacct: launching again does not submit its run a second time
+    more = write_grid(tmp_path, synthetic_root, {"axes": {"seed": [5]}})
+    assert main(["launch", more, "--cluster", "slurm", "--set", "launch.mem_gb=2"]) == 0
+    _, (r,) = expand_grid(more, ["launch.cluster=slurm", "launch.mem_gb=2"])
+    assert job_active(RunDir(r.folder))
+    capsys.readouterr()
+    assert main(["launch", more, "--cluster", "slurm", "--set", "launch.mem_gb=2"]) == 0
+    assert "1 active" in capsys.readouterr().out
+    deadline = time.time() + 300
+    while job_active(RunDir(r.folder)) and time.time() < deadline:
+        time.sleep(1)
+    assert run_state(RunDir(r.folder)) == "complete"

@@ -54,7 +54,8 @@ def run_launch(args: argparse.Namespace) -> int:
     print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
     for s in submitted:
         counts[s.action] = counts.get(s.action, 0) + 1
-        job = f"job {s.job.job_id}" if s.job is not None else ("dry run" if s.action != "skip" else "complete")
+        job = (f"job {s.job.job_id}" if s.job is not None else
+               {"skip": "complete", "active": "its job is still queued or running"}.get(s.action, "dry run"))
         print(f"  {s.action:<7}{Path(s.run.folder).name:<30}{_changes(s.run.changes):<50} {job}")
     print("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if args.wait and not args.dry_run:

@@ -6,6 +6,9 @@ interrupted one resumes (its folder name is the hash of its configuration). Slur
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +46,53 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.
 @dataclass
 class Submitted:
     run: GridRun
-    job: Optional[submitit.Job]  # None: nothing to do (complete already)
-    action: str  # "skip" (complete), "submit" (new), "resume" (has progress)
+    job: Optional[submitit.Job]  # None: nothing submitted (complete, still active, or a dry run)
+    action: str  # "skip" (complete), "active" (its job runs), "submit" (new), "resume" (has progress)
+
+
+# Slurm states of a job that may still write into its run folder.
+_SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+def job_active(run: RunDir) -> bool:
+    """Whether the job last submitted for ``run`` may still be queued or running: a second job on the same
+    folder would race the first one's checkpoints."""
+    path = run.path / "launch.json"
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
+    if cluster == "slurm":  # squeue knows a job from its submission (sacct may not yet) until it ends
+        out = subprocess.run(["squeue", "--noheader", "--array", "--jobs", job_id, "--format", "%T"],
+                             capture_output=True, text=True)
+        return out.returncode == 0 and any(st in _SLURM_ACTIVE for st in out.stdout.split())
+    if cluster == "local" and job_id.isdigit():  # the job's process id
+        proc = Path("/proc") / job_id
+        if proc.is_dir():  # Linux: alive (not a zombie) and still a submitit job (pids get reused)
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:  # it ended meanwhile
+                return False
+            return state != "Z" and b"submitit" in cmdline
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
+            return False
+        return True
+    return False  # debug jobs run inside the launching process
 
 
 def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
-    """What launching would do for each run: skip, submit or resume."""
+    """What launching would do for each run: skip (complete), active (its job is still queued or running),
+    submit (new) or resume (has progress)."""
     out = []
     for r in runs:
         folder = RunDir(r.folder)
         if not pending_steps(folder, steps):
             out.append((r, "skip"))
+        elif job_active(folder):
+            out.append((r, "active"))
         elif folder.last_checkpoint.is_file() or folder.status().get("state") == "finished":
             out.append((r, "resume"))
         else:
@@ -64,8 +103,8 @@ def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
 def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False) -> list[Submitted]:
     """Submit every run of ``runs`` with pending steps, as one job array per launch configuration."""
     decided = plan(runs, steps)
-    todo = [(r, a) for r, a in decided if a != "skip"]
-    out = [Submitted(r, None, a) for r, a in decided if a == "skip"]
+    todo = [(r, a) for r, a in decided if a in ("submit", "resume")]
+    out = [Submitted(r, None, a) for r, a in decided if a in ("skip", "active")]
     if dry_run or not todo:
         return out + [Submitted(r, None, a) for r, a in todo]
     for r, _ in todo:
