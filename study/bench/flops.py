@@ -114,7 +114,7 @@ def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = No
 
 def _by_component(model: nn.Module, every_module: dict[str, int], total: int) -> dict[str, int]:
     """Sum fvcore's per-module counts over each component of ``model.components()`` (disjoint module lists);
-    what no component holds (element-wise glue is free; e.g. EoMT's class head) is "other"."""
+    what runs outside every listed module is "other"."""
     components = getattr(model, "components", None)
     if not callable(components):
         return {}
