@@ -61,8 +61,8 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool) -> dict:
     result["split"] = split
     result["weights"] = str(run.final_weights)
     atomic_write_json(run.path / f"eval_{cfg.task}_{split}.json", result)
-    result.pop("per_class", None)  # the per-class tables stay in the eval file above
-    result.pop("categories", None)
+    for detail in ("per_class", "categories", "summary"):  # per-class tables and COCOeval's text stay in the
+        result.pop(detail, None)  # eval file above
     return result
 
 
