@@ -19,10 +19,7 @@ def scaling_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", img_size:
 
     ``paper=True`` draws the paper's own Table 3 points (H100 FPS, COCO PQ) instead of the results.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself; notebooks keep inline
 
     if paper:
         from study.bench.paper import PAPER, PAPER_PQ

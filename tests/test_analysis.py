@@ -7,6 +7,7 @@ import pytest
 from analysis.plots import scaling_plot
 from analysis.tables import summarize, table1, table3, to_markdown
 from study.cli import main
+from conftest import REPO
 
 
 def results() -> pd.DataFrame:
@@ -68,3 +69,24 @@ def test_scaling_plot_and_report_cli(tmp_path, capsys):
     assert "| 0 | vit_adapter_m2f |" in (tmp_path / "t1.md").read_text()
     with pytest.raises(ValueError, match="no 'AP' values"):
         scaling_plot(results(), y="AP")
+
+
+def test_notebook_runs_headless_on_a_results_table(tmp_path):
+    """The committed notebook has no outputs and runs top to bottom on a results CSV (nbclient, the venv's
+    kernel); its tables come out of analysis/."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = REPO / "analysis" / "notebooks" / "results.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs
+    csv = tmp_path / "results.csv"
+    results().to_csv(csv, index=False)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f'RESULTS = "{csv}"\nSIZE = "L"\nIMG_SIZE = 640'
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    shown = "".join(str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells for o in c.get("outputs", []))
+    assert "| 0 | vit_adapter_m2f |" in shown and "| eomt | S | 640 |" in shown  # Table 1, Table 3
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # ours and the paper's scaling plot
