@@ -89,8 +89,9 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"study status: no runs under {path}")
         return 0
     columns = ["run"] + (["changes"] if "changes" in table else []) + [c for c in _SHOWN if c in table]
+    columns = [c for c in columns if table[c].notna().any()]  # e.g. no error column when nothing failed
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
-        print(table[columns].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+        print(table[columns].to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.2f}"))
     print("  " + ", ".join(f"{n} {s}" for s, n in table["state"].value_counts().items()))
     return 0
 
