@@ -15,7 +15,7 @@ from study.config import ConfigError, load_config, to_dict
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import RunJob, pending_steps
-from study.launch.submit import job_active
+from study.launch.collect import job_active
 from study.runs import RunDir
 from conftest import REPO
 
@@ -133,12 +133,60 @@ def test_debug_launch_runs_every_step_then_skips(tmp_path, synthetic_root, capsy
     assert sorted(table["model.variant"]) == ["eomt", "sfp_no_pixel_decoder"]
     assert set(table["state"]) == {"complete"}
     for _, row in table.iterrows():  # headline numbers in percent, straight from metrics.json
-        assert row["PQ"] == pytest.approx(100 * row["eval.All.pq"])
-        assert row["GFLOPs"] == row["bench.gflops"] and row["params_M"] == row["bench.params"] / 1e6
+        assert row["PQ"] == pytest.approx(100 * row["metrics.eval.All.pq"])
+        assert row["GFLOPs"] == row["metrics.bench.gflops"] and row["params_M"] == row["metrics.bench.params"] / 1e6
+        assert row["train.device"] == "auto" and row["metrics.train.device"] == "cpu"  # config vs measured
     assert main(["collect", str(tmp_path / "runs" / "grid")]) == 0
     assert (tmp_path / "runs" / "grid" / "results.csv").read_text().startswith("run,")
     assert main(["status", path, "--set", "launch.cluster=debug"]) == 0
     assert "2 complete" in capsys.readouterr().out
+
+
+def test_debug_runs_here_without_wait_and_a_failure_does_not_stop_the_next(tmp_path, synthetic_root, capsys):
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"model.num_classes": 9}, {"seed": 4}]})
+    assert main(["launch", path, "--cluster", "debug", "--steps", "train"]) == 1  # no --wait: still run here
+    out = capsys.readouterr().out
+    assert "failed here" in out and "ran here" in out and "ValueError: model.num_classes=9" in out
+    assert sorted(collect(tmp_path / "runs")["state"]) == ["complete", "failed"]
+
+
+def test_a_job_that_died_silently_is_interrupted_and_resumed(tmp_path, synthetic_root):
+    """SIGKILL, the OOM killer or scancel leave status.json at 'running': without a live job the run is
+    'interrupted' (or 'lost' with nothing written) and launching resumes it."""
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 6}]})
+    _, (r,) = expand_grid(path)
+    run = RunDir(r.folder)
+    run.claim(r.config)
+    (run.path / "launch.json").write_text(json.dumps({"cluster": "local", "job_id": "999999999", "steps": ["train"],
+                                                      "submitted": "2026-01-01T00:00:00"}))
+    assert run_state(run) == "lost"  # its (made-up) process does not exist and nothing was written
+    run.write_status("running", step=1, total_steps=3)
+    assert run_state(run) == "interrupted"
+    assert run_state(run, active=True) == "running"
+    # a failure record older than the latest submission belongs to an earlier attempt
+    (run.path / "failure.json").write_text(json.dumps({"step": "train", "error": "old", "time": "2025-12-31T00:00:00"}))
+    assert run_state(run) == "interrupted"
+    assert main(["launch", path, "--cluster", "debug", "--steps", "train"]) == 0
+    assert run_state(run) == "complete"
+
+
+def test_squeue_trouble_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
+    import study.launch.collect as collect_module
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "launch.json").write_text(json.dumps({"cluster": "slurm", "job_id": "42"}))
+
+    def squeue(stderr, code=1, stdout=""):
+        return lambda *a, **k: subprocess.CompletedProcess(a, code, stdout=stdout, stderr=stderr)
+
+    monkeypatch.setattr(collect_module.subprocess, "run", squeue("slurm_load_jobs error: Invalid job id specified"))
+    assert job_active(run) is False
+    monkeypatch.setattr(collect_module.subprocess, "run", squeue("Unable to contact slurm controller"))
+    with pytest.raises(RuntimeError, match="cannot tell whether Slurm job 42 .* still runs"):
+        job_active(run)
+    monkeypatch.setattr(collect_module.subprocess, "run", squeue("", 0, "PENDING\nCOMPLETED\n"))
+    assert job_active(run) is True
 
 
 def test_an_evaluation_left_undone_is_finished_without_retraining(tmp_path, synthetic_root):
@@ -222,7 +270,7 @@ def test_slurm_job_array_completes(tmp_path, synthetic_root, capsys):
     table = collect(tmp_path / "runs")
     assert list(table["state"]) == ["complete", "complete"]
     assert all(str(j).split("_")[0].isdigit() for j in table["job_id"])  # Slurm array job ids
-    # a queued job is seen through sacct: launching again does not submit its run a second time
+    # a queued job is seen through squeue: launching again does not submit its run a second time
     more = write_grid(tmp_path, synthetic_root, {"axes": {"seed": [5]}})
     assert main(["launch", more, "--cluster", "slurm", "--set", "launch.mem_gb=2"]) == 0
     _, (r,) = expand_grid(more, ["launch.cluster=slurm", "launch.mem_gb=2"])

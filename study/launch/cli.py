@@ -49,20 +49,26 @@ def run_launch(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"launch.cluster={args.cluster}"] if args.cluster else [])
     name, runs = expand_grid(args.grid, overrides)
     grid_dir = Path(runs[0].config.output_dir)
+    print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
     submitted = launch(runs, grid_dir, steps, dry_run=args.dry_run)
     counts: dict[str, int] = {}
-    print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
     for s in submitted:
         counts[s.action] = counts.get(s.action, 0) + 1
-        job = (f"job {s.job.job_id}" if s.job is not None else
-               {"skip": "complete", "active": "its job is still queued or running"}.get(s.action, "dry run"))
+        if s.job is not None:
+            job = f"job {s.job.job_id}"
+        elif s.ran:
+            job = "failed here" if s.error else "ran here"
+        else:
+            job = {"skip": "complete", "active": "its job is still queued or running"}.get(s.action, "dry run")
         print(f"  {s.action:<7}{Path(s.run.folder).name:<30}{_changes(s.run.changes):<50} {job}")
     print("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
-    if args.wait and not args.dry_run:
-        failed = [r for r, error in wait(submitted) if error]
-        if failed:
-            print(f"study launch: {len(failed)} run(s) failed; `study status {args.grid}` lists them")
-            return 1
+    if args.dry_run:
+        return 0
+    finished = wait([s for s in submitted if s.ran or args.wait])  # runs done here, and jobs if --wait
+    failed = [r for r, error in finished if error]
+    if failed:
+        print(f"study launch: {len(failed)} run(s) failed; `study status {args.grid}` lists them")
+        return 1
     return 0
 
 

@@ -23,13 +23,16 @@ class LaunchConfig:
     # Slurm: seconds before the time limit at which the job is signalled to checkpoint and requeue. Our
     # trainer saves every train.checkpoint_every steps; the signal only triggers the requeue.
     signal_delay_s: int = 120
+    # Slurm: how many time limits a run may hit (each one requeues it) before submitit gives up; submitit's
+    # default of 3 would fail a long training after 3 x timeout_min.
+    max_requeues: int = 50
     slurm_extra: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {account: ..., qos: ...}
 
     def tasks(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
     def validate(self) -> None:
-        for name in ("nodes", "timeout_min", "mem_gb", "cpus_per_task", "array_parallelism"):
+        for name in ("nodes", "timeout_min", "mem_gb", "cpus_per_task", "array_parallelism", "max_requeues"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpus_per_node < 0 or self.signal_delay_s < 0:

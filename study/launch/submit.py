@@ -1,4 +1,4 @@
-"""Submitting runs through submitit: Slurm, local subprocesses, or in-process (debug).
+"""Submitting runs: Slurm job arrays and local subprocesses through submitit, or in this process (debug).
 
 Only what is missing is submitted: a run whose folder already holds every requested step is skipped, an
 interrupted one resumes (its folder name is the hash of its configuration). Slurm specifics live in the
@@ -6,9 +6,7 @@ interrupted one resumes (its folder name is the hash of its configuration). Slur
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ import submitit
 
 from study.config import to_dict
 from study.io import atomic_write_json
-from study.launch.collect import run_failure, run_state
+from study.launch.collect import job_active, run_failure, run_state
 from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
 from study.launch.pipeline import STEPS, RunJob, pending_steps
@@ -26,8 +24,9 @@ from study.runs import RunDir
 
 
 def executor_for(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
-    """A submitit executor for ``launch.cluster`` with the resources of ``launch``."""
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=launch.cluster)
+    """A submitit executor for ``launch.cluster`` (local or slurm) with the resources of ``launch``."""
+    executor = submitit.AutoExecutor(  # max_num_timeout is a constructor argument (the local executor ignores it)
+        folder=folder / "%j", cluster=launch.cluster, slurm_max_num_timeout=launch.max_requeues)
     params = dict(name=job_name, timeout_min=launch.timeout_min, nodes=launch.nodes,
                   tasks_per_node=launch.tasks(), gpus_per_node=launch.gpus_per_node,
                   cpus_per_task=launch.cpus_per_task, mem_gb=launch.mem_gb)
@@ -46,41 +45,10 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.
 @dataclass
 class Submitted:
     run: GridRun
-    job: Optional[submitit.Job]  # None: nothing submitted (complete, still active, or a dry run)
     action: str  # "skip" (complete), "active" (its job runs), "submit" (new), "resume" (has progress)
-
-
-# Slurm states of a job that may still write into its run folder.
-_SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
-
-
-def job_active(run: RunDir) -> bool:
-    """Whether the job last submitted for ``run`` may still be queued or running: a second job on the same
-    folder would race the first one's checkpoints."""
-    path = run.path / "launch.json"
-    if not path.is_file():
-        return False
-    record = json.loads(path.read_text())
-    cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
-    if cluster == "slurm":  # squeue knows a job from its submission (sacct may not yet) until it ends
-        out = subprocess.run(["squeue", "--noheader", "--array", "--jobs", job_id, "--format", "%T"],
-                             capture_output=True, text=True)
-        return out.returncode == 0 and any(st in _SLURM_ACTIVE for st in out.stdout.split())
-    if cluster == "local" and job_id.isdigit():  # the job's process id
-        proc = Path("/proc") / job_id
-        if proc.is_dir():  # Linux: alive (not a zombie) and still a submitit job (pids get reused)
-            try:
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:  # it ended meanwhile
-                return False
-            return state != "Z" and b"submitit" in cmdline
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
-            return False
-        return True
-    return False  # debug jobs run inside the launching process
+    job: Optional[submitit.Job] = None  # the submitted job (local, slurm)
+    ran: bool = False  # run here, in this process (debug), already finished
+    error: Optional[str] = None  # of a run that ran here
 
 
 def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
@@ -100,51 +68,65 @@ def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
     return out
 
 
-def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False) -> list[Submitted]:
-    """Submit every run of ``runs`` with pending steps, as one job array per launch configuration."""
+def _record(r: GridRun, cluster: str, job_id: str, steps, logs: Optional[Path]) -> None:
+    atomic_write_json(Path(r.folder) / "launch.json",
+                      {"job_id": job_id, "cluster": cluster, "steps": list(steps),
+                       "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "logs": str(logs) if logs else None})
+
+
+def _error_of(r: GridRun, e: BaseException) -> str:
+    """The run's own record of what failed (failure.json), else the exception."""
+    return run_failure(RunDir(r.folder)).get("error") or f"{type(e).__name__}: {e}"
+
+
+def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False,
+           progress=print) -> list[Submitted]:
+    """Start every run of ``runs`` with pending steps: one job array per launch configuration (local, slurm),
+    or one run after another in this process (debug; a failed run is reported and the next one runs)."""
     decided = plan(runs, steps)
+    out = {id(r): Submitted(r, a) for r, a in decided}
     todo = [(r, a) for r, a in decided if a in ("submit", "resume")]
-    out = [Submitted(r, None, a) for r, a in decided if a in ("skip", "active")]
     if dry_run or not todo:
-        return out + [Submitted(r, None, a) for r, a in todo]
+        return list(out.values())
     for r, _ in todo:
         RunDir(r.folder).claim(r.config)  # the folder exists, and belongs to this configuration, before the job
-    groups: dict[str, list] = {}
-    for r, a in todo:
-        groups.setdefault(repr(r.config.launch), []).append((r, a))
+    groups: dict[str, list[GridRun]] = {}
+    for r, _ in todo:
+        groups.setdefault(repr(r.config.launch), []).append(r)
     for members in groups.values():
-        launch_cfg = members[0][0].config.launch
+        launch_cfg = members[0].config.launch
+        if launch_cfg.cluster == "debug":
+            for r in members:
+                _record(r, "debug", f"inline-{os.getpid()}", steps, None)
+                progress(f"  running {Path(r.folder).name} here")
+                try:
+                    RunJob()(to_dict(r.config), tuple(steps))
+                except Exception as e:  # noqa: BLE001 - reported; the other runs go on
+                    out[id(r)].error = _error_of(r, e)
+                out[id(r)].ran = True
+            continue
         executor = executor_for(launch_cfg, grid_dir / ".submitit", grid_dir.name)
-        jobs = []
         with executor.batch():  # one Slurm job array for the group
-            for r, _ in members:
-                jobs.append(executor.submit(RunJob(), to_dict(r.config), tuple(steps)))
-        for (r, a), job in zip(members, jobs):
-            atomic_write_json(Path(r.folder) / "launch.json",
-                              {"job_id": str(job.job_id), "cluster": launch_cfg.cluster, "steps": list(steps),
-                               "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "logs": str(grid_dir / ".submitit" / str(job.job_id))})
-            out.append(Submitted(r, job, a))
-    order = {id(r): i for i, r in enumerate(runs)}
-    return sorted(out, key=lambda s: order[id(s.run)])
+            jobs = [executor.submit(RunJob(), to_dict(r.config), tuple(steps)) for r in members]
+        for r, job in zip(members, jobs):
+            _record(r, launch_cfg.cluster, str(job.job_id), steps, grid_dir / ".submitit" / str(job.job_id))
+            out[id(r)].job = job
+    return list(out.values())
 
 
 def wait(submitted: list[Submitted], progress=print) -> list[tuple[GridRun, Optional[str]]]:
-    """Wait for the jobs; returns (run, error or None) for every submitted run. A failed run does not stop the
-    others: its error is reported (and its status.json says 'failed' when training raised)."""
+    """Wait for the submitted jobs; returns (run, error or None) for every run that was started (those run here
+    included). A failed run does not stop the others: its error is reported."""
     results = []
     for s in submitted:
-        if s.job is None:
+        if s.job is not None:
+            try:
+                s.job.results()  # every task of the job (one per process under DDP)
+            except Exception as e:  # noqa: BLE001 - a job's failure is reported, not raised
+                s.error = _error_of(s.run, e)
+        elif not s.ran:
             continue
-        try:
-            s.job.results()  # every task of the job (one per process under DDP)
-            error = None
-        except Exception as e:  # noqa: BLE001 - a job's failure is reported, not raised
-            # the run's own record names the error; submitit's exception ends with the log's path
-            failure = run_failure(RunDir(s.run.folder)).get("error")
-            logs = getattr(s.job, "paths", None)
-            error = failure or f"{type(e).__name__} (see {logs.stderr if logs else 'the job log'})"
-        results.append((s.run, error))
-        progress(f"  {Path(s.run.folder).name}: {run_state(RunDir(s.run.folder))}"
-                 + (f" ({error})" if error else ""))
+        results.append((s.run, s.error))
+        progress(f"  {Path(s.run.folder).name}: {run_state(RunDir(s.run.folder), active=False)}"
+                 + (f" ({s.error})" if s.error else ""))
     return results
