@@ -277,8 +277,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# Keys that do not change what a run computes, left out of its identity hash.
-_NOT_IDENTITY = {"name", "output_dir", "launch", "bench"}
+# Keys that do not change the trained model, left out of a run's identity hash. Evaluation and benchmark
+# settings change only those steps' numbers, which record their own settings (study/launch/pipeline.py).
+_NOT_IDENTITY = {"name", "output_dir", "launch", "bench", "eval"}
 
 
 def config_hash(cfg: Config, length: int = 8) -> str:

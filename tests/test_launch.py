@@ -201,6 +201,24 @@ def test_an_evaluation_left_undone_is_finished_without_retraining(tmp_path, synt
     assert "eval" in run.metrics() and "bench" not in run.metrics()
 
 
+def test_new_eval_or_bench_settings_redo_only_those_steps(tmp_path, synthetic_root, capsys):
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 7}]})
+    assert main(["launch", path, "--cluster", "debug"]) == 0
+    _, (r,) = expand_grid(path)
+    run = RunDir(r.folder)
+    weights = run.final_weights.stat().st_mtime_ns
+    assert run.metrics()["eval"]["num_images"] == 3
+    _, (again,) = expand_grid(path, ["eval.max_images=2"])
+    assert again.folder == r.folder  # evaluation settings are not part of the run's identity
+    assert main(["launch", path, "--cluster", "debug", "--set", "eval.max_images=2"]) == 0
+    assert "resume" in capsys.readouterr().out
+    assert run.final_weights.stat().st_mtime_ns == weights  # not trained again
+    assert run.metrics()["eval"]["num_images"] == 2 and run.metrics()["eval"]["settings"]["max_images"] == 2
+    assert run_state(run) == "complete"
+    assert main(["launch", path, "--cluster", "debug", "--set", "eval.max_images=2"]) == 0
+    assert "1 skip" in capsys.readouterr().out
+
+
 def test_local_executor_runs_a_job_in_a_subprocess(tmp_path, synthetic_root):
     path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 1}]})
     assert main(["launch", path, "--cluster", "local", "--wait", "--steps", "train,bench"]) == 0

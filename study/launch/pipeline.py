@@ -19,7 +19,7 @@ from typing import Iterable
 
 import submitit
 
-from study.config import Config
+from study.config import Config, to_dict
 from study.io import atomic_write_json
 from study.runs import RunDir
 
@@ -35,12 +35,37 @@ def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
     return steps
 
 
-def pending_steps(run: RunDir, steps: Iterable[str] = STEPS) -> list[str]:
-    """The steps of ``steps`` that ``run`` has not finished yet (a run folder that does not exist: all)."""
+# What the results of the eval and bench steps depend on besides the trained weights. Neither section is part
+# of a run's identity (study/config.py), so each result records its settings and counts as done only while
+# they match the configuration's.
+BENCH_SETTINGS = ("fps", "device", "precision", "compile", "warmup", "iters", "scope")
+
+
+def step_settings(step: str, config: dict) -> dict:
+    """The settings a step's result depends on, from a configuration as a dict (``to_dict(cfg)``)."""
+    if step == "eval":
+        return dict(config.get("eval", {}))
+    if step == "bench":
+        return {k: config.get("bench", {}).get(k) for k in BENCH_SETTINGS}
+    return {}
+
+
+def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None = None) -> list[str]:
+    """The steps of ``steps`` that ``run`` has not finished yet for configuration ``cfg`` (default: the one
+    saved in the folder): training finished, evaluation and benchmark recorded with the same settings."""
+    import yaml
+
     metrics = run.metrics()
+    if cfg is not None:
+        config = to_dict(cfg)
+    else:
+        config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
     todo = []
     for step in steps:
-        done = run.status().get("state") == "finished" if step == "train" else step in metrics
+        if step == "train":
+            done = run.status().get("state") == "finished"
+        else:
+            done = step in metrics and metrics[step].get("settings") == step_settings(step, config)
         if not done:
             todo.append(step)
     return todo
@@ -60,6 +85,7 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool) -> dict:
                       progress=progress)
     result["split"] = split
     result["weights"] = str(run.final_weights)
+    result["settings"] = step_settings("eval", to_dict(cfg))
     atomic_write_json(run.path / f"eval_{cfg.task}_{split}.json", result)
     for detail in ("per_class", "categories", "summary"):  # per-class tables and COCOeval's text stay in the
         result.pop(detail, None)  # eval file above
@@ -78,6 +104,7 @@ def _bench(cfg: Config) -> dict:
     row = {"img_size": img, "params": count_params(model), "gflops": round(flops.gflops, 3),
            "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
            "uncounted_ops": flops.uncounted}
+    row["settings"] = step_settings("bench", to_dict(cfg))
     if b.fps:
         row.update(measure_fps(model, img, SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters,
                                                          b.scope)))
@@ -100,7 +127,7 @@ def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = N
     if rank == 0:
         run.claim(cfg)  # the folder belongs to this configuration (checked before anything runs)
         failure.unlink(missing_ok=True)  # a new attempt
-    todo, step = pending_steps(run, steps), None
+    todo, step = pending_steps(run, steps, cfg), None
     try:
         if "train" in todo:
             step = "train"

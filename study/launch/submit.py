@@ -57,7 +57,7 @@ def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
     out = []
     for r in runs:
         folder = RunDir(r.folder)
-        if not pending_steps(folder, steps):
+        if not pending_steps(folder, steps, r.config):
             out.append((r, "skip"))
         elif job_active(folder):
             out.append((r, "active"))
