@@ -36,16 +36,24 @@ def run(args: argparse.Namespace) -> int:
     from study.io import atomic_write_text
 
     results = load_results(args.results)
+    if results.empty:
+        print(f"study report: no runs in {args.results}")
+        return 0
     table = table1(results, args.size, args.img_size) if args.table == "1" else table3(results, args.img_size)
     if table.empty:
-        print(f"study report: no complete runs for Table {args.table} in {args.results}")
+        where = f"size {args.size}, {args.img_size} px" if args.table == "1" else f"{args.img_size} px"
+        done = results[results["state"] == "complete"] if "state" in results else results
+        have = sorted({f"{r['model.variant']} {r['model.size']} {r['model.img_size']}px"
+                       for _, r in done.iterrows()}) if not done.empty else []
+        print(f"study report: no complete run of a Table {args.table} model at {where} in {args.results}; "
+              f"complete runs: {', '.join(have) or 'none'}")
     else:
         text = to_markdown(table)
         print(text)
         if args.md:
             atomic_write_text(args.md, text + "\n")
             print(f"wrote {args.md}")
-    if args.plot:
+    if args.plot and not table.empty:
         from analysis.plots import scaling_plot
 
         fig = scaling_plot(results, args.x, args.y, args.img_size)

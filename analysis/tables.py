@@ -18,22 +18,41 @@ TABLE3_VARIANTS = ["vit_adapter_m2f", "eomt_masked", "eomt"]
 SIZES = ["g", "L", "B", "S", "tiny"]
 
 
+# Columns of the results table that are not configuration keys (study/launch/collect.py), and configuration
+# keys that do not tell two models apart: a table row averages the runs that differ only in these.
+_NOT_CONFIG = {"run", "path", "state", "step", "total_steps", "job_id", "error", "n", *METRICS, "PQ_th", "PQ_st"}
+_REPEATS = ("seed", "name", "output_dir")
+_REPEAT_SECTIONS = ("launch.", "bench.", "eval.", "metrics.")
+
+
+def identity_columns(results: pd.DataFrame) -> list[str]:
+    """Configuration columns that make two runs different models (everything but the seed, names, places,
+    and the launch, benchmark and evaluation settings), in table order."""
+    return [c for c in results.columns if c not in _NOT_CONFIG and c not in _REPEATS
+            and not c.startswith(_REPEAT_SECTIONS) and not c.endswith("_std")]
+
+
 def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
-    """One row per (variant, size, input size): the mean of every metric over the runs (seeds), ``n`` runs and
-    ``<main>_std``. Only complete runs count."""
+    """One row per model: the mean of every metric over the complete runs that differ only in their seed (or
+    launch / benchmark / evaluation settings), ``n`` runs and ``<main>_std``. Besides variant, size and input
+    size, the configuration keys that differ between rows are kept as columns (e.g. ``model.num_query_blocks``
+    of Table D), so no two different models are ever averaged together."""
     missing = [k for k in KEY if k not in results]
     if missing:
         raise ValueError(f"the results table has no column(s) {missing}: is it the output of `study collect`?")
     done = results[results["state"] == "complete"] if "state" in results else results
     metrics = [m for m in METRICS if m in done]
+    identity = identity_columns(done)
     if done.empty:
         return pd.DataFrame(columns=KEY + metrics + ["n"])
-    grouped = done.groupby(KEY, sort=False)
+    grouped = done.groupby(identity, sort=False, dropna=False)
     out = grouped[metrics].mean()
     out["n"] = grouped.size()
     if main in done:
         out[f"{main}_std"] = grouped[main].std(ddof=1)  # NaN for a single seed
-    return out.reset_index()
+    out = out.reset_index()
+    varying = [c for c in identity if c not in KEY and out[c].nunique(dropna=False) > 1]
+    return out[KEY + varying + [c for c in out.columns if c not in identity]]
 
 
 def _with_paper(rows: pd.DataFrame) -> pd.DataFrame:

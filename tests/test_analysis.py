@@ -90,3 +90,31 @@ def test_notebook_runs_headless_on_a_results_table(tmp_path):
     assert "| 0 | vit_adapter_m2f |" in shown and "| eomt | S | 640 |" in shown  # Table 1, Table 3
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2  # ours and the paper's scaling plot
+
+
+def test_different_models_are_never_averaged_after_a_csv_round_trip(tmp_path):
+    """Table D varies model.num_query_blocks at one variant, size and input size: four models, four rows, each
+    the mean of its seeds (the table went through `study collect`'s CSV)."""
+    rows = []
+    for l2, pq in ((9, 55.7), (6, 55.7), (4, 56.0), (2, 55.4)):
+        for seed in (0, 1):
+            rows.append({"run": f"d{l2}-{seed}", "state": "complete", "model.variant": "eomt", "model.size": "L",
+                         "model.img_size": 640, "model.num_query_blocks": l2, "seed": seed, "PQ": pq + seed - 0.5,
+                         "launch.cluster": ["slurm", "local"][seed], "metrics.eval.All.pq": (pq + seed) / 100})
+    csv = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    s = summarize(pd.read_csv(csv))
+    assert list(s["model.num_query_blocks"]) == [9, 6, 4, 2] and list(s["n"]) == [2, 2, 2, 2]
+    assert list(s["PQ"]) == pytest.approx([55.7, 55.7, 56.0, 55.4])
+    assert "launch.cluster" not in s and "seed" not in s
+
+
+def test_report_names_what_is_missing(tmp_path, capsys):
+    csv = tmp_path / "results.csv"
+    results().to_csv(csv, index=False)
+    assert main(["report", str(csv), "--size", "B"]) == 0
+    out = capsys.readouterr().out
+    assert "no complete run of a Table 1 model at size B, 640 px" in out and "eomt L 640px" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 0
+    assert "no runs in" in capsys.readouterr().out

@@ -73,6 +73,13 @@ def test_an_axis_of_mappings_changes_keys_together(tmp_path, synthetic_root):
         ("tiny", 4, "eomt"), ("tiny", 4, "eomt_masked"), ("S", 9, "eomt"), ("S", 9, "eomt_masked")]
 
 
+def test_an_axis_over_a_mapping_setting_lists_values(tmp_path, synthetic_root):
+    path = write_grid(tmp_path, synthetic_root, {"axes": {"model.baseline": [{"encoder_layers": 2}, {}]}},
+                      model={**TINY["model"], "variant": "sfp_m2f"})
+    _, runs = expand_grid(path)
+    assert [r.config.model.baseline for r in runs] == [{"encoder_layers": 2}, {}]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_file_is_valid(path):
     """The shipped configurations and grids (the paper's tables) expand and validate."""

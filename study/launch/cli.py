@@ -96,6 +96,9 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     columns = ["run"] + (["changes"] if "changes" in table else []) + [c for c in _SHOWN if c in table]
     columns = [c for c in columns if table[c].notna().any()]  # e.g. no error column when nothing failed
+    for c in ("step", "total_steps"):  # integers, even when a pending run has none
+        if c in table:
+            table[c] = table[c].astype("Int64")
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
         print(table[columns].to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.2f}"))
     print("  " + ", ".join(f"{n} {s}" for s, n in table["state"].value_counts().items()))

@@ -22,7 +22,7 @@ the runs that already exist.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ from study.models.backbone import check_size
 from study.models.build import check_variant
 
 _GRID_KEYS = {"name", "axes", "runs"}
+_TOP_LEVEL = {f.name for f in fields(Config)}
+# configuration keys whose value is itself a mapping: an axis over them lists values, never bundles
+_DICT_SETTINGS = {"model.baseline", "launch.slurm_extra"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ def _dotted(where: str, mapping: Any) -> dict[str, Any]:
     return dict(mapping)
 
 
+def _is_bundle(axis: str, value: Any) -> bool:
+    """An axis value that is a mapping of configuration keys (dotted, or top-level sections) changes them all
+    together; a mapping under a configuration key (e.g. an axis ``model.baseline`` of dicts) is a value."""
+    if not isinstance(value, dict) or axis in _DICT_SETTINGS:
+        return False
+    return bool(value) and all(isinstance(k, str) and ("." in k or k in _TOP_LEVEL) for k in value)
+
+
 def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[str, list[GridRun]]:
     """Read a grid file; return the grid's name and its runs in file order (axes first, then ``runs``).
 
@@ -78,14 +89,11 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.axes.{key} in {path} must be a non-empty list of values")
-        for v in values:
-            if isinstance(v, dict):
-                _dotted(f"a value of grid.axes.{key} in {path}", v)
     changes: list[dict] = []
     for combo in (itertools.product(*axes.values()) if axes else ()):
         change: dict = {}
         for key, value in zip(axes, combo):
-            change.update(value if isinstance(value, dict) else {key: value})
+            change.update(value if _is_bundle(key, value) else {key: value})
         changes.append(change)
     explicit = spec.get("runs") or []
     if not isinstance(explicit, list):
