@@ -68,10 +68,14 @@ def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
     return out
 
 
-def _record(r: GridRun, cluster: str, job_id: str, steps, logs: Optional[Path]) -> None:
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _record(r: GridRun, cluster: str, job_id: str, steps, logs: Optional[Path], submitted: str) -> None:
     atomic_write_json(Path(r.folder) / "launch.json",
-                      {"job_id": job_id, "cluster": cluster, "steps": list(steps),
-                       "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "logs": str(logs) if logs else None})
+                      {"job_id": job_id, "cluster": cluster, "steps": list(steps), "submitted": submitted,
+                       "logs": str(logs) if logs else None})
 
 
 def _error_of(r: GridRun, e: BaseException) -> str:
@@ -97,7 +101,7 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
         launch_cfg = members[0].config.launch
         if launch_cfg.cluster == "debug":
             for r in members:
-                _record(r, "debug", f"inline-{os.getpid()}", steps, None)
+                _record(r, "debug", f"inline-{os.getpid()}", steps, None, _now())
                 progress(f"  running {Path(r.folder).name} here")
                 try:
                     RunJob()(to_dict(r.config), tuple(steps))
@@ -106,10 +110,12 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
                 out[id(r)].ran = True
             continue
         executor = executor_for(launch_cfg, grid_dir / ".submitit", grid_dir.name)
+        submitted = _now()  # before the jobs start: a failure they record is never older than this
         with executor.batch():  # one Slurm job array for the group
             jobs = [executor.submit(RunJob(), to_dict(r.config), tuple(steps)) for r in members]
         for r, job in zip(members, jobs):
-            _record(r, launch_cfg.cluster, str(job.job_id), steps, grid_dir / ".submitit" / str(job.job_id))
+            _record(r, launch_cfg.cluster, str(job.job_id), steps, grid_dir / ".submitit" / str(job.job_id),
+                    submitted)
             out[id(r)].job = job
     return list(out.values())
 
