@@ -19,10 +19,6 @@ import yaml
 
 from study.runs import RunDir
 
-# What a run folder's state is, from its files (a submitted job that has not started has only config.yaml
-# and launch.json).
-STATES = ("pending", "submitted", "running", "interrupted", "lost", "failed", "trained", "complete")
-
 
 def _launch_record(run: RunDir) -> dict:
     path = run.path / "launch.json"
