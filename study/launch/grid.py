@@ -116,7 +116,9 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
         cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name))
         folder = run_name(cfg)
         if folder in seen:
-            raise ConfigError(f"grid {path}: runs {seen[folder]} and {i} ({where}) are the same configuration")
+            raise ConfigError(f"grid {path}: runs {seen[folder]} and {i} ({where}) are the same configuration "
+                              f"(they differ at most in name, launch, bench or eval settings, which do not "
+                              f"change the trained model) and would share one run folder")
         seen[folder] = i
         runs.append(GridRun(change, cfg))
     return name, runs
