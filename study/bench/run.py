@@ -79,17 +79,20 @@ def format_row(r: dict) -> str:
             f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_mean'), '.1f'):>9}")
 
 
+def _by_component(rows: list[dict], key: str, title: str) -> list[str]:
+    """A titled block with one line per row holding ``key``: component -> value, as 'variant-size: a 1.0, ...'."""
+    split = [r for r in rows if r.get(key)]
+    if not split:
+        return []
+    return ["", title] + [f"  {r['variant']}-{r['size']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r[key].items())
+                          for r in split]
+
+
 def format_table(rows: list[dict], with_rows: bool = True) -> str:
     """The terminal table (``with_rows``: the rows too, else only what follows them), then speed ratios to
     the first variant of each size, the breakdowns and the protocol."""
     lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows] if with_rows else []
-    split = [r for r in rows if r.get("gflops_by_component")]
-    if split:
-        lines.append("")
-        lines.append("GFLOPs by component:")
-        for r in split:
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in r["gflops_by_component"].items())
-            lines.append(f"  {r['variant']}-{r['size']}: {parts}")
+    lines += _by_component(rows, "gflops_by_component", "GFLOPs by component:")
     timed = [r for r in rows if r.get("fps")]
     if timed:
         lines.append("")
@@ -99,13 +102,7 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
             ref = same[0]
             lines.append("  " + ", ".join(f"{r['variant']} {r['fps'] / ref['fps']:.2f}x" for r in same)
                          + f"  (size {size})")
-        broken = [r for r in timed if r.get("breakdown_ms")]
-        if broken:
-            lines.append("")
-            lines.append("time per forward by component (ms):")
-            for r in broken:
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
-                lines.append(f"  {r['variant']}-{r['size']}: {parts}")
+        lines += _by_component(timed, "breakdown_ms", "time per forward by component (ms):")
         proto = timed[0]["protocol"]
         lines.append("")
         lines.append("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items())
