@@ -56,17 +56,11 @@ def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
 
 
 def _with_paper(rows: pd.DataFrame) -> pd.DataFrame:
-    def paper(r, i):
-        v = PAPER.get((r["model.variant"], r["model.size"], int(r["model.img_size"])))
-        return None if v is None else v[i]
-
-    rows = rows.copy()
-    rows["paper_params_M"] = [paper(r, 0) for _, r in rows.iterrows()]
-    rows["paper_GFLOPs"] = [paper(r, 1) for _, r in rows.iterrows()]
-    rows["paper_FPS"] = [paper(r, 2) for _, r in rows.iterrows()]
-    rows["paper_PQ"] = [PAPER_PQ.get((r["model.variant"], r["model.size"], int(r["model.img_size"])))
-                        for _, r in rows.iterrows()]
-    return rows
+    """``rows`` with the paper's params, GFLOPs, FPS and PQ for the same (variant, size, input size)."""
+    keys = [(r["model.variant"], r["model.size"], int(r["model.img_size"])) for _, r in rows.iterrows()]
+    published = [PAPER.get(k, (None, None, None)) for k in keys]
+    return rows.assign(paper_params_M=[p[0] for p in published], paper_GFLOPs=[p[1] for p in published],
+                       paper_FPS=[p[2] for p in published], paper_PQ=[PAPER_PQ.get(k) for k in keys])
 
 
 def table1(results: pd.DataFrame, size: str = "L", img_size: int = 640) -> pd.DataFrame:

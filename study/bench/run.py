@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import platform
 import time
+from dataclasses import replace
 
 import torch
 
@@ -35,8 +36,8 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
     for size in b.sizes:
         for variant in b.variants:
             t0 = time.perf_counter()
-            mcfg = type(cfg.model)(**{**cfg.model.__dict__, "variant": variant, "size": size,
-                                      "img_size": b.img_size, "checkpoint": None, "pretrained": None})
+            mcfg = replace(cfg.model, variant=variant, size=size, img_size=b.img_size, checkpoint=None,
+                           pretrained=None)
             torch.manual_seed(cfg.seed)
             model = build_model(mcfg)
             flops = count_flops(model, b.img_size)
@@ -79,7 +80,7 @@ def format_row(r: dict) -> str:
             f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_mean'), '.1f'):>9}")
 
 
-def _by_component(rows: list[dict], key: str, title: str) -> list[str]:
+def _component_block(rows: list[dict], key: str, title: str) -> list[str]:
     """A titled block with one line per row holding ``key``: component -> value, as 'variant-size: a 1.0, ...'."""
     split = [r for r in rows if r.get(key)]
     if not split:
@@ -92,7 +93,7 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
     """The terminal table (``with_rows``: the rows too, else only what follows them), then speed ratios to
     the first variant of each size, the breakdowns and the protocol."""
     lines = [HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows] if with_rows else []
-    lines += _by_component(rows, "gflops_by_component", "GFLOPs by component:")
+    lines += _component_block(rows, "gflops_by_component", "GFLOPs by component:")
     timed = [r for r in rows if r.get("fps")]
     if timed:
         lines.append("")
@@ -102,7 +103,7 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
             ref = same[0]
             lines.append("  " + ", ".join(f"{r['variant']} {r['fps'] / ref['fps']:.2f}x" for r in same)
                          + f"  (size {size})")
-        lines += _by_component(timed, "breakdown_ms", "time per forward by component (ms):")
+        lines += _component_block(timed, "breakdown_ms", "time per forward by component (ms):")
         proto = timed[0]["protocol"]
         lines.append("")
         lines.append("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items())

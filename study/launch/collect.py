@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from study.launch.pipeline import FAILURE_FILE, STEPS, pending_steps
 from study.runs import RunDir
 
 
@@ -28,8 +29,6 @@ def _launch_record(run: RunDir) -> dict:
 def run_failure(run: RunDir) -> dict:
     """The run's failure.json (step, error, time) when it belongs to the latest submission, else {}: a job
     that dies before its first step cannot remove the previous attempt's record."""
-    from study.launch.pipeline import FAILURE_FILE
-
     path = run.path / FAILURE_FILE
     if not path.is_file():
         return {}
@@ -84,8 +83,6 @@ def run_state(run: RunDir, steps=None, active=None) -> str:
     lost (its job ended before writing anything), failed, trained (training done, evaluation or benchmark
     missing), complete (every step done: of ``steps``, else of the steps the run was launched with, else
     train, eval and bench). ``active`` replaces the job check (tests, or a caller that knows)."""
-    from study.launch.pipeline import STEPS, pending_steps
-
     record = _launch_record(run)
     status = run.status().get("state")  # the trainer's: running, interrupted, failed, finished (or none)
     if run_failure(run) or status == "failed":

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Iterable
 
 import submitit
 
-from study.config import Config, to_dict
+from study.config import Config, build_dataclass, to_dict
 from study.io import atomic_write_json
 from study.runs import RunDir
 
@@ -60,10 +61,11 @@ def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None 
         config = to_dict(cfg)
     else:
         config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    trained = run.status().get("state") == "finished"
     todo = []
     for step in steps:
         if step == "train":
-            done = run.status().get("state") == "finished"
+            done = trained
         else:
             done = step in metrics and metrics[step].get("settings") == step_settings(step, config)
         if not done:
@@ -71,15 +73,21 @@ def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None 
     return todo
 
 
+def _untrained_model(cfg: Config):
+    """The run's model with no weights loaded (the caller loads the trained ones, or needs none)."""
+    from study.models.build import build_model
+
+    return build_model(replace(cfg.model, checkpoint=None, pretrained=None))
+
+
 def _evaluate(cfg: Config, run: RunDir, progress: bool) -> dict:
     from study.data import build_dataset
     from study.eval.run import evaluate
-    from study.models.build import build_model
     from study.models.checkpoint import load_checkpoint
 
     split = cfg.eval.split or cfg.data.val_split
     dataset = build_dataset(cfg.data, split, cfg.task)
-    model = build_model(type(cfg.model)(**{**cfg.model.__dict__, "checkpoint": None, "pretrained": None}))
+    model = _untrained_model(cfg)
     load_checkpoint(model, run.final_weights)
     result = evaluate(model, dataset, cfg.task, cfg.eval, cfg.eval.input_size or cfg.model.img_size,
                       progress=progress)
@@ -95,10 +103,9 @@ def _evaluate(cfg: Config, run: RunDir, progress: bool) -> dict:
 def _bench(cfg: Config) -> dict:
     from study.bench.flops import count_flops, count_params
     from study.bench.speed import SpeedProtocol, measure_fps
-    from study.models.build import build_model
 
     b = cfg.bench
-    model = build_model(type(cfg.model)(**{**cfg.model.__dict__, "checkpoint": None, "pretrained": None}))
+    model = _untrained_model(cfg)  # FLOPs and speed do not depend on the weights
     img = cfg.model.img_size
     flops = count_flops(model, img)
     row = {"img_size": img, "params": count_params(model), "gflops": round(flops.gflops, 3),
@@ -160,8 +167,6 @@ class RunJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, config: dict, steps: tuple[str, ...] = STEPS) -> str:
-        from study.config import build_dataclass
-
         try:
             if submitit.JobEnvironment().num_tasks > 1:
                 submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR, ...
