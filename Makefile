@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps panopticapi-lite
 	touch $(STAMP)
 
-# The main job: parameters and GFLOPs of EoMT at every size (paper.md sections 3 and 8), then FPS at S.
+# The main job: parameters and GFLOPs of EoMT at every size (docs/paper.md sections 3 and 8), then FPS at S.
 bench: install
 	$(VENV)/bin/study bench experiments/bench_eomt.yaml --no-fps --json runs/bench/eomt_640.json
 	$(VENV)/bin/study bench experiments/bench_eomt_1280.yaml --no-fps --json runs/bench/eomt_1280.json

@@ -11,9 +11,9 @@ from study.bench.paper import PAPER, PAPER_PQ
 
 KEY = ["model.variant", "model.size", "model.img_size"]
 METRICS = ["params_M", "GFLOPs", "FPS", "PQ", "PQ_th", "PQ_st", "AP", "mIoU"]
-# Table 1 order (paper.md section 2): row 0 (ViT-Adapter + Mask2Former) to row 5 (EoMT).
+# Table 1 order (docs/paper.md section 2): row 0 (ViT-Adapter + Mask2Former) to row 5 (EoMT).
 TABLE1 = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
-# Table 3 (paper.md section 3): the three models at every size, largest first.
+# Table 3 (docs/paper.md section 3): the three models at every size, largest first.
 TABLE3_VARIANTS = ["vit_adapter_m2f", "eomt_masked", "eomt"]
 SIZES = ["g", "L", "B", "S", "tiny"]
 

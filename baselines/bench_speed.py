@@ -61,7 +61,7 @@ def bench_against_hf(in_dim: int, img: int, warmup: int, iters: int) -> list[dic
     from baselines.pixel_decoder import PixelDecoder
 
     opts = BaselineConfig()
-    cfg = m2f.Mask2FormerConfig(num_queries=200, num_labels=133)  # HF defaults = the widths of baseline.md
+    cfg = m2f.Mask2FormerConfig(num_queries=200, num_labels=133)  # HF defaults = the widths of docs/baseline.md
     torch.manual_seed(0)
     feats = [torch.randn(1, in_dim, img // s, img // s) for s in (4, 8, 16, 32)]
 

@@ -5,14 +5,14 @@
 ``ConfigError`` naming ``model.baseline.<key>``. Fields left ``None`` take the per-size values of
 :data:`ADAPTER_SIZES`.
 
-Which choice reproduces which number of the paper (Table 1 and Table 3, paper.md sections 2-3):
+Which choice reproduces which number of the paper (Table 1 and Table 3, docs/paper.md sections 2-3):
 - ``deform_ratio`` 0.5 narrows the adapter's deformable value/output projections. At L, 1.0 would add about 10.5M
   parameters to the 349M of Table 1 row 0. At S the public ViT-Adapter-S config says 1.0, which gives 48.0M and
   173.7 GFLOPs (+5.3% over Table 3's 165); 0.5, as at the other sizes, gives 46.6M / 166.3 GFLOPs: we use 0.5.
 - ``extra_extractors`` 2 (the adapter's last interaction) and ``cffn_ratio`` 0.25 are ViT-Adapter's defaults;
   the measured counts are listed in tests/test_baselines_counts.py next to the paper's.
 - The Mask2Former widths (256 hidden, 6 encoder layers of FFN 1024, 9 decoder layers of FFN 2048, 8 heads,
-  4 points) are the Hugging Face ``Mask2FormerConfig`` defaults, which the authors used (baseline.md). They
+  4 points) are the Hugging Face ``Mask2FormerConfig`` defaults, which the authors used (docs/baseline.md). They
   reproduce rows 0, 2 and 3 of Table 1 (and fvcore counts HF's modules exactly as ours). Row 1 (741 GFLOPs vs
   700) is the exception: the paper's figure is ours without the 6 encoder layers, whose parameters it does
   count. ``encoder_layers`` 2 with ``conv_inplane`` 128 would bring every count within the issue's tolerance but
@@ -31,7 +31,7 @@ class AdapterSize:
     interaction_indexes: tuple[tuple[int, int], ...]
 
 
-# baseline.md "ViT-Adapter (per size)": the public ViT-Adapter COCO-panoptic config and DINOv2's re-implementation.
+# docs/baseline.md "ViT-Adapter (per size)": the public ViT-Adapter COCO-panoptic config and DINOv2's re-implementation.
 # g is not published; the usual even split of its 40 blocks is used, with L's ratio and 24 heads (1536 / 24 = 64
 # per head before the 0.5 ratio, as at B and L). "tiny" is ours: one block per interaction of the 4-block ViT.
 ADAPTER_SIZES: dict[str, AdapterSize] = {
@@ -47,7 +47,7 @@ ADAPTER_SIZES: dict[str, AdapterSize] = {
 class BaselineConfig:
     """Widths and switches of ViT-Adapter, the pyramid, the pixel decoder and the Transformer decoder."""
 
-    # --- ViT-Adapter (baseline.md; None = the ADAPTER_SIZES row of the model size)
+    # --- ViT-Adapter (docs/baseline.md; None = the ADAPTER_SIZES row of the model size)
     deform_heads: Optional[int] = None
     deform_ratio: Optional[float] = None
     interaction_indexes: Optional[list[list[int]]] = None  # [[first, last] block of each interaction]
@@ -62,7 +62,7 @@ class BaselineConfig:
     # under DDP convert it with torch.nn.SyncBatchNorm.convert_sync_batchnorm (see baselines.vit_adapter).
     # "group" = GroupNorm(32), independent of the batch everywhere. Same parameter count either way.
     adapter_norm: Literal["batch", "group"] = "batch"
-    # --- Mask2Former (Hugging Face Mask2FormerConfig defaults, baseline.md)
+    # --- Mask2Former (Hugging Face Mask2FormerConfig defaults, docs/baseline.md)
     hidden_dim: int = 256  # pixel decoder feature size = mask feature size = decoder width
     encoder_layers: int = 6  # deformable encoder layers of the pixel decoder
     encoder_heads: int = 8
@@ -83,7 +83,7 @@ class BaselineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.extra_extractors < 0:
             raise ValueError(f"extra_extractors must be >= 0, got {self.extra_extractors}")
-        if self.hidden_dim % 32:  # the pixel decoder's GroupNorm(32) (baseline.md)
+        if self.hidden_dim % 32:  # the pixel decoder's GroupNorm(32) (docs/baseline.md)
             raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) groups), got {self.hidden_dim}")
         if self.hidden_dim % self.encoder_heads or self.hidden_dim % self.decoder_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by the number of heads")

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR), used by ViT-Adapter and the Mask2Former pixel decoder.
 
 Each query predicts, per head, level and point, a sampling offset and an attention weight; the value maps are
-sampled bilinearly at reference point + offset / (W, H) and summed with the weights (baseline.md
+sampled bilinearly at reference point + offset / (W, H) and summed with the weights (docs/baseline.md
 "Multi-scale deformable attention"). Two kernels compute the same thing:
 
 - the PyTorch form (default): one ``F.grid_sample`` per level (zeros padding, align_corners False). Exact,
@@ -109,7 +109,7 @@ class MSDeformAttn(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Offsets start as a ring of head directions (largest coordinate 1) scaled by point index 1..P;
-        attention weights at zero (uniform softmax); value and output projections xavier (baseline.md)."""
+        attention weights at zero (uniform softmax); value and output projections xavier (docs/baseline.md)."""
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.heads, dtype=torch.float32) * (2 * math.pi / self.heads)
         ring = torch.stack([theta.cos(), theta.sin()], -1)

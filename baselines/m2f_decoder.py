@@ -4,7 +4,7 @@ K learned queries (features and position embeddings) go through 9 post-norm laye
 -> self-attention -> FFN; layer i attends to level i mod n of the maps it is given (1/32, 1/16, 1/8 in rows
 0-2; F16 only in row 3). A prediction head (shared LayerNorm, class Linear, 3-layer ReLU mask MLP dotted with
 the 1/4 mask features) runs before the first layer and after every layer: 10 prediction sets, all supervised
-(baseline.md "Mask2Former Transformer decoder"; numerically the same as Hugging Face's
+(docs/baseline.md "Mask2Former Transformer decoder"; numerically the same as Hugging Face's
 ``Mask2FormerTransformerModule``, see tests/test_baselines_hf.py).
 
 Masked attention follows the suite's contract (study/models/contract.py): the model tells the decoder for each
@@ -70,9 +70,9 @@ class DecoderLayer(nn.Module):
 
 class MaskedAttentionDecoder(nn.Module):
     """Args:
-        dim: width (256); heads: 8; ffn: 2048; layers: 9 (baseline.md).
+        dim: width (256); heads: 8; ffn: 2048; layers: 9 (docs/baseline.md).
         num_levels: maps attended round robin (3, or 1 in row 3); each gets a learned level embedding.
-        num_queries: K (200, paper.md section 5); num_classes: C (the class head predicts C + 1, no-object last).
+        num_queries: K (200, docs/paper.md section 5); num_classes: C (the class head predicts C + 1, no-object last).
     """
 
     def __init__(self, dim: int, heads: int, ffn: int, layers: int, num_levels: int, num_queries: int,

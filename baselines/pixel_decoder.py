@@ -1,6 +1,6 @@
 """Mask2Former's multi-scale deformable-attention pixel decoder (Table 1 rows 0-1), and what replaces it (rows 2-3).
 
-Pixel decoder (baseline.md "Mask2Former pixel decoder"; numerically the same as Hugging Face's
+Pixel decoder (docs/baseline.md "Mask2Former pixel decoder"; numerically the same as Hugging Face's
 ``Mask2FormerPixelDecoder``, see tests/test_baselines_hf.py): the 1/8, 1/16, 1/32 maps are projected to 256
 (1x1 conv + GroupNorm(32)), given a sine position embedding plus a learned level embedding, and refined by 6
 post-norm deformable encoder layers; the 1/4 level is a lateral 1x1 conv + GN of the 1/4 input plus the

@@ -1,7 +1,7 @@
 """The ViTDet-style simple feature pyramid that replaces ViT-Adapter from Table 1 row 1 on.
 
 From the last ViT map F16 (after the ViT's final LayerNorm), each scale is built on its own with EoMT's
-upscaling block (paper.md section 2, step 1; baseline.md "ViTDet-style simple feature pyramid"):
+upscaling block (docs/paper.md section 2, step 1; docs/baseline.md "ViTDet-style simple feature pyramid"):
 F4 = two [ConvTranspose2d 2x2 s2 -> GELU -> depthwise 3x3 -> LayerNorm2d] blocks, F8 = one, F16 = the ViT map as
 is, F32 = one strided [Conv2d 2x2 s2 -> GELU -> depthwise 3x3 -> LayerNorm2d] block. Row 3 keeps only F4 (for the
 mask logits) and F16.

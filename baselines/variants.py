@@ -1,6 +1,6 @@
 """The baseline chain of Table 1 (rows 0-3), as a table of small named differences.
 
-Each row is its parent with one or two fields replaced (paper.md section 2); tests/test_baselines_variants.py
+Each row is its parent with one or two fields replaced (docs/paper.md section 2); tests/test_baselines_variants.py
 prints the difference between consecutive rows and checks it is the intended one. Rows 4-5 (EoMT) are
 registered by study/models/build.py. Sizes (S, B, L, g, tiny) are a separate axis: ``ModelConfig.size``.
 """
@@ -32,7 +32,7 @@ class Variant:
     row: int  # Table 1 row
 
 
-# Table 1 (paper.md section 2). Row 0: ViT-Adapter + Mask2Former.
+# Table 1 (docs/paper.md section 2). Row 0: ViT-Adapter + Mask2Former.
 ROW0 = Variant("vit_adapter_m2f", neck="adapter", pixel_decoder=True, neck_strides=(4, 8, 16, 32),
                decoder_strides=(32, 16, 8), row=0)
 # Row 1 "w/o ViT-Adapter": a ViTDet-style simple feature pyramid from F16 instead.

@@ -1,6 +1,6 @@
 """ViT-Adapter (Chen et al., ICLR 2023) around a plain ViT: Table 1 row 0's multi-scale features.
 
-In the order of the figure (baseline.md "ViT-Adapter"): a spatial prior module (a small CNN on the image) gives
+In the order of the figure (docs/baseline.md "ViT-Adapter"): a spatial prior module (a small CNN on the image) gives
 maps at 1/4, 1/8, 1/16, 1/32; the 1/8-1/32 maps are flattened into the adapter tokens c. For each interaction
 [a, b] the injector writes c into the ViT tokens x with deformable attention, ViT blocks a..b run, and the
 extractor reads x back into c (deformable attention + ConvFFN); the last interaction has extra extractors.

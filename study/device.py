@@ -1,6 +1,6 @@
 """Device and precision choices, in one place for training, evaluation and benchmarks.
 
-The paper trains and measures in mixed precision on GPUs (paper.md sections 6 and 8). Here: "auto" picks
+The paper trains and measures in mixed precision on GPUs (docs/paper.md sections 6 and 8). Here: "auto" picks
 CUDA when present, else the CPU; on CUDA "auto" precision is bf16 autocast, on the CPU fp32 (bf16 autocast
 on the CPU is possible but slower than fp32 on most CPUs, and no number of the paper was measured there).
 """

@@ -1,4 +1,4 @@
-"""A run is a folder (design.md): resolved config, status, metrics, checkpoints and logs, written atomically.
+"""A run is a folder (docs/design.md): resolved config, status, metrics, checkpoints and logs, written atomically.
 
     runs/<grid>/<name>-<hash>/
         config.yaml          the resolved configuration (its hash is the run's identity)

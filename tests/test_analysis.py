@@ -7,7 +7,7 @@ import pytest
 from analysis.plots import scaling_plot
 from analysis.tables import summarize, table1, table3, to_markdown
 from study.cli import main
-from conftest import REPO
+from conftest import REPO, require
 
 
 def results() -> pd.DataFrame:
@@ -74,8 +74,8 @@ def test_scaling_plot_and_report_cli(tmp_path, capsys):
 def test_notebook_runs_headless_on_a_results_table(tmp_path):
     """The committed notebook has no outputs and runs top to bottom on a results CSV (nbclient, the venv's
     kernel); its tables come out of analysis/."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat = require("nbformat")
+    nbclient = require("nbclient")
     path = REPO / "analysis" / "notebooks" / "results.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed without outputs

@@ -18,7 +18,7 @@ def test_every_study_backbone_builds_with_patch_16(name):
 
 
 def test_size_table_matches_paper():
-    # paper.md section 5: widths 384/768/1024/1536, depths 12/12/24/40, L2 = 3/3/4/5
+    # docs/paper.md section 5: widths 384/768/1024/1536, depths 12/12/24/40, L2 = 3/3/4/5
     expect = {"S": (384, 12, 3), "B": (768, 12, 3), "L": (1024, 24, 4), "g": (1536, 40, 5)}
     for size, (dim, depth, l2) in expect.items():
         with torch.device("meta"):

@@ -25,7 +25,7 @@ Without that QK^T, rows 0, 2 and 3 come to 830.5, 685.3 and 673.1: the paper's 8
 
 Row 1 (the open gap): the paper's 700 is our row 1 minus exactly the six deformable encoder layers of the pixel
 decoder (741.2 - 37.5 - 1.3 = 702.4), yet its parameter column (342M) holds those layers (without them row 1
-has 337.9M). Row 0 counts them (830), and rows 0 and 1 keep the same pixel decoder (paper.md section 2), so
+has 337.9M). Row 0 counts them (830), and rows 0 and 1 keep the same pixel decoder (docs/paper.md section 2), so
 the most likely reading is a counting slip in the paper's row 1. A configuration that meets every target of
 this file within its tolerance does exist, 2 encoder layers and ``conv_inplane`` 128 (measured: row 0 L 640
 349.56M / 836.2, row 1 339.33M / 716.1, S 47.00M / 168.5, B 121.67M / 351.7, g 1209.90M / 2517.9, L 1280
@@ -55,7 +55,7 @@ CASES = [
     ("vit_adapter_m2f", "S", 640, 46_558_422, 166.0, 47, 165, 0.05),  # Table 3
     ("vit_adapter_m2f", "B", 640, 120_960_294, 348.1, 121, 347, 0.05),  # Table 3
     ("vit_adapter_m2f", "g", 640, 1_208_643_014, 2512.0, 1209, 2510, 0.05),  # Table 3
-    ("vit_adapter_m2f", "L", 1280, 353_587_206, 4823.0, 354, 4817, 0.05),  # paper.md section 3, 1280
+    ("vit_adapter_m2f", "L", 1280, 353_587_206, 4823.0, 354, 4817, 0.05),  # docs/paper.md section 3, 1280
 ]
 
 

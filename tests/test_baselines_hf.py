@@ -3,6 +3,8 @@ implementation the paper's authors used): same weights in, same numbers out."""
 from __future__ import annotations
 
 import pytest
+
+from conftest import oracle, require
 import torch
 
 from baselines.deform_attn import MSDeformAttn, deform_attn, deform_attn_core
@@ -10,7 +12,7 @@ from baselines.hf import decoder_from_hf, pixel_decoder_from_hf
 from baselines.m2f_decoder import MaskedAttentionDecoder
 from baselines.pixel_decoder import PixelDecoder
 
-m2f = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
+m2f = oracle("transformers.models.mask2former.modeling_mask2former")
 
 DIM, HEADS, QUERIES, CLASSES = 64, 4, 7, 5
 
@@ -52,7 +54,7 @@ def test_core_matches_hf_function():
 
 
 def test_compiled_op_agrees_with_pytorch():
-    pytest.importorskip("torch_ms_deform_attn")
+    require("torch_ms_deform_attn")
     value, shapes, loc, w = random_inputs()
     torch.testing.assert_close(deform_attn(value, shapes, loc, w, compiled=True),
                                deform_attn(value, shapes, loc, w, compiled=False), atol=1e-5, rtol=1e-5)
@@ -128,7 +130,7 @@ def test_decoder_matches_hf():
     assert len(blocked) == 9 and (frac > 0.05).all() and (frac < 0.95).all()
 
 
-# --- FLOP counts: the paper counted its Hugging Face Mask2Former with fvcore (paper.md section 8, baseline.md).
+# --- FLOP counts: the paper counted its Hugging Face Mask2Former with fvcore (docs/paper.md section 8, docs/baseline.md).
 # Counting HF's modules with fvcore is therefore an oracle for our counts, at the real widths (HF's default
 # Mask2FormerConfig: 256 wide, 6 encoder layers, 9 decoder layers) on a smaller input.
 

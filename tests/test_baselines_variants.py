@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+
+from conftest import require
 import torch
 
 from baselines.config import ADAPTER_SIZES, BaselineConfig, check_interactions
@@ -13,7 +15,7 @@ from study.config import ConfigError
 from study.models.build import build_model
 from study.models.config import ModelConfig
 
-# Table 1 (paper.md section 2): what each step removes, as the fields that change.
+# Table 1 (docs/paper.md section 2): what each step removes, as the fields that change.
 INTENDED = {
     "sfp_m2f": {"neck": ("adapter", "pyramid")},  # (1) w/o ViT-Adapter
     "sfp_no_pixel_decoder": {"pixel_decoder": (True, False)},  # (2) w/o pixel decoder
@@ -67,7 +69,7 @@ def test_interaction_indexes_must_fit_the_depth(indexes, why):
 
 
 def test_adapter_split_of_every_size_fits_its_depth():
-    depths = {"tiny": 4, "S": 12, "B": 12, "L": 24, "g": 40}  # paper.md section 5
+    depths = {"tiny": 4, "S": 12, "B": 12, "L": 24, "g": 40}  # docs/paper.md section 5
     for size, spec in ADAPTER_SIZES.items():
         check_interactions(spec.interaction_indexes, depths[size])
     with pytest.raises(ValueError, match="does not fit a 12-block backbone"):
@@ -94,7 +96,7 @@ def test_missing_compiled_op_is_an_error_not_a_fallback(monkeypatch):
 
 
 def test_compiled_op_runs_the_same_model():
-    pytest.importorskip("torch_ms_deform_attn")
+    require("torch_ms_deform_attn")
     torch.manual_seed(0)
     ours = build_model(small_cfg(img_size=64)).eval()
     compiled = build_model(small_cfg(img_size=64, use_compiled_deform_attn=True)).eval()
@@ -106,7 +108,7 @@ def test_compiled_op_runs_the_same_model():
 
 
 def test_compiled_op_is_counted_like_the_pytorch_form():
-    pytest.importorskip("torch_ms_deform_attn")
+    require("torch_ms_deform_attn")
     from study.bench.flops import count_flops
 
     ours = count_flops(build_model(small_cfg(img_size=64)), 64)

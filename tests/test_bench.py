@@ -17,7 +17,7 @@ def eomt(size: str, img: int, variant: str = "eomt"):
                                           f"model.variant={variant}"]).model)
 
 
-# paper.md section 8: the recount with the paper's conventions (params in M, GFLOPs)
+# docs/paper.md section 8: the recount with the paper's conventions (params in M, GFLOPs)
 RECOUNT = {("eomt", "S", 640): (23.98, 67.9), ("eomt_masked", "S", 640): (23.98, 88.5),
            ("eomt", "B", 640): (93.66, 215.7), ("eomt_masked", "B", 640): (93.66, 285.8),
            ("eomt", "L", 640): (316.70, 668.3), ("eomt_masked", "L", 640): (316.70, 827.1),
@@ -34,7 +34,7 @@ def check_against_paper(variant, size, img):
     recount_params, recount_gflops = RECOUNT[(variant, size, img)]
     if recount_params is not None:
         assert params == pytest.approx(recount_params, abs=0.01)
-    # paper.md section 8's recount: unmasked rows agree to 0.2 GFLOPs; our masked rows read 0.3 (S) to 2.0 (g)
+    # docs/paper.md section 8's recount: unmasked rows agree to 0.2 GFLOPs; our masked rows read 0.3 (S) to 2.0 (g)
     # above it (the recount is itself "within 2 GFLOPs" of the paper)
     assert gflops == pytest.approx(recount_gflops, abs=2.5)
 
@@ -113,7 +113,7 @@ def test_end_to_end_scope_times_more_than_the_forward(tmp_path):
 
 def test_flops_by_component_explain_each_table1_step():
     """The per-component split sums to the total, and consecutive Table 1 rows differ only in the components
-    their step replaces (paper.md section 2): the FLOP side of 'the table is the ablation'."""
+    their step replaces (docs/paper.md section 2): the FLOP side of 'the table is the ablation'."""
     rows = {}
     for variant in ("vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"):
         model = build_model(load_config(None, [f"model.variant={variant}", "model.size=tiny",

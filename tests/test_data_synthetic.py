@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import require
 import torch
 
 from study.data import DataError, build_dataset
@@ -69,7 +71,7 @@ def test_three_views_read_back_and_agree(root):
 
 def test_official_tools_accept_the_files(root, tmp_path):
     """panopticapi's pq_compute and pycocotools' COCOeval score the ground truth against itself perfectly."""
-    pq_compute = pytest.importorskip("panopticapi.evaluation").pq_compute
+    pq_compute = require("panopticapi.evaluation").pq_compute
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -1,4 +1,4 @@
-"""Training augmentation (paper.md section 6) and collate."""
+"""Training augmentation (docs/paper.md section 6) and collate."""
 from __future__ import annotations
 
 import colorsys

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+
+from conftest import oracle
 import torch
 
 from study.config import load_config
@@ -9,7 +11,7 @@ from study.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from study.models.build import build_model
 from study.models.checkpoint import load_checkpoint
 
-transformers = pytest.importorskip("transformers")
+transformers = oracle("transformers")
 
 IMG, CLASSES, QUERIES, L2 = 64, 5, 7, 2
 
@@ -48,7 +50,7 @@ def test_contract_prediction_sets():
     images = torch.rand(2, 3, IMG, IMG)
     model.train()
     sets = model(images)
-    assert len(sets) == L2 + 1  # one before each query block, one at the end (paper.md section 5)
+    assert len(sets) == L2 + 1  # one before each query block, one at the end (docs/paper.md section 5)
     for s in sets:
         assert s.mask_logits.shape == (2, QUERIES, IMG // 4, IMG // 4)
         assert s.class_logits.shape == (2, QUERIES, CLASSES + 1)
@@ -90,7 +92,7 @@ def test_masking_changes_the_output(hf_checkpoint):
 
 
 def official_state_dict(model) -> dict:
-    """Our model's weights renamed into the official EoMT training module's layout (paper.md section 5)."""
+    """Our model's weights renamed into the official EoMT training module's layout (docs/paper.md section 5)."""
     out = {"criterion.empty_weight": torch.ones(CLASSES + 1)}
     for k, v in model.state_dict().items():
         if k.startswith("backbone.vit."):

@@ -1,4 +1,4 @@
-"""Inference protocols (padded, windowed, masking) and post-processing (paper.md section 7)."""
+"""Inference protocols (padded, windowed, masking) and post-processing (docs/paper.md section 7)."""
 from __future__ import annotations
 
 import math
@@ -85,7 +85,7 @@ def test_instance_topk_scores_and_count():
     masks = torch.randn(q, h, w) * 3
     classes = torch.randn(q, c + 1) * 2
     r = instance_topk(masks, classes, CFG.top_k)
-    assert len(r.scores) == CFG.top_k == 100  # paper.md section 7: top 100 of the 210 (query, class) pairs
+    assert len(r.scores) == CFG.top_k == 100  # docs/paper.md section 7: top 100 of the 210 (query, class) pairs
     probs = classes.softmax(-1)[:, :c]
     best = probs.flatten().topk(CFG.top_k).indices
     assert torch.equal(r.labels, best % c)

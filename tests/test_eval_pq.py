@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import data_dir
+from conftest import data_dir, oracle
 from study.eval.errors import (EvalInputError, MissingPredictionError, SizeMismatchError, UnknownCategoryError,
                                UnknownSegmentError)
 from study.eval.pq import id_to_rgb, rgb_to_id
 from study.eval.pq_files import score_panoptic_files
 
-pq_compute = pytest.importorskip("panopticapi.evaluation").pq_compute
+_panopticapi = oracle("panopticapi.evaluation")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_pq_equals_panopticapi(kind, sample, tmp_path, capsys):
     root, gt, ids = sample
     gt_json = _write_gt(tmp_path, root, gt)
     pred_json, pred_dir = _write_pred(tmp_path, _perturb(kind, gt, ids, np.random.default_rng(3)))
-    theirs = pq_compute(str(gt_json), str(pred_json), str(root / "panoptic_examples"), str(pred_dir))
+    theirs = _panopticapi.pq_compute(str(gt_json), str(pred_json), str(root / "panoptic_examples"), str(pred_dir))
     ours = score_panoptic_files(gt_json, pred_json, root / "panoptic_examples", pred_dir)
     _assert_same(ours, theirs)
     if kind == "identity":  # the README's fact: 100 over 8 categories, 4 things and 4 stuff
@@ -257,5 +257,5 @@ def test_gt_png_id_missing_from_gt_json_follows_panopticapi(sample, tmp_path):
         Image.fromarray(id_to_rgb(m)).save(gt_dir / ann["file_name"])
     gt_json = _write_gt(tmp_path, root, gt)
     pred_json, pred_dir = _write_pred(tmp_path, preds)
-    theirs = pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir))
+    theirs = _panopticapi.pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir))
     _assert_same(score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir), theirs)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import data_dir
+from conftest import data_dir, require
 from study.data import build_dataset
 from study.data.config import DataConfig
 from study.eval import cli as eval_cli
@@ -73,7 +73,7 @@ def _settings(**kw):
 
 
 def test_panoptic_loop_and_export_agree_with_panopticapi(tmp_path):
-    pq_compute = pytest.importorskip("panopticapi.evaluation").pq_compute
+    pq_compute = require("panopticapi.evaluation").pq_compute
     root = data_dir("coco_panoptic_sample")
     ds = build_dataset(DataConfig(dataset="coco_panoptic", root=str(root), image_dir="input_images",
                                   ann_file="panoptic_examples.json", ann_dir="panoptic_examples"), "val", "panoptic")
@@ -114,7 +114,7 @@ def test_instance_loop_and_export_agree_with_pycocotools(tmp_path):
     per_image = {}
     for r in results:
         per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
-    assert max(per_image.values()) <= 100  # paper.md section 7: top 100 per image
+    assert max(per_image.values()) <= 100  # docs/paper.md section 7: top 100 per image
 
 
 def test_semantic_loop_and_export_agree_with_folder_scorer(tmp_path):

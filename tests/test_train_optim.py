@@ -34,7 +34,7 @@ def test_groups_get_layer_decayed_lr_weight_decay_and_backbone_flag():
     assert len(lr_of) == sum(1 for p in model.parameters() if p.requires_grad)
     for name, p in model.named_parameters():
         lr, wd, backbone = lr_of[id(p)]
-        assert wd == 0.05  # paper.md section 6: on all parameters
+        assert wd == 0.05  # docs/paper.md section 6: on all parameters
         if name.startswith("backbone.vit.blocks."):
             i = int(name.split(".")[3])
             assert backbone and lr == pytest.approx(1e-4 * 0.8 ** (depth - 1 - i)), name
@@ -75,7 +75,7 @@ def test_clipping_by_global_norm():
     norm = clip_gradients(opt, TrainConfig().grad_clip)
     assert norm == pytest.approx(43 ** 0.5)
     total = torch.cat([w1.grad, w2.grad]).norm()
-    assert total == pytest.approx(0.01, rel=1e-4)  # paper.md section 6: clip at 0.01
+    assert total == pytest.approx(0.01, rel=1e-4)  # docs/paper.md section 6: clip at 0.01
     assert w1.grad[0] / w2.grad[0] == pytest.approx(1.5)  # one factor for all (global, not per tensor)
 
 

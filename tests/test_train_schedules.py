@@ -1,4 +1,4 @@
-"""Schedules against the official numbers: mask-annealing windows (paper.md section 6), the two-stage
+"""Schedules against the official numbers: mask-annealing windows (docs/paper.md section 6), the two-stage
 warm-up poly lr of the official TwoStageWarmupPolySchedule, and the configuration that drives them."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from study.train.config import TrainConfig
 from study.train.schedules import (MaskAnnealing, annealing_windows, build_lr_scheduler, build_mask_annealing,
                                    lr_factor, mask_annealing_probs)
 
-COCO_T = 88692  # COCO 12 epochs at batch 16 (paper.md section 6)
-COCO_L_STARTS = [14782, 29564, 44346, 59128]  # paper.md section 6, the official COCO-L config
+COCO_T = 88692  # COCO 12 epochs at batch 16 (docs/paper.md section 6)
+COCO_L_STARTS = [14782, 29564, 44346, 59128]  # docs/paper.md section 6, the official COCO-L config
 COCO_L_ENDS = [29564, 44346, 59128, 73910]
 
 

@@ -1,4 +1,4 @@
-"""Benchmark section of the configuration (paper.md section 8: how the paper measured)."""
+"""Benchmark section of the configuration (docs/paper.md section 8: how the paper measured)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

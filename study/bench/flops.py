@@ -1,4 +1,4 @@
-"""Parameters and GFLOPs with the paper's convention (paper.md section 8).
+"""Parameters and GFLOPs with the paper's convention (docs/paper.md section 8).
 
 The convention: fvcore, one multiply-add counted as one FLOP, attention matmuls (QK^T and AV) counted, on the
 padded square input at batch 1. The counter knows nothing of any model: it traces ``model(images)`` with

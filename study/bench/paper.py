@@ -1,7 +1,7 @@
 """The paper's published parameter (millions), GFLOPs, FPS and PQ columns, as targets to print next to ours.
 
 Key: (variant, size, img_size) -> (params in M, GFLOPs, FPS on an H100); ``PAPER_PQ`` holds the PQ column.
-Sources: paper.md section 2 (Table 1, ViT-L at 640), section 3 (Table 3, sizes, and the 1280 results).
+Sources: docs/paper.md section 2 (Table 1, ViT-L at 640), section 3 (Table 3, sizes, and the 1280 results).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ PAPER: dict[tuple[str, str, int], tuple[float, float, float]] = {
 }
 
 
-# PQ on COCO val2017 panoptic (paper.md sections 2 and 3): Table 1 rows at L 640, Table 3 sizes, the 1280 row.
+# PQ on COCO val2017 panoptic (docs/paper.md sections 2 and 3): Table 1 rows at L 640, Table 3 sizes, the 1280 row.
 PAPER_PQ: dict[tuple[str, str, int], float] = {
     ("vit_adapter_m2f", "L", 640): 57.1, ("sfp_m2f", "L", 640): 56.7, ("sfp_no_pixel_decoder", "L", 640): 56.9,
     ("single_scale", "L", 640): 56.7, ("eomt_masked", "L", 640): 56.2, ("eomt", "L", 640): 56.0,

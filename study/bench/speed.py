@@ -1,4 +1,4 @@
-"""Speed with a written protocol (paper.md section 8), and a per-component time breakdown.
+"""Speed with a written protocol (docs/paper.md section 8), and a per-component time breakdown.
 
 The protocol, stated in every result row:
 - batch 1, one fixed random input of the padded square size, model in eval mode under ``torch.no_grad``;
@@ -74,7 +74,7 @@ def _end_to_end(model: nn.Module, num_classes: int, img_size: int, device: torch
     from study.eval.inference import run_padded
     from study.eval.postprocess import panoptic_merge
 
-    paper = EvalConfig()  # the merge's thresholds (paper.md section 7), but for the score threshold
+    paper = EvalConfig()  # the merge's thresholds (docs/paper.md section 7), but for the score threshold
 
     raw = torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     is_thing = [True] * num_classes

@@ -34,12 +34,12 @@ class DataConfig:
     # code does (its check_empty_targets); the paper is silent. Evaluation splits keep every image.
     drop_empty_train_images: bool = True
 
-    # Augmentation (paper.md section 6). None takes the per-dataset default of study/data/transforms.py:
+    # Augmentation (docs/paper.md section 6). None takes the per-dataset default of study/data/transforms.py:
     # scale range 0.1-2.0 for COCO panoptic/instance, 0.5-2.0 for semantic; colour jitter only for ADE20K
     # and Cityscapes.
     scale_range: Optional[tuple[float, float]] = None
     color_jitter: Optional[bool] = None
-    # When a crop leaves no mask the augmentation is redrawn (paper.md section 6); the official code retries
+    # When a crop leaves no mask the augmentation is redrawn (docs/paper.md section 6); the official code retries
     # without limit, we stop after this many redraws and return no targets (our choice).
     crop_retries: int = 50
 

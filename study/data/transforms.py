@@ -1,4 +1,4 @@
-"""Training augmentation (paper.md section 6), mask-aware, driven by an explicit random generator.
+"""Training augmentation (docs/paper.md section 6), mask-aware, driven by an explicit random generator.
 
 Order, as in the official EoMT code: drop crowd segments; colour jitter (ADE20K and Cityscapes only);
 horizontal flip; scale jitter of the crop size; zero-pad bottom/right to the crop; random crop; drop masks
@@ -19,14 +19,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from study.data.types import Sample
 
-# paper.md section 6, colour jitter. Brightness: the official code scales pixels by a factor drawn from
+# docs/paper.md section 6, colour jitter. Brightness: the official code scales pixels by a factor drawn from
 # 1 +- 32/255 (torchvision's adjust_brightness) rather than adding a delta; we follow the official code.
-BRIGHTNESS_DELTA = 32 / 255  # paper.md section 6: brightness +-32/255
-CONTRAST_SATURATION_RANGE = (0.5, 1.5)  # paper.md section 6: contrast and saturation 0.5-1.5
-HUE_DELTA = 18 / 360  # paper.md section 6: hue +-18 degrees (torchvision measures hue in turns)
-JITTER_PROB = 0.5  # paper.md section 6: each colour operation applied with p 0.5
-COLOR_JITTER_DATASETS = ("ade20k", "cityscapes")  # paper.md section 6: colour jitter only for these
-# paper.md section 6: scale jitter of the crop size
+BRIGHTNESS_DELTA = 32 / 255  # docs/paper.md section 6: brightness +-32/255
+CONTRAST_SATURATION_RANGE = (0.5, 1.5)  # docs/paper.md section 6: contrast and saturation 0.5-1.5
+HUE_DELTA = 18 / 360  # docs/paper.md section 6: hue +-18 degrees (torchvision measures hue in turns)
+JITTER_PROB = 0.5  # docs/paper.md section 6: each colour operation applied with p 0.5
+COLOR_JITTER_DATASETS = ("ade20k", "cityscapes")  # docs/paper.md section 6: colour jitter only for these
+# docs/paper.md section 6: scale jitter of the crop size
 SCALE_RANGE_COCO = (0.1, 2.0)  # COCO panoptic and instance
 SCALE_RANGE_SEMANTIC = (0.5, 2.0)  # semantic data sets
 # Our choice, paper silent: the synthetic set's objects are small already; 0.1x would erase them.
@@ -36,7 +36,7 @@ ORDER_PROB = 0.5  # paper silent; the official code puts contrast first or last 
 
 
 def default_scale_range(dataset: str, task: str) -> tuple[float, float]:
-    """The per-dataset scale-jitter range (paper.md section 6)."""
+    """The per-dataset scale-jitter range (docs/paper.md section 6)."""
     if dataset == "synthetic":
         return SCALE_RANGE_SYNTHETIC
     if dataset in ("coco_panoptic", "coco_instance"):
@@ -70,7 +70,7 @@ class TrainTransform:
 
     @classmethod
     def from_config(cls, data_cfg, task: str, crop_size: int) -> "TrainTransform":
-        """Per-dataset defaults (paper.md section 6) unless ``data.scale_range`` / ``data.color_jitter`` are
+        """Per-dataset defaults (docs/paper.md section 6) unless ``data.scale_range`` / ``data.color_jitter`` are
         set."""
         scale = data_cfg.scale_range or default_scale_range(data_cfg.dataset, task)
         jitter = default_color_jitter(data_cfg.dataset) if data_cfg.color_jitter is None else data_cfg.color_jitter

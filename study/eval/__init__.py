@@ -1,4 +1,4 @@
-"""Inference, post-processing, metrics and prediction export (paper.md section 7).
+"""Inference, post-processing, metrics and prediction export (docs/paper.md section 7).
 
     inference.py     padded (panoptic, instance) and windowed (semantic) protocols, masking on or off
     postprocess.py   panoptic merge, instance top-k, per-pixel semantic logits

@@ -1,4 +1,4 @@
-"""COCO mask AP through pycocotools itself (paper.md section 7: the paper's numbers are pycocotools').
+"""COCO mask AP through pycocotools itself (docs/paper.md section 7: the paper's numbers are pycocotools').
 
 We only prepare the inputs so that pycocotools sees what it expects, and check them for readable errors:
 - ground-truth annotation ids are renumbered from 1 when any is < 1 or repeated: pycocotools marks a

@@ -1,4 +1,4 @@
-"""Evaluation section of the configuration (paper.md section 7).
+"""Evaluation section of the configuration (docs/paper.md section 7).
 
 The paper's inference numbers live here, once; post-processing functions take them as arguments.
 """
@@ -13,17 +13,17 @@ class EvalConfig:
     batch_size: int = 1
     split: Optional[str] = None  # data split to score; None means data.val_split
     # Square input side of the padded protocol and crop side of the windowed protocol; None means
-    # model.img_size (COCO 640, ADE20K semantic 512; paper.md section 6).
+    # model.img_size (COCO 640, ADE20K semantic 512; docs/paper.md section 6).
     input_size: Optional[int] = None
-    # Panoptic merge (paper.md section 7): keep a query when its top class is not no-object and its score
+    # Panoptic merge (docs/paper.md section 7): keep a query when its top class is not no-object and its score
     # exceeds this.
     score_threshold: float = 0.8
-    # Panoptic merge (paper.md section 7): drop a query whose won area / area with sigmoid >= mask_threshold
+    # Panoptic merge (docs/paper.md section 7): drop a query whose won area / area with sigmoid >= mask_threshold
     # is below this.
     overlap_threshold: float = 0.8
-    # Panoptic merge (paper.md section 7): a segment is the query's pixels with sigmoid >= this.
+    # Panoptic merge (docs/paper.md section 7): a segment is the query's pixels with sigmoid >= this.
     mask_threshold: float = 0.5
-    # Instance (paper.md section 7): the top this-many (query, class) pairs per image.
+    # Instance (docs/paper.md section 7): the top this-many (query, class) pairs per image.
     top_k: int = 100
     # Score at most this many images (None: all), for quick checks.
     max_images: Optional[int] = None

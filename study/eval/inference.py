@@ -1,4 +1,4 @@
-"""Inference protocols of paper.md section 7, for any model of the contract (study/models/contract.py).
+"""Inference protocols of docs/paper.md section 7, for any model of the contract (study/models/contract.py).
 
 - Padded (panoptic, instance): resize the longer side to the input size S, zero-pad bottom/right to S x S,
   run, upsample the mask logits to S x S, crop the padding, resize to the original image.

@@ -1,6 +1,6 @@
 """Semantic segmentation: a confusion matrix over images, IoU per class, mIoU in two named conventions.
 
-- ``miou`` (paper.md section 7; mmseg, Mask2Former and EoMT): IoU averaged over the classes present, i.e.
+- ``miou`` (docs/paper.md section 7; mmseg, Mask2Former and EoMT): IoU averaged over the classes present, i.e.
   with a non-empty union (in the ground truth or the prediction); pixels labelled ``ignore_index`` are left
   out.
 - ``miou_all_classes`` (the official ADE20K scene-parsing script): the sum of IoUs divided by the number of

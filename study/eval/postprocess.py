@@ -1,6 +1,6 @@
 """Post-processing of one image's final prediction set into a panoptic, instance or semantic result.
 
-Exactly paper.md section 7 (Mask2Former's inference, which EoMT reuses). Inputs are at the original
+Exactly docs/paper.md section 7 (Mask2Former's inference, which EoMT reuses). Inputs are at the original
 image resolution: ``mask_logits (Q, H, W)``, ``class_logits (Q, C + 1)`` with no-object last. The
 thresholds come from :class:`study.eval.config.EvalConfig` (the paper's numbers live there, once).
 """

@@ -1,4 +1,4 @@
-"""One callable runs a configuration end to end: train, evaluate, benchmark (design.md, "Launching").
+"""One callable runs a configuration end to end: train, evaluate, benchmark (docs/design.md, "Launching").
 
 The same function runs in-process, under submitit's local executor and as a Slurm job. Every step is
 idempotent, so calling it again after a crash, a time limit or a pre-emption picks up where the run stopped:

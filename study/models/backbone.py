@@ -2,7 +2,7 @@
 
 Every model of the suite (EoMT and the baseline chain) reaches the ViT through :class:`ViTBackbone`:
 ``normalize`` -> ``embed`` -> ``run_block(i, x, attn_mask)`` for each block -> ``norm``. The backbone is
-created with patch size 16 at the target input size (paper.md section 5: timm resamples the 14x14 DINOv2
+created with patch size 16 at the target input size (docs/paper.md section 5: timm resamples the 14x14 DINOv2
 kernel and interpolates the position embedding once, when the weights are loaded). No network access is
 ever attempted: weights come from a local file or not at all.
 """
@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-# ImageNet statistics (paper.md section 5: images in [0, 1], normalised with these).
+# ImageNet statistics (docs/paper.md section 5: images in [0, 1], normalised with these).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,11 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class SizeSpec:
     backbone: Optional[str]  # timm name; None = the built-in tiny ViT
-    query_blocks: int  # L2, paper.md section 5: 3 (S), 3 (B), 4 (L), 5 (g)
+    query_blocks: int  # L2, docs/paper.md section 5: 3 (S), 3 (B), 4 (L), 5 (g)
     adapter_split: str  # key of the ViT-Adapter table in baselines/ (S, B, L, g, tiny)
 
 
-# The paper's sizes (paper.md sections 3 and 5) and a tiny size for tests and demos.
+# The paper's sizes (docs/paper.md sections 3 and 5) and a tiny size for tests and demos.
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(None, 2, "tiny"),
     "S": SizeSpec("vit_small_patch14_reg4_dinov2", 3, "S"),
@@ -224,7 +224,7 @@ class ViTBackbone(nn.Module):
         h, w = self.grid_size
         return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
-    # ---- layer-wise lr decay (paper.md section 6)
+    # ---- layer-wise lr decay (docs/paper.md section 6)
     def layer_ids(self) -> dict[str, int]:
         """Parameter name (relative to ``vit.``) -> block index used for layer-wise decay.
 

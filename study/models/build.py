@@ -13,7 +13,7 @@ from study.models.config import ModelConfig
 from study.models.contract import Segmenter
 from study.models.eomt import EoMT
 
-# Table 1 rows 4 and 5 (paper.md section 2).
+# Table 1 rows 4 and 5 (docs/paper.md section 2).
 EOMT_VARIANTS: dict[str, dict] = {
     "eomt_masked": dict(masked_inference=True),  # row 4: masked attention kept at inference
     "eomt": dict(masked_inference=False),  # row 5: masking annealed away, off at inference

@@ -1,7 +1,7 @@
 """Whole-model checkpoints: ours, the official EoMT code's and Hugging Face's ``EomtForUniversalSegmentation``.
 
 The layout is recognised from the keys; each is mapped to our names (the official names are listed in
-paper.md section 5), and any key or shape mismatch ends in one message naming the keys.
+docs/paper.md section 5), and any key or shape mismatch ends in one message naming the keys.
 """
 from __future__ import annotations
 

@@ -15,11 +15,11 @@ class ModelConfig:
     # timm backbone name; None takes vit_{small,base,large,giant}_patch14_reg4_dinov2 for the size.
     # Table 2 backbones: eva02_large_patch14_224.mim.m38m, deit3_large_patch16_384.fb.in22k.ft.in1k, ...
     backbone: Optional[str] = None
-    img_size: int = 640  # input size (square, padded); paper.md section 6: COCO 640
-    patch_size: int = 16  # paper.md section 5: DINOv2 re-created with patch 16
+    img_size: int = 640  # input size (square, padded); docs/paper.md section 6: COCO 640
+    patch_size: int = 16  # docs/paper.md section 5: DINOv2 re-created with patch 16
     num_classes: int = 133  # COCO panoptic: 80 things + 53 stuff
-    num_queries: int = 200  # K, paper.md section 5: 200 panoptic / instance, 100 semantic
-    # L2, blocks that see the queries; None takes the paper's 3/3/4/5 for S/B/L/g (paper.md section 5).
+    num_queries: int = 200  # K, docs/paper.md section 5: 200 panoptic / instance, 100 semantic
+    # L2, blocks that see the queries; None takes the paper's 3/3/4/5 for S/B/L/g (docs/paper.md section 5).
     num_query_blocks: Optional[int] = None
     # Masked attention in training (Table 7 "never masked" sets this False: one prediction set, no
     # intermediate supervision).

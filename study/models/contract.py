@@ -27,7 +27,7 @@ class ParamGroup:
     name: str
     params: list
     lr_scale: float  # multiplies the base lr (layer-wise decay)
-    backbone: bool  # backbone parameters follow the delayed warm-up (paper.md section 6)
+    backbone: bool  # backbone parameters follow the delayed warm-up (docs/paper.md section 6)
 
 
 class Segmenter(nn.Module):
@@ -44,7 +44,7 @@ class Segmenter(nn.Module):
         self.num_queries = num_queries
         self.masked_attention = masked_attention
         self.masked_inference = masked_inference
-        # P_mask per masked layer (paper.md section 6); 1 = every query's mask applied.
+        # P_mask per masked layer (docs/paper.md section 6); 1 = every query's mask applied.
         self.register_buffer("attn_mask_probs", torch.ones(num_masked_layers))
 
     @property
@@ -89,7 +89,7 @@ class Segmenter(nn.Module):
 
 
 def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix: str) -> list[ParamGroup]:
-    """Layer-wise lr decay (paper.md section 6): block i of L gets decay^(L-1-i); embeddings get block 0's;
+    """Layer-wise lr decay (docs/paper.md section 6): block i of L gets decay^(L-1-i); embeddings get block 0's;
     the final norm and every parameter outside the backbone get the full lr."""
     groups: dict[tuple[float, bool], ParamGroup] = {}
     ids = backbone.layer_ids()

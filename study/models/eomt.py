@@ -1,4 +1,4 @@
-"""EoMT: the Encoder-only Mask Transformer (paper.md section 5), in the order of the paper's figure.
+"""EoMT: the Encoder-only Mask Transformer (docs/paper.md section 5), in the order of the paper's figure.
 
 Tokens flow through the ViT; at block L - L2 the K learnable queries are prepended and processed with the
 patch tokens by the last L2 blocks. Before each of those blocks (when masked attention is on) the head
@@ -37,7 +37,7 @@ class EoMT(Segmenter):
     Args:
         backbone: the ViT.
         num_classes: C (the class head predicts C + 1 with no-object last).
-        num_queries: K (200 panoptic and instance, 100 semantic; paper.md section 5).
+        num_queries: K (200 panoptic and instance, 100 semantic; docs/paper.md section 5).
         num_query_blocks: L2, the last blocks that process the queries.
         masked_attention: train with masked attention (and L2 + 1 supervised prediction sets).
         masked_inference: keep masked attention at inference (Table 1 row 4); off = row 5.
@@ -50,7 +50,7 @@ class EoMT(Segmenter):
         super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference)
         self.backbone = backbone
         self.num_query_blocks = num_query_blocks
-        self.q = nn.Embedding(num_queries, backbone.embed_dim)  # no positional embedding (paper.md section 5)
+        self.q = nn.Embedding(num_queries, backbone.embed_dim)  # no positional embedding (docs/paper.md section 5)
         self.head = EoMTHead(backbone.embed_dim, num_classes, backbone.patch_size)
 
     @property

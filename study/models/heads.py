@@ -22,7 +22,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 class ScaleBlock(nn.Module):
     """[2x2 (transposed) conv stride 2 -> GELU -> depthwise 3x3 conv (no bias) -> LayerNorm2d]
-    (paper.md section 5). ``down=True`` uses a strided conv instead (the pyramid's 1/32 level)."""
+    (docs/paper.md section 5). ``down=True`` uses a strided conv instead (the pyramid's 1/32 level)."""
 
     def __init__(self, dim: int, down: bool = False):
         super().__init__()
@@ -37,10 +37,10 @@ class ScaleBlock(nn.Module):
 
 
 def num_upscale_blocks(patch_size: int) -> int:
-    """Blocks needed to go from 1/patch to 1/4: 2 for patch 16 (paper.md section 5)."""
+    """Blocks needed to go from 1/patch to 1/4: 2 for patch 16 (docs/paper.md section 5)."""
     return max(1, int(math.log2(patch_size)) - 2)
 
 
 def mask_mlp(dim: int) -> nn.Sequential:
-    """The 3-layer mask MLP: Linear -> GELU -> Linear -> GELU -> Linear (paper.md section 5)."""
+    """The 3-layer mask MLP: Linear -> GELU -> Linear -> GELU -> Linear (docs/paper.md section 5)."""
     return nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))

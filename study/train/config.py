@@ -1,4 +1,4 @@
-"""Training section of the configuration (paper.md section 6).
+"""Training section of the configuration (docs/paper.md section 6).
 
 Every number of the paper's training recipe is a field here, once, with the section it comes from. The
 modules (``loss.py``, ``optim.py``, ``schedules.py``) take plain arguments; ``build_loss``,
@@ -14,43 +14,43 @@ from typing import Literal, Optional
 class TrainConfig:
     # ---- length and batch
     # T, the number of optimiser steps. The paper counts epochs (COCO 12 = about 88.7k iterations at batch 16,
-    # ADE20K 31, Cityscapes 107; paper.md section 6); ``epochs`` (if set) wins over ``max_steps`` and the
+    # ADE20K 31, Cityscapes 107; docs/paper.md section 6); ``epochs`` (if set) wins over ``max_steps`` and the
     # loop turns it into steps with ``total_steps(batches_per_epoch)``.
     max_steps: int = 100
     epochs: Optional[int] = None
-    batch_size: int = 16  # the effective batch, summed over processes and accumulation (paper.md section 6)
+    batch_size: int = 16  # the effective batch, summed over processes and accumulation (docs/paper.md section 6)
     # Micro-batches per optimiser step. None: derived as batch_size / (data.batch_size * world size), which
     # must divide exactly (study.train.optim.accumulation_steps).
     accumulate: Optional[int] = None
 
-    # ---- optimiser: AdamW (paper.md section 6)
-    lr: float = 1e-4  # paper.md section 6
-    weight_decay: float = 0.05  # paper.md section 6: on all parameters
-    layer_decay: float = 0.8  # paper.md section 6: layer-wise lr decay, backbone block i gets 0.8^(L-1-i)
+    # ---- optimiser: AdamW (docs/paper.md section 6)
+    lr: float = 1e-4  # docs/paper.md section 6
+    weight_decay: float = 0.05  # docs/paper.md section 6: on all parameters
+    layer_decay: float = 0.8  # docs/paper.md section 6: layer-wise lr decay, backbone block i gets 0.8^(L-1-i)
     # The paper is silent on Adam's betas and eps; the official code uses torch's AdamW defaults.
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: Optional[float] = 0.01  # paper.md section 6: clip by global norm at 0.01; None = no clipping
+    grad_clip: Optional[float] = 0.01  # docs/paper.md section 6: clip by global norm at 0.01; None = no clipping
 
-    # ---- lr schedule: two-stage warm-up, then poly decay (paper.md section 6)
+    # ---- lr schedule: two-stage warm-up, then poly decay (docs/paper.md section 6)
     # New parameters warm up linearly over the first warmup_steps; backbone parameters have lr 0 for those
-    # same steps, then warm up over the next backbone_warmup_steps (paper.md section 6: 0-500, 500-1500).
-    warmup_steps: int = 500  # paper.md section 6
-    backbone_warmup_steps: int = 1000  # paper.md section 6
-    # Poly decay power per iteration (paper.md section 6); the official code uses the same power for mask
-    # annealing, and so do we (P_mask = (1 - progress)^0.9, paper.md section 6).
+    # same steps, then warm up over the next backbone_warmup_steps (docs/paper.md section 6: 0-500, 500-1500).
+    warmup_steps: int = 500  # docs/paper.md section 6
+    backbone_warmup_steps: int = 1000  # docs/paper.md section 6
+    # Poly decay power per iteration (docs/paper.md section 6); the official code uses the same power for mask
+    # annealing, and so do we (P_mask = (1 - progress)^0.9, docs/paper.md section 6).
     poly_power: float = 0.9
 
-    # ---- loss: Mask2Former's (paper.md section 6)
-    class_weight: float = 2.0  # paper.md section 6: matching cost and loss weight of the cross-entropy
-    mask_weight: float = 5.0  # paper.md section 6: matching cost and loss weight of the point BCE
-    dice_weight: float = 5.0  # paper.md section 6: matching cost and loss weight of the Dice loss
-    no_object_weight: float = 0.1  # paper.md section 6: cross-entropy weight of the no-object class
-    num_points: int = 12544  # paper.md section 6: points sampled for matching and for the mask losses
-    oversample_ratio: float = 3.0  # paper.md section 6: candidates = 3 x num_points
-    importance_sample_ratio: float = 0.75  # paper.md section 6: share of points picked by uncertainty
+    # ---- loss: Mask2Former's (docs/paper.md section 6)
+    class_weight: float = 2.0  # docs/paper.md section 6: matching cost and loss weight of the cross-entropy
+    mask_weight: float = 5.0  # docs/paper.md section 6: matching cost and loss weight of the point BCE
+    dice_weight: float = 5.0  # docs/paper.md section 6: matching cost and loss weight of the Dice loss
+    no_object_weight: float = 0.1  # docs/paper.md section 6: cross-entropy weight of the no-object class
+    num_points: int = 12544  # docs/paper.md section 6: points sampled for matching and for the mask losses
+    oversample_ratio: float = 3.0  # docs/paper.md section 6: candidates = 3 x num_points
+    importance_sample_ratio: float = 0.75  # docs/paper.md section 6: share of points picked by uncertainty
 
-    # ---- mask annealing (paper.md section 6, Table 7)
+    # ---- mask annealing (docs/paper.md section 6, Table 7)
     # On: P_mask annealed to 0 (Table 1 row 5, EoMT). Off: P_mask stays 1, masked attention throughout
     # training (rows 0-4, which keep masking at inference). None: annealed exactly when the model does not
     # keep masked attention at inference (so eomt anneals, eomt_masked and the baselines do not; Table C's
@@ -61,7 +61,7 @@ class TrainConfig:
 
     # ---- how the loop runs (no paper numbers; they do not change the recipe)
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
-    # paper.md section 6: mixed precision. auto = bf16 autocast on CUDA, fp32 on the CPU.
+    # docs/paper.md section 6: mixed precision. auto = bf16 autocast on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model for training
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)

@@ -1,4 +1,4 @@
-"""The mask-classification loss of Mask2Former, used by EoMT and every baseline (paper.md section 6).
+"""The mask-classification loss of Mask2Former, used by EoMT and every baseline (docs/paper.md section 6).
 
 For each prediction set (every masked layer's intermediate prediction and the final one), on its own:
 

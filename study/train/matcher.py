@@ -1,11 +1,11 @@
-"""Hungarian matching of predictions to ground-truth masks on point-sampled costs (paper.md section 6).
+"""Hungarian matching of predictions to ground-truth masks on point-sampled costs (docs/paper.md section 6).
 
 Mask2Former's matcher: for each image, the cost of assigning query q to ground-truth mask n is
 
     cost[q, n] = class_weight * (-p_q(class_n)) + mask_weight * BCE(m_q, t_n) + dice_weight * Dice(m_q, t_n)
 
 with p_q the softmax class probabilities and BCE / Dice computed on the same 12,544 points drawn uniformly
-in the image (paper.md section 6). SciPy's ``linear_sum_assignment`` solves the assignment.
+in the image (docs/paper.md section 6). SciPy's ``linear_sum_assignment`` solves the assignment.
 
 Points live in normalised [0, 1]^2 coordinates and are read with bilinear ``grid_sample``, so the mask logits
 (1/4 of the image) and the target masks (full image) are sampled at the same places without resizing either.

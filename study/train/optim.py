@@ -1,4 +1,4 @@
-"""Optimiser: AdamW with layer-wise lr decay from the model's parameter groups (paper.md section 6).
+"""Optimiser: AdamW with layer-wise lr decay from the model's parameter groups (docs/paper.md section 6).
 
 The model knows which parameters are backbone blocks, embeddings and new parts (``model.param_groups(
 layer_decay)`` -> list of :class:`~study.models.contract.ParamGroup`); this module turns its groups into
@@ -69,7 +69,7 @@ def accumulation_steps(batch_size: int, per_process_batch: int, world_size: int 
     """Micro-batches per optimiser step so that per_process_batch x world_size x steps = batch_size.
 
     ``accumulate`` (``train.accumulate``) is taken as given when set, but must still reach ``batch_size``
-    exactly: a different effective batch would be a different recipe (paper.md section 6: 16).
+    exactly: a different effective batch would be a different recipe (docs/paper.md section 6: 16).
     """
     if per_process_batch < 1 or world_size < 1:
         raise ValueError("per-process batch and world size must be >= 1")

@@ -1,4 +1,4 @@
-"""Schedules of training, as pure functions of the optimiser step (paper.md section 6).
+"""Schedules of training, as pure functions of the optimiser step (docs/paper.md section 6).
 
 Learning rate: the official EoMT ``TwoStageWarmupPolySchedule``. With warm-ups w (new parameters) and
 w_b (backbone) and T steps, at step t:
@@ -74,7 +74,7 @@ def build_lr_scheduler(optimizer: Optimizer, cfg: TrainConfig, total_steps: int)
 
 # ------------------------------------------------------------------------------------------ mask annealing
 
-# The sixths rule of the official configs (paper.md section 6): with T steps, everything is masked during
+# The sixths rule of the official configs (docs/paper.md section 6): with T steps, everything is masked during
 # the first sixth, block j of L2 = 4 anneals during [(j+1)/6, (j+2)/6] of T, nothing is masked in the last.
 _SIXTH = Fraction(1, 6)
 _FIRST_START = _SIXTH  # the first block starts annealing after one sixth
