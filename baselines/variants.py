@@ -1,8 +1,10 @@
 """The baseline chain of Table 1 (rows 0-3), as a table of small named differences.
 
 Each row is its parent with one or two fields replaced (docs/paper.md section 2); tests/test_baselines_variants.py
-prints the difference between consecutive rows and checks it is the intended one. Rows 4-5 (EoMT) are
-registered by study/models/build.py. Sizes (S, B, L, g, tiny) are a separate axis: ``ModelConfig.size``.
+prints the difference between consecutive rows and checks it is the intended one. :func:`register_variants` puts
+the rows in study's variant registry; it is this package's ``study.variants`` entry point (pyproject.toml, see
+study/models/build.py for why). Rows 4-5 (EoMT) are registered by study/models/build.py. Sizes (S, B, L, g,
+tiny) are a separate axis: ``ModelConfig.size``.
 """
 from __future__ import annotations
 
@@ -15,16 +17,18 @@ from baselines.model import BaselineSegmenter
 from baselines.pixel_decoder import LevelProjection, PixelDecoder
 from baselines.pyramid import SimpleFeaturePyramid
 from baselines.vit_adapter import ViTAdapter
+from study.errors import UserError
 from study.models.backbone import build_backbone, check_size
 from study.models.config import ModelConfig
 from study.models.contract import Segmenter
 
 
 @dataclass(frozen=True)
-class Variant:
+class ChainRow:
     """The structure of one row (widths come from :class:`BaselineConfig`)."""
 
     name: str
+    label: str  # the row's label as printed in Table 1
     neck: Literal["adapter", "pyramid"]  # ViT-Adapter, or the simple feature pyramid from the last ViT map
     pixel_decoder: bool  # Mask2Former's deformable pixel decoder, or 1x1 projections of the neck's maps
     neck_strides: tuple[int, ...]  # the maps the neck makes (the adapter always makes 4, 8, 16, 32)
@@ -33,27 +37,28 @@ class Variant:
 
 
 # Table 1 (docs/paper.md section 2). Row 0: ViT-Adapter + Mask2Former.
-ROW0 = Variant("vit_adapter_m2f", neck="adapter", pixel_decoder=True, neck_strides=(4, 8, 16, 32),
+ROW0 = ChainRow("vit_adapter_m2f", "ViT-Adapter + Mask2Former", neck="adapter", pixel_decoder=True, neck_strides=(4, 8, 16, 32),
                decoder_strides=(32, 16, 8), row=0)
 # Row 1 "w/o ViT-Adapter": a ViTDet-style simple feature pyramid from F16 instead.
-ROW1 = replace(ROW0, name="sfp_m2f", neck="pyramid", row=1)
+ROW1 = replace(ROW0, name="sfp_m2f", label="w/o ViT-Adapter", neck="pyramid", row=1)
 # Row 2 "w/o Pixel decoder": the decoder reads the pyramid's F8, F16, F32 (and F4 for the masks) directly.
-ROW2 = replace(ROW1, name="sfp_no_pixel_decoder", pixel_decoder=False, row=2)
+ROW2 = replace(ROW1, name="sfp_no_pixel_decoder", label="w/o Pixel decoder", pixel_decoder=False, row=2)
 # Row 3 "w/o Multi-scale": no F8 and F32; every layer attends to F16; F4 (upscaled F16) only for the masks.
-ROW3 = replace(ROW2, name="single_scale", neck_strides=(4, 16), decoder_strides=(16,), row=3)
+ROW3 = replace(ROW2, name="single_scale", label="w/o Multi-scale", neck_strides=(4, 16), decoder_strides=(16,),
+               row=3)
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (ROW0, ROW1, ROW2, ROW3)}
-
-
-def differences(parent: Variant, child: Variant) -> dict[str, tuple]:
-    """Fields that differ between two rows (name and row number aside): {field: (parent's, child's)}."""
-    return {f.name: (getattr(parent, f.name), getattr(child, f.name)) for f in fields(Variant)
-            if f.name not in ("name", "row") and getattr(parent, f.name) != getattr(child, f.name)}
+VARIANTS: dict[str, ChainRow] = {v.name: v for v in (ROW0, ROW1, ROW2, ROW3)}
 
 
-def check_variant(name: str) -> Variant:
+def differences(parent: ChainRow, child: ChainRow) -> dict[str, tuple]:
+    """Fields that differ between two rows (name, label and row number aside): {field: (parent's, child's)}."""
+    return {f.name: (getattr(parent, f.name), getattr(child, f.name)) for f in fields(ChainRow)
+            if f.name not in ("name", "label", "row") and getattr(parent, f.name) != getattr(child, f.name)}
+
+
+def check_variant(name: str) -> ChainRow:
     if name not in VARIANTS:
-        raise ValueError(f"unknown baseline variant '{name}'; baseline variants: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown baseline variant '{name}'; baseline variants: {', '.join(VARIANTS)}")
     return VARIANTS[name]
 
 
@@ -64,7 +69,7 @@ def baseline_config(cfg: ModelConfig) -> BaselineConfig:
     return build_dataclass(BaselineConfig, dict(cfg.baseline), prefix="model.baseline.")
 
 
-def build_variant(variant: Variant | str, cfg: ModelConfig) -> BaselineSegmenter:
+def build_variant(variant: ChainRow | str, cfg: ModelConfig) -> BaselineSegmenter:
     """Build one row at ``cfg.size`` with the options of ``cfg.baseline``."""
     v = check_variant(variant) if isinstance(variant, str) else variant
     check_size(cfg.size)
@@ -106,5 +111,11 @@ def _builder(name: str) -> Callable[[ModelConfig], Segmenter]:
     return build
 
 
-# The registry study/models/build.py merges, in Table 1 order.
+# One builder per row, in Table 1 order.
 BUILDERS: dict[str, Callable[[ModelConfig], Segmenter]] = {name: _builder(name) for name in VARIANTS}
+
+
+def register_variants(register: Callable[..., object]) -> None:
+    """The ``study.variants`` entry point: register rows 0-3 with ``register`` (study's ``register_variant``)."""
+    for name, row in VARIANTS.items():
+        register(name, BUILDERS[name], row=row.row, label=row.label, options=BaselineConfig)

@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from study.errors import UserError
 from study.bench.config import BenchConfig
 from study.data.config import DataConfig
 from study.eval.config import EvalConfig
@@ -31,7 +32,7 @@ from study.models.config import ModelConfig
 from study.train.config import TrainConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user mistake in a configuration: the message names the key and the file."""
 
 
