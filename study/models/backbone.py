@@ -1,7 +1,8 @@
 """The ViT backbone: a thin wrapper over timm, and the one module that touches timm's internals.
 
 Every model of the suite (EoMT and the baseline chain) reaches the ViT through :class:`ViTBackbone`:
-``normalize`` -> ``embed`` -> ``run_block(i, x, attn_mask)`` for each block -> ``norm``. The backbone is
+``normalize`` -> ``embed`` -> ``run_block(i, x, attn_mask)`` for each block -> ``norm``. ``norm`` is always the
+final LayerNorm that the heads read (:attr:`ViTBackbone.final_norm`), whatever timm's pooling made of it. The backbone is
 created with patch size 16 at the target input size (docs/paper.md section 5: timm resamples the 14x14 DINOv2
 kernel and interpolates the position embedding once, when the weights are loaded). No network access is
 ever attempted: weights come from a local file or not at all.
@@ -17,6 +18,8 @@ from typing import Optional
 import timm
 import torch
 from torch import nn
+
+from study.errors import UserError
 
 # ImageNet statistics (docs/paper.md section 5: images in [0, 1], normalised with these).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,12 +51,28 @@ BACKBONES: tuple[str, ...] = (
     "eva02_large_patch14_224.mim.m38m",
     "deit3_large_patch16_384.fb.in22k.ft.in1k",
     "deit3_large_patch16_384.fb.in1k",
+    "vit_small_patch16_dinov3",
+    "vit_base_patch16_dinov3",
+    "vit_large_patch16_dinov3",
     "tiny",
+    "tiny_eva02",
+    "tiny_deit3",
+    "tiny_dinov3",
 )
 
 # The tiny ViT: DINOv2's layout (4 registers, layer scale, no position embedding on prefix tokens) at a
 # width and depth that run in milliseconds. Our choice, not the paper's.
 TINY_ARGS = dict(embed_dim=64, depth=4, num_heads=4, init_values=1e-5, reg_tokens=4, no_embed_class=True)
+
+# Tiny widths of the other pre-trainings (Table 2's EVA-02 and DeiT-III, and DINOv3): timm's own architecture
+# (rotary embeddings, SwiGLU, registers, norms exactly as the full model) at TINY_ARGS' width and depth, so that
+# tests exercise every code path of the wrapper in milliseconds. Our choice, not the paper's.
+TINY_WIDTH = dict(embed_dim=64, depth=4, num_heads=4)
+TINY_OF: dict[str, str] = {
+    "tiny_eva02": "eva02_large_patch14_224",
+    "tiny_deit3": "deit3_large_patch16_384",
+    "tiny_dinov3": "vit_large_patch16_dinov3",
+}
 
 
 def timm_name(name: str) -> str:
@@ -65,7 +84,7 @@ def timm_name(name: str) -> str:
 
 def check_size(size: str) -> SizeSpec:
     if size not in SIZES:
-        raise ValueError(f"unknown model size '{size}'; choose one of: {', '.join(SIZES)}")
+        raise UserError(f"unknown model size '{size}' (model.size); choose one of: {', '.join(SIZES)}")
     return SIZES[size]
 
 
@@ -73,7 +92,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file without unpickling code (safetensors, or torch.load with weights_only)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise UserError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -81,9 +100,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt file or one that would need code to unpickle
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+        raise UserError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
     for key in ("model", "state_dict"):  # common wrappers
         if key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -121,27 +140,56 @@ class ViTBackbone(nn.Module):
                  drop_path: float = 0.0):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"input size {img_size} is not divisible by the patch size {patch_size}")
+            raise UserError(f"input size {img_size} is not divisible by the patch size {patch_size} "
+                            "(model.img_size, model.patch_size)")
         kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=0, drop_path_rate=drop_path)
         if name == "tiny":
             from timm.models.vision_transformer import VisionTransformer
 
             self.vit = VisionTransformer(**TINY_ARGS, **kwargs)
+        elif name in TINY_OF:
+            self.vit = timm.create_model(TINY_OF[name], pretrained=False, **TINY_WIDTH, **kwargs)
         else:
             if not timm.is_model(name.split(".")[0]):
-                raise ValueError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
+                raise UserError(f"unknown backbone '{name}' (model.backbone); known: {', '.join(BACKBONES)}")
             # pretrained=False always: timm would otherwise try the model hub. Local weights load below.
             try:
                 self.vit = timm.create_model(timm_name(name), pretrained=False, **kwargs)
             except RuntimeError as e:  # an unknown pretrained tag
-                raise ValueError(f"backbone '{name}': {e}") from None
+                raise UserError(f"backbone '{name}' (model.backbone): {e}") from None
         self.name = name
-        self.is_eva = hasattr(self.vit, "rope")  # EVA-02 uses rotary embeddings on the patch tokens
+        self._moved_fc_norm = self._make_norm_final()
+        self.is_eva = hasattr(self.vit, "rope")  # EVA-02 and DINOv3 use rotary embeddings on the patch tokens
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self._rope = None
         if pretrained is not None:
             self.load_pretrained(pretrained)
+
+    def _make_norm_final(self) -> bool:
+        """Make ``vit.norm`` the final LayerNorm of the tokens, the one every head reads.
+
+        timm builds average-pooling ViTs (EVA-02 among them) with ``norm = Identity`` and the LayerNorm as
+        ``fc_norm``, applied after pooling. We never pool: that LayerNorm is moved to ``norm`` (and ``fc_norm``
+        becomes Identity), so the heads see normalised tokens and no parameter is left without a gradient (DDP
+        with ``find_unused_parameters=False``). Weights in timm's layout keep loading: see
+        :meth:`load_pretrained`. Returns whether the norm was moved.
+        """
+        vit = self.vit
+        fc_norm = getattr(vit, "fc_norm", None)
+        has_fc_norm = fc_norm is not None and not isinstance(fc_norm, nn.Identity)
+        moved = False
+        if isinstance(vit.norm, nn.Identity) and has_fc_norm:
+            vit.norm, vit.fc_norm = fc_norm, nn.Identity()
+            moved = True
+        elif has_fc_norm:  # both a token norm and a pooled norm: the pooled one is never used here
+            raise UserError(f"backbone '{self.name}' has both a final norm and a pooled norm (fc_norm); "
+                            "create it without pooling (global_pool='token' or '')")
+        if isinstance(vit.norm, nn.Identity):
+            raise UserError(f"backbone '{self.name}' has no final LayerNorm; EoMT's head needs one")
+        if getattr(vit, "attn_pool", None) is not None:  # attention pooling ('map'): unused, never trained
+            vit.attn_pool = None
+        return moved
 
     # ---- shape facts used by every head
     @property
@@ -208,8 +256,13 @@ class ViTBackbone(nn.Module):
                 attn.num_prefix_tokens = saved
         return block(x, attn_mask=attn_mask)
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """The final LayerNorm every head applies to the tokens (see :meth:`_make_norm_final`)."""
+        return self.vit.norm
+
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.norm(x)
+        return self.final_norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> final normalised tokens (B, prefix + patches, D)."""
@@ -254,9 +307,13 @@ class ViTBackbone(nn.Module):
         if filter_fn is not None:
             sd = filter_fn(sd, self.vit)
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        if self._moved_fc_norm and not any(k.startswith("norm.") for k in sd):
+            # timm's layout of an average-pooling ViT (and timm's EVA-02 MIM converter) names the final norm
+            # fc_norm; here it is norm (see _make_norm_final)
+            sd = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in sd.items()}
         problem = state_dict_mismatch(self.vit.state_dict(), sd)
         if problem:
-            raise ValueError(f"backbone weights {path} do not fit '{self.name}': {problem}")
+            raise UserError(f"backbone weights {path} do not fit '{self.name}': {problem}")
         self.vit.load_state_dict(sd)
 
 
