@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# parallel compile jobs for the deformable-attention build; more cores, more jobs
+MAX_JOBS ?= 2
 
 .PHONY: install bench test test-slow clean
 
@@ -14,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	# the official panoptic evaluator, a test oracle; --no-deps because it pins an old numpy
 	$(PY) -m pip install --no-deps panopticapi-lite
+	# the compiled multi-scale deformable attention (the `deform` extra; a test oracle for the pure PyTorch form):
+	# a source build against the torch installed above, hence --no-build-isolation (about 85 s on 2 cores)
+	$(PY) -m pip install setuptools wheel
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-deps --no-build-isolation torch-ms-deform-attn
 	touch $(STAMP)
 
 # The main job: parameters and GFLOPs of EoMT at every size (docs/paper.md sections 3 and 8), then FPS at S.
