@@ -5,13 +5,14 @@ Which parts a row has is decided by ``baselines/variants.py``; this class only w
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from baselines import deform_attn
 from baselines.m2f_decoder import MaskedAttentionDecoder
 from baselines.pixel_decoder import LevelProjection, PixelDecoder
 from baselines.pyramid import SimpleFeaturePyramid
-from baselines.vit_adapter import ViTAdapter
+from baselines.vit_adapter import ViTAdapter, convert_sync_batchnorm
 from study.models.backbone import ViTBackbone
 from study.models.contract import ParamGroup, PredictionSet, Segmenter, backbone_param_groups
 
@@ -70,6 +71,16 @@ class BaselineSegmenter(Segmenter):
         head = self.pixel_decoder if hasattr(self, "pixel_decoder") else self.projection
         mask_features, levels = head(feats)  # (B, 256, H/4, W/4), [(B, 256, h, w)] in round-robin order
         return self.decoder(levels, mask_features, self.masking_active, self.drop_query_masks)
+
+    def prepare_distributed(self, device: torch.device) -> nn.Module:
+        """The module to wrap in DDP (the trainer calls this on any model that has it).
+
+        On CUDA the ViT-Adapter's BatchNorm2d become SyncBatchNorm, which pools the statistics over processes
+        as the reference does; SyncBatchNorm has no CPU kernel, so on the CPU (gloo) each process keeps its
+        own statistics. Without BatchNorm (rows 1-3, or ``norm="group"``) nothing changes. The parameters stay
+        the same objects, so an optimiser built on the model still holds them.
+        """
+        return convert_sync_batchnorm(self) if device.type == "cuda" else self
 
     def param_groups(self, layer_decay: float = 0.8) -> list[ParamGroup]:
         """Layer-wise decay on the ViT (same prefix logic as EoMT); adapter, pyramid and decoders are new."""

@@ -14,7 +14,8 @@ import torch
 
 from study.config import load_config, save_config
 from study.runs import RunDir
-from study.train.loop import ShardedSampler, train
+from study.data.sampler import ShardedSampler
+from study.train.loop import train
 from conftest import REPO, data_dir
 
 # A tiny, fast, deterministic run on the built-in synthetic set.

@@ -1,8 +1,19 @@
 """One trainer for every variant: ``train(cfg)`` runs or resumes the run folder of a configuration.
 
-The loop is short and visible: per optimiser step, set the masking probabilities (mask annealing), run
-``accumulate`` micro-batches (forward under autocast, loss in float32, backward), clip, step the optimiser
-and the lr schedule, log; checkpoint every ``train.checkpoint_every`` steps and at the end.
+Three parts, each visible on its own:
+
+- :func:`setup` builds what one process needs (data, model, DDP wrapper, optimiser, schedules, loss) into a
+  :class:`Trainer`; the device comes from ``study.device.resolve_process_device`` (one convention for plain
+  runs, torchrun and submitit).
+- :func:`run_step` is one optimiser step: set the masking probabilities (mask annealing), run the micro-batches
+  (forward under autocast, loss in float32, backward; DDP synchronises gradients on the last one), unscale,
+  clip, step the optimiser and the lr schedule. It returns the losses as device tensors, averaged over the
+  micro-batches; :func:`log_values` averages them over processes and reads them with one host sync.
+- ``study.train.state`` saves and restores the state (one place each).
+
+:func:`train` strings them together: per step ``run_step`` and a log row; a checkpoint every
+``train.checkpoint_every`` steps and at the end; the run's status (:func:`_status`, one place) says running,
+finished, failed or interrupted.
 
 Resuming restores model, optimiser, lr schedule, gradient scaler, step, the random states of every process
 and the data order (the sampler and the augmentation are pure functions of seed, epoch and position), so on
@@ -11,74 +22,27 @@ the CPU in deterministic mode a resumed run ends bitwise identical to an uninter
 from __future__ import annotations
 
 import csv
-import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
+from torch.utils.data import DataLoader
 
 from study.config import Config
-from study.device import autocast, resolve_device, resolve_precision
-from study.io import atomic_torch_save
+from study.data.sampler import ShardedSampler
+from study.device import (ProcessEnv, autocast, check_distinct_devices, init_distributed, resolve_precision,
+                          resolve_process_device, set_deterministic)
+from study.errors import UserError
 from study.runs import RunDir
+from study.train.state import restore_state, save_state
 
-
-class ShardedSampler(Sampler):
-    """Each process takes every ``world``-th index of a seeded permutation of the epoch, from ``start`` on.
-
-    The order depends only on (seed, epoch), so a resumed run reads the same samples in the same order.
-    The tail that does not fill a whole round of processes is dropped, as DistributedSampler(drop_last=True).
-    """
-
-    def __init__(self, size: int, rank: int = 0, world: int = 1, seed: int = 0):
-        self.size, self.rank, self.world, self.seed = size, rank, world, seed
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.size // self.world - self.start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g)[: self.size // self.world * self.world]
-        return iter(order[self.rank::self.world][self.start:].tolist())
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's or submitit's environment; joins the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"  # gloo on the CPU
-        dist.init_process_group(backend)
-    return rank, world, local
-
-
-def _rng_state() -> dict:
-    """Every random state of this process, as plain types and tensors (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+__all__ = ["ShardedSampler", "Trainer", "StepResult", "setup", "batches", "run_step", "log_values", "train"]
 
 
 def _seed(seed: int) -> None:
@@ -87,167 +51,236 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, run: RunDir | None = None) -> RunDir:
-    """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder."""
+@dataclass
+class Trainer:
+    """Everything one process needs to run optimiser steps; built by :func:`setup`."""
+    cfg: Config
+    run: RunDir
+    env: ProcessEnv
+    device: torch.device
+    precision: str
+    model: nn.Module  # the bare model: state dict, masking probabilities
+    net: nn.Module  # what runs the forward: the model, DDP-wrapped (world size > 1) and/or compiled
+    ddp: Optional[nn.parallel.DistributedDataParallel]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    annealing: Any  # study.train.schedules.MaskAnnealing or None (P_mask stays as the model has it)
+    fixed_probs: list[float]  # P_mask without annealing (read once: no host sync per step)
+    dataset: Any  # the augmented training set
+    sampler: ShardedSampler
+    per_process: int  # images per micro-batch and process (data.batch_size)
+    accumulate: int  # micro-batches per optimiser step
+    steps_per_epoch: int
+    total: int  # T, optimiser steps of the run
+    step: int = 0  # optimiser steps done
+    images_seen: int = field(default=0)  # over every process, since this process started
+
+    @property
+    def main(self) -> bool:
+        return self.env.rank == 0
+
+
+@dataclass
+class StepResult:
+    """One optimiser step, still on the device (reading it is a host sync; see :func:`log_values`)."""
+    names: list[str]  # "loss", then the final prediction set's loss terms
+    values: torch.Tensor  # (len(names),) this process's mean over the micro-batches
+    grad_norm: torch.Tensor  # the global gradient norm before clipping (equal on every process)
+    probs: list[float]  # P_mask per masked layer in this step
+
+
+def setup(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device) -> Trainer:
+    """Build data, model, optimiser, schedules and loss of this process (no state is read here)."""
     from study.data import build_dataset
-    from study.data.transforms import AugmentedDataset, TrainTransform, collate
+    from study.data.transforms import AugmentedDataset, TrainTransform
     from study.models.build import build_model
     from study.train.loss import build_loss
-    from study.train.optim import accumulation_steps, build_optimizer, clip_gradients
+    from study.train.optim import accumulation_steps, build_optimizer
     from study.train.schedules import build_lr_scheduler, build_mask_annealing
 
     t = cfg.train
-    run = run or RunDir.for_config(cfg)
-    rank, world, local = _distributed()
-    main = rank == 0
-    if main:
-        run.claim(cfg)  # the folder must belong to this very configuration
-    if run.status().get("state") == "finished":
-        if main:
-            print(f"study train: {run.path} is finished already; nothing to do")
-        return run
-    device = resolve_device(t.device if world == 1 or t.device != "auto" else
-                            ("cuda:%d" % local if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(t.precision, device)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    _seed(cfg.seed + rank)
-
+    _seed(cfg.seed + env.rank)
     dataset = build_dataset(cfg.data, cfg.data.train_split, cfg.task)
     if dataset.info.num_classes != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the {cfg.data.dataset} data set has "
-                         f"{dataset.info.num_classes} classes; set model.num_classes={dataset.info.num_classes}")
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the {cfg.data.dataset} data set has "
+                        f"{dataset.info.num_classes} classes; set model.num_classes={dataset.info.num_classes}")
     augmented = AugmentedDataset(dataset, TrainTransform.from_config(cfg.data, cfg.task, cfg.model.img_size),
                                  seed=cfg.seed)
-    sampler = ShardedSampler(len(augmented), rank, world, cfg.seed)
+    sampler = ShardedSampler(len(augmented), env.rank, env.world_size, cfg.seed)
     per_process = cfg.data.batch_size
-    accumulate = accumulation_steps(t.batch_size, per_process, world, t.accumulate)
-    steps_per_epoch = (len(augmented) // world) // (per_process * accumulate)
+    accumulate = accumulation_steps(t.batch_size, per_process, env.world_size, t.accumulate)
+    steps_per_epoch = (len(augmented) // env.world_size) // (per_process * accumulate)
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split has {len(augmented)} images: too few for one step of "
-                         f"{per_process * accumulate * world} images (train.batch_size)")
+        raise UserError(f"the training split has {len(augmented)} images: too few for one step of "
+                        f"{per_process * accumulate * env.world_size} images (train.batch_size)")
     total = t.total_steps(steps_per_epoch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_model(cfg.model).to(device)
-    _seed(cfg.seed + rank)
-    optimizer = build_optimizer(model, t)
-    scheduler = build_lr_scheduler(optimizer, t, total)
-    annealing = build_mask_annealing(t, total, model.num_masked_layers, model.masked_inference)
-    criterion = build_loss(t, cfg.model.num_classes)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = 0
-    if run.last_checkpoint.is_file():  # resume
-        ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) != world:
-            raise ValueError(f"{run.last_checkpoint} was written by {len(ckpt['rng'])} process(es); resume it with "
-                             f"the same number (this launch has {world}) so the data order stays the same")
-        _set_rng_state(ckpt["rng"][rank])
-        if main:
-            print(f"study train: resuming {run.path} at step {step} of {total}")
+    _seed(cfg.seed + env.rank)
+    ddp = None
     net = model
-    if world > 1:
-        if device.type == "cuda":  # the ViT-Adapter's BatchNorm pools statistics over processes, as the reference
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (SyncBatchNorm needs a GPU)
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
-    forward = torch.compile(net) if t.compile else net
+    if env.distributed:
+        # A model that needs a change for DDP says so (e.g. the ViT-Adapter's BatchNorm -> SyncBatchNorm).
+        prepare = getattr(model, "prepare_distributed", None)
+        net = prepare(device) if prepare is not None else model
+        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = ddp
+    optimizer = build_optimizer(model, t)
+    annealing = build_mask_annealing(t, total, model.num_masked_layers, model.masked_inference)
+    return Trainer(
+        cfg=cfg, run=run, env=env, device=device, precision=precision, model=model,
+        net=torch.compile(net) if t.compile else net, ddp=ddp, optimizer=optimizer,
+        scheduler=build_lr_scheduler(optimizer, t, total),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        criterion=build_loss(t, cfg.model.num_classes), annealing=annealing,
+        fixed_probs=model.attn_mask_probs.tolist(), dataset=augmented, sampler=sampler,
+        per_process=per_process, accumulate=accumulate, steps_per_epoch=steps_per_epoch, total=total)
 
-    def batches(start: int):
-        epoch, within = divmod(start, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch, start=within * accumulate * per_process)
-            augmented.set_epoch(epoch)
-            # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
-            # which would shift every later random draw depending on where an epoch's iterator was made.
-            loader = DataLoader(augmented, per_process, sampler=sampler, collate_fn=collate, drop_last=True,
-                                num_workers=cfg.data.num_workers,
-                                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-            it = iter(loader)
-            for _ in range(steps_per_epoch - within):
-                yield epoch, [next(it) for _ in range(accumulate)]
-            epoch, within = epoch + 1, 0
 
-    def save(final: bool) -> None:
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        if main:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                               "rng": rngs}, run.last_checkpoint)
-            if final:
-                atomic_torch_save(model.state_dict(), run.final_weights)
-        if world > 1:
-            dist.barrier()
+def batches(tr: Trainer, start: int) -> Iterator[tuple[int, list]]:
+    """(epoch, micro-batches) of every optimiser step from step ``start`` on, the same after a resume."""
+    epoch, within = divmod(start, tr.steps_per_epoch)
+    while True:
+        tr.sampler.set_epoch(epoch, start=within * tr.accumulate * tr.per_process)
+        tr.dataset.set_epoch(epoch)
+        from study.data.transforms import collate
 
-    logger = _Logger(run, step, main, t.tensorboard)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, which
+        # would shift every later random draw depending on where an epoch's iterator was made.
+        loader = DataLoader(tr.dataset, tr.per_process, sampler=tr.sampler, collate_fn=collate, drop_last=True,
+                            num_workers=tr.cfg.data.num_workers, pin_memory=tr.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(tr.cfg.seed * 7919 + epoch))
+        it = iter(loader)
+        for _ in range(tr.steps_per_epoch - within):
+            yield epoch, [next(it) for _ in range(tr.accumulate)]
+        epoch, within = epoch + 1, 0
+
+
+def _final_terms(parts: dict) -> list[str]:
+    """The loss terms of the final prediction set (``loss_ce``, not the per-layer ``loss_ce_3``)."""
+    return [k for k in parts if "_" not in k.removeprefix("loss_")]
+
+
+def run_step(tr: Trainer, micro: list) -> StepResult:
+    """One optimiser step over the micro-batches ``micro`` [(images, targets), ...]; advances ``tr.step``."""
+    from study.train.optim import clip_gradients
+
+    probs = tr.annealing.apply(tr.model, tr.step) if tr.annealing is not None else tr.fixed_probs
+    n, device, names, total = len(micro), tr.device, None, None
+    for i, (images, targets) in enumerate(micro):
+        # DDP all-reduces the gradients once, in the backward of the last micro-batch.
+        sync = tr.ddp.no_sync() if tr.ddp is not None and i < n - 1 else nullcontext()
+        with sync:
+            with autocast(device, tr.precision):
+                sets = tr.net(images.to(device, non_blocking=True))
+            loss, parts = tr.criterion(sets, [{k: v.to(device, non_blocking=True) for k, v in tg.items()}
+                                              for tg in targets])
+            tr.scaler.scale(loss / n).backward()
+        if names is None:
+            names = ["loss", *_final_terms(parts)]
+        values = torch.stack([loss.detach().float(), *(parts[k].detach().float() for k in names[1:])])
+        total = values if total is None else total + values
+        tr.images_seen += images.shape[0] * tr.env.world_size
+    tr.scaler.unscale_(tr.optimizer)
+    grad_norm = clip_gradients(tr.optimizer, tr.cfg.train.grad_clip)
+    tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.scheduler.step()
+    tr.step += 1
+    return StepResult(names, total / n, grad_norm.detach(), list(probs))
+
+
+def log_values(tr: Trainer, result: StepResult) -> Optional[dict[str, float]]:
+    """The step's losses averaged over processes (an all-reduce) and its gradient norm, read with one host
+    sync on rank 0; None on the other ranks (which take part in the all-reduce only)."""
+    values = result.values
+    if tr.env.distributed:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= tr.env.world_size
+    if not tr.main:
+        return None
+    read = torch.cat([values, result.grad_norm.reshape(1).to(values)]).tolist()  # the one sync of a step
+    return {**dict(zip(result.names, read[:-1])), "grad_norm": read[-1]}
+
+
+def _row(tr: Trainer, epoch: int, result: StepResult, values: dict, started: float) -> dict:
+    groups = tr.optimizer.param_groups
+    return {"step": tr.step, "epoch": epoch, "loss": values["loss"], "grad_norm": values["grad_norm"],
+            "lr": max(g["lr"] for g in groups),
+            "lr_backbone_top": max((g["lr"] for g in groups if g["backbone"]), default=0.0),
+            "mask_prob_mean": float(np.mean(result.probs)) if result.probs else 0.0,
+            "images_per_s": tr.images_seen / (time.perf_counter() - started),
+            **{k: v for k, v in values.items() if k not in ("loss", "grad_norm")}}
+
+
+def _status(tr: Trainer, state: str, **fields) -> None:
+    """The one place that writes the run's status (rank 0 only)."""
+    if tr.main:
+        tr.run.write_status(state, step=tr.step, total_steps=tr.total, **fields)
+
+
+def train(cfg: Config, run: RunDir | None = None) -> RunDir:
+    """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder."""
+    run = run or RunDir.for_config(cfg)
+    env = ProcessEnv.from_env()
+    device = resolve_process_device(cfg.train.device)
+    set_deterministic(cfg.train.deterministic, device)
+    init_distributed(device, env)
+    check_distinct_devices(device, env)
+    if env.rank == 0:
+        run.claim(cfg)  # the folder must belong to this very configuration
+    if run.status().get("state") == "finished":
+        if env.rank == 0:
+            print(f"study train: {run.path} is finished already; nothing to do")
+        return run
+    tr = setup(cfg, run, env, device)
+    if restore_state(tr) and tr.main:
+        print(f"study train: resuming {run.path} at step {tr.step} of {tr.total}")
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not main, desc=f"train {run.path.name}", dynamic_ncols=True)
-    if main:
-        run.write_status("running", step=step, total_steps=total, world_size=world)
-    model.train()
-    started, images_seen, row = time.perf_counter(), 0, {}
+    logger = _Logger(run, tr.step, tr.main, cfg.train.tensorboard)
+    bar = tqdm(total=tr.total, initial=tr.step, disable=not tr.main, desc=f"train {run.path.name}",
+               dynamic_ncols=True)
+    _status(tr, "running", world_size=env.world_size)
+    tr.model.train()
+    started, row = time.perf_counter(), {}
     try:
-        for epoch, micro in batches(step):
-            if step >= total:
+        for epoch, micro in batches(tr, tr.step):
+            if tr.step >= tr.total:
                 break
-            probs = annealing.apply(model, step) if annealing is not None else model.attn_mask_probs.tolist()
-            parts = {}
-            for i, (images, targets) in enumerate(micro):
-                sync = net.no_sync() if world > 1 and i < accumulate - 1 else nullcontext()
-                with sync:
-                    with autocast(device, precision):
-                        sets = forward(images.to(device, non_blocking=True))
-                    loss, parts = criterion(sets, [{k: v.to(device) for k, v in tg.items()} for tg in targets])
-                    scaler.scale(loss / accumulate).backward()
-                images_seen += images.shape[0] * world
-            scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(optimizer, t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            row = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
-                   "lr": max(lrs.values()), "lr_backbone_top": max((g["lr"] for g in optimizer.param_groups
-                                                                   if g["backbone"]), default=0.0),
-                   "mask_prob_mean": float(np.mean(probs)) if len(probs) else 0.0,
-                   "images_per_s": images_seen / (time.perf_counter() - started),
-                   **{k: v.item() for k, v in parts.items() if "_" not in k.removeprefix("loss_")}}
-            logger.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
-            bar.update(1)
-            if step % t.checkpoint_every == 0 or step == total:
-                save(final=step == total)
-                if main:
-                    run.write_status("running", step=step, total_steps=total, world_size=world)
+            result = run_step(tr, micro)
+            values = log_values(tr, result)
+            if tr.main:
+                row = _row(tr, epoch, result, values, started)
+                logger.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+                bar.update(1)
+            if tr.step % cfg.train.checkpoint_every == 0 or tr.step == tr.total:
+                save_state(tr, final=tr.step == tr.total)
+                _status(tr, "running", world_size=env.world_size)
     except Exception as e:
-        if main:
-            run.write_status("failed", step=step, total_steps=total, error=f"{type(e).__name__}: {e}")
+        _status(tr, "failed", error=f"{type(e).__name__}: {e}")
         raise
     except BaseException as e:  # SystemExit (a job's time limit or pre-emption, requeued) or Ctrl-C: resumable
-        if main:
-            run.write_status("interrupted", step=step, total_steps=total, reason=type(e).__name__)
+        _status(tr, "interrupted", reason=type(e).__name__)
         raise
     finally:
         bar.close()
         logger.close()
-    if main:
+    if tr.main:
         seconds = time.perf_counter() - started
-        run.update_metrics(train={"steps": total, "final_loss": row.get("loss"),
-                                  "images_per_s": images_seen / seconds if seconds else None,
-                                  "world_size": world, "precision": precision, "device": str(device)})
-        run.write_status("finished", step=step, total_steps=total, world_size=world)
+        run.update_metrics(train={"steps": tr.total, "final_loss": row.get("loss"),
+                                  "images_per_s": tr.images_seen / seconds if seconds else None,
+                                  "world_size": env.world_size, "precision": tr.precision,
+                                  "device": str(device)})
+    _status(tr, "finished", world_size=env.world_size)
     return run
 
 
