@@ -1,42 +1,169 @@
-"""Atomic file writes: a crash never leaves a half-written record, config or checkpoint behind."""
+"""Atomic file writes and safe checkpoint reads.
+
+Writes: a crash never leaves a half-written record, config or checkpoint behind. Each file is written to a
+temporary file beside it and renamed over it, so readers see the old file or the new one, never half of
+one. Files get the permissions a plain ``open()`` would give them (0666 less the umask, 0644 under the
+usual umask 022), so a team can share run folders, reports and benchmark files. A full disk (ENOSPC, or a
+quota: EDQUOT) ends in one :class:`~study.errors.UserError` naming the path and the bytes needed; the
+temporary file is removed and the previous file stays intact.
+
+Reads: :func:`read_torch_file` loads a ``torch.save`` file without running pickled code
+(``weights_only=True``) and turns a damaged file into one message naming it.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+from study.errors import UserError
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(exc: BaseException) -> Optional[OSError]:
+    """The ENOSPC / EDQUOT OSError behind ``exc`` (torch wraps it in a RuntimeError), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int]) -> None:
+    """Write ``path`` through ``write(tmp)``; ``size()`` estimates the bytes needed (for a full disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        full = _disk_full(e)
+        if full is None:
+            raise
+        try:
+            free = f", {_human(shutil.disk_usage(path.parent).free)} free there"
+        except OSError:
+            free = ""
+        kept = "the previous file is intact" if path.exists() else "nothing was written"
+        raise UserError(f"no space left to write {path}: it needs about {_human(size())} ({size()} bytes)"
+                        f"{free}; {kept}. Free some space (or point the output elsewhere) and run again") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
+    data = text.encode("utf-8")
 
-    _atomic(path, write)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write, lambda: len(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
+    """Bytes of the tensors in a nested container (what a torch.save file mostly holds)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # Through a Python file object, so that a write error keeps its errno (torch's own writer reports a
+        # bare "file write failed").
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    _atomic(path, write, lambda: _tensor_bytes(obj))
+
+
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a missing, damaged or unsafe file is a UserError.
+
+    A file that needs code to unpickle is refused (no advice to lift ``weights_only``: such a file can
+    run anything), a truncated or random file is called damaged.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    size = path.stat().st_size
+    damaged = (f"{what} {path} is damaged ({size} bytes: truncated, or not a file written by torch.save); "
+               f"delete it, or restore it from a copy")
+    if size == 0 or not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive since PyTorch 1.6; anything else is damaged (or far older)
+        raise UserError(damaged)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # CRC of every member: catches a file cut or overwritten inside
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise UserError(f"{damaged} [{type(e).__name__}: {e}]") from None
+    if bad is not None:
+        raise UserError(f"{damaged} [member {bad} fails its CRC check]")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith(("WeightsUnpickler",
+                                                                                        "Unsupported"))), "")
+        raise UserError(f"{what} {path} holds Python objects besides tensors and plain values, which are not "
+                        f"loaded because unpickling them can run arbitrary code{': ' + first if first else ''}. "
+                        f"Save only tensors (e.g. model.state_dict()) and load that") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise UserError(f"{damaged} [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
+from study.errors import UserError
+
 from study.data.coco import CocoInstance, CocoPanoptic
 from study.data.config import DataConfig
 from study.data.semantic import build_ade20k, build_cityscapes, build_list
@@ -31,9 +33,9 @@ def build_dataset(data_cfg: DataConfig, split: str, task: str) -> Dataset:
     """
     name = data_cfg.dataset
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if task not in DATASETS[name]:
-        raise ValueError(f"dataset '{name}' serves the task(s) {', '.join(DATASETS[name])}, not '{task}'")
+        raise UserError(f"dataset '{name}' serves the task(s) {', '.join(DATASETS[name])}, not '{task}'")
     drop_empty = data_cfg.drop_empty_train_images and split == data_cfg.train_split
     c = data_cfg
 

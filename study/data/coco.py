@@ -24,6 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from study.data.rle import RLEError, check_segmentation
 from study.data.source import (DataError, DataNotFoundError, Files, check_same_size, decode_image,
                                decode_png, fill, locate_folder, read_file)
 from study.data.types import DatasetInfo, Sample
@@ -34,24 +35,67 @@ def coco_split(split: str) -> str:
     return split if split[-4:].isdigit() else f"{split}2017"
 
 
-def _load_json(root: Path, name: str, zips) -> tuple[dict, str]:
+def _load_json(root: Path, name: str, zips, top: type = dict) -> tuple[dict, str]:
     data, where = read_file(root, name, zips)
     try:
-        return json.loads(data), where
+        js = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"annotation file {where} is not valid JSON: {e}") from None
+    if not isinstance(js, top):
+        want = "an object with 'images', 'annotations' and 'categories'" if top is dict else "a list"
+        raise DataError(f"annotation file {where} holds a JSON {type(js).__name__}; expected {want}")
+    return js, where
 
 
-def _categories(cats: list, where: str) -> tuple[dict[int, int], list[dict]]:
-    """dataset category id -> contiguous id, and the categories sorted by id."""
-    if not cats:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fields(obj, keys: dict, what: str, where: str) -> None:
+    """``obj`` is a dict holding each of ``keys`` (name -> required type: int, str, list, dict or None = any)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} in {where} is a JSON {type(obj).__name__}, not an object")
+    for key, kind in keys.items():
+        if key not in obj:
+            raise DataError(f"{what} in {where} lacks '{key}'")
+        v = obj[key]
+        ok = kind is None or (_is_int(v) if kind is int else isinstance(v, kind))
+        if not ok:
+            raise DataError(f"{what} in {where}: '{key}' must be {'an integer' if kind is int else 'a ' + kind.__name__}"
+                            f", got {v!r:.60}")
+
+
+def _list(js: dict, key: str, where: str) -> list:
+    v = js.get(key, [])
+    if not isinstance(v, list):
+        raise DataError(f"annotation file {where}: '{key}' must be a list, not a {type(v).__name__}")
+    return v
+
+
+def _categories(cats, where: str) -> tuple[dict[int, int], list[dict]]:
+    """dataset category id -> contiguous id, and the categories sorted by id. Ids must be unique integers:
+    a repeated id would give the model a class that no pixel can carry."""
+    if not isinstance(cats, list) or not cats:
         raise DataError(f"annotation file {where} lists no categories")
+    seen: dict[int, dict] = {}
+    for i, c in enumerate(cats):
+        _fields(c, {"id": int, "name": str}, f"category {i}", where)
+        if c["id"] in seen:
+            raise DataError(f"annotation file {where} lists category id {c['id']} twice ('{seen[c['id']]['name']}' "
+                            f"and '{c['name']}'); each category needs its own id")
+        seen[c["id"]] = c
     cats = sorted(cats, key=lambda c: c["id"])
     return {c["id"]: i for i, c in enumerate(cats)}, cats
 
 
 def _images(js: dict, where: str) -> dict[int, dict]:
-    images = {im["id"]: im for im in js.get("images", [])}
+    images = {}
+    for i, im in enumerate(_list(js, "images", where)):
+        _fields(im, {"id": int, "file_name": str}, f"image entry {i}", where)
+        if im["id"] in images:
+            raise DataError(f"annotation file {where} lists image id {im['id']} twice ({images[im['id']]['file_name']}"
+                            f" and {im['file_name']})")
+        images[im["id"]] = im
     if not images:
         raise DataError(f"annotation file {where} lists no images: the data set is empty")
     return images
@@ -78,19 +122,34 @@ class CocoPanoptic(Dataset):
         js, self.json_where = _load_json(root, json_name, [(ann_zip, f"annotations/panoptic_{s}.json")])
         self.images = locate_folder(root, fill(image_dir, s, s), [(f"{s}.zip", s)])
         self.pngs = locate_folder(root, png_dir, [(ann_zip, f"annotations/panoptic_{s}.zip", f"panoptic_{s}")])
-        cats = js.get("categories")
-        if not cats:  # some sample JSONs keep the categories in a file beside them
-            cats, _ = _load_json((root / json_name).parent, "panoptic_coco_categories.json", [])
-        self.cat_to_contig, cats = _categories(cats, self.json_where)
+        cats, cat_where = js.get("categories"), self.json_where
+        sidecar = (root / json_name).parent / "panoptic_coco_categories.json"
+        if "categories" not in js and sidecar.is_file():  # some sample JSONs keep the categories beside them
+            cats, cat_where = _load_json(sidecar.parent, sidecar.name, [], top=list)
+        self.cat_to_contig, cats = _categories(cats, cat_where)
         images = _images(js, self.json_where)
 
         self.entries = []
-        for ann in js.get("annotations", []):
+        seen_images: set = set()
+        for k, ann in enumerate(_list(js, "annotations", self.json_where)):
+            _fields(ann, {"image_id": int, "file_name": str, "segments_info": list}, f"annotation {k}",
+                    self.json_where)
             im = images.get(ann["image_id"])
             if im is None:
                 raise DataError(f"annotation for image id {ann['image_id']} in {self.json_where} names an image "
                                 f"absent from its 'images' list")
-            for seg in ann["segments_info"]:
+            if ann["image_id"] in seen_images:
+                raise DataError(f"{self.json_where} has two annotations for image id {ann['image_id']} "
+                                f"({im['file_name']}); each image needs exactly one")
+            seen_images.add(ann["image_id"])
+            seg_ids: set = set()
+            for j, seg in enumerate(ann["segments_info"]):
+                _fields(seg, {"id": int, "category_id": int}, f"segment {j} of image id {ann['image_id']}",
+                        self.json_where)
+                if seg["id"] in seg_ids:
+                    raise DataError(f"image id {ann['image_id']} ({im['file_name']}) in {self.json_where} lists "
+                                    f"segment id {seg['id']} twice")
+                seg_ids.add(seg["id"])
                 if seg["category_id"] not in self.cat_to_contig:
                     raise DataError(f"segment {seg['id']} of image {im['file_name']} in {self.json_where} has "
                                     f"category id {seg['category_id']}, absent from the categories")
@@ -152,13 +211,22 @@ class CocoInstance(Dataset):
         images = _images(js, self.json_where)
 
         per_image = defaultdict(list)
-        for a in js.get("annotations", []):
+        for k, a in enumerate(_list(js, "annotations", self.json_where)):
+            _fields(a, {"id": None, "image_id": int, "category_id": int, "segmentation": None},
+                    f"annotation {k}", self.json_where)
             if a["image_id"] not in images:
                 raise DataError(f"annotation {a['id']} in {self.json_where} names image id {a['image_id']}, "
                                 f"absent from its 'images' list")
             if a["category_id"] not in self.cat_to_contig:
                 raise DataError(f"annotation {a['id']} (image id {a['image_id']}) in {self.json_where} has "
                                 f"category id {a['category_id']}, absent from the categories")
+            im = images[a["image_id"]]
+            try:
+                check_segmentation(a["segmentation"], im.get("height"), im.get("width"), values=False) \
+                    if "height" in im and "width" in im else check_segmentation(a["segmentation"], values=False)
+            except RLEError as e:
+                raise DataError(f"annotation {a['id']} (image id {a['image_id']}, {im['file_name']}) in "
+                                f"{self.json_where}: 'segmentation' is malformed: {e}") from None
             per_image[a["image_id"]].append(a)
         self.entries = []
         for image_id, im in sorted(images.items()):

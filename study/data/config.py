@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from study.errors import UserError
+
 DATASET_NAMES = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes", "list", "synthetic")
 
 
@@ -52,22 +54,22 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
+            raise UserError(f"unknown dataset '{self.dataset}'; choose one of {', '.join(DATASET_NAMES)}")
         if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+            raise UserError("batch_size must be >= 1 and num_workers >= 0")
         if self.scale_range is not None:
             lo, hi = self.scale_range
             if not 0 < lo <= hi:
-                raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+                raise UserError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
         if self.crop_retries < 0:
-            raise ValueError("crop_retries must be >= 0")
+            raise UserError("crop_retries must be >= 0")
         if self.synthetic_image_size < 32:
-            raise ValueError("synthetic_image_size must be at least 32 pixels")
+            raise UserError("synthetic_image_size must be at least 32 pixels")
         if self.synthetic_train_images < 1 or self.synthetic_val_images < 1:
-            raise ValueError("synthetic_train_images and synthetic_val_images must be >= 1")
+            raise UserError("synthetic_train_images and synthetic_val_images must be >= 1")
         if self.ignore_value is not None and not 0 <= self.ignore_value <= 255:
-            raise ValueError(f"ignore_value must be a label value 0..255, got {self.ignore_value}")
+            raise UserError(f"ignore_value must be a label value 0..255, got {self.ignore_value}")
         if self.class_names and self.ignore_value is not None and self.ignore_value < len(self.class_names):
-            raise ValueError(f"ignore_value {self.ignore_value} is one of the {len(self.class_names)} class values")
+            raise UserError(f"ignore_value {self.ignore_value} is one of the {len(self.class_names)} class values")
         if self.class_names and len(self.class_names) > 255:
-            raise ValueError("the 'list' format holds at most 255 classes (8-bit label PNGs)")
+            raise UserError("the 'list' format holds at most 255 classes (8-bit label PNGs)")

@@ -6,14 +6,19 @@ hold it, and get back a :class:`Files` object that lists and reads members the s
 in a folder or in a zip. This is how the official EoMT code reads COCO, ADE20K and Cityscapes straight
 from the downloaded zips, without extracting them.
 
-User mistakes end in one readable error naming the file: :class:`DataError` (a ``ValueError``) for bad
-content, :class:`DataNotFoundError` (a ``FileNotFoundError``) for a missing file or folder.
+User mistakes end in one readable error naming the file: :class:`DataError` (a
+:class:`~study.errors.UserError`) for bad content, including a corrupt archive or a damaged zip member,
+:class:`DataNotFoundError` (also a ``FileNotFoundError``) for a missing file or folder. Raised inside a
+DataLoader worker, a DataError reaches the main process with its own one-line message (see
+:class:`DataError`).
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,11 +26,37 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from study.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DataError(ValueError):
-    """Bad dataset content (corrupt image, unknown category id, label value out of range, empty set)."""
+_WORKER = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\nOriginal ", re.S)
+
+
+class DataError(UserError):
+    """Bad dataset content (corrupt image or archive, unknown category id, label value out of range, empty set).
+
+    torch's DataLoader re-raises an exception of a worker in the main process as ``type(msg)`` with ``msg``
+    = "Caught DataError in DataLoader worker process N. Original Traceback ..." and the worker's whole
+    traceback. Built from such a text, a DataError keeps only the worker's own message (the last line of the
+    traceback) and says which worker; the full text stays in ``worker_traceback``.
+    """
+
+    worker_traceback: Optional[str] = None
+
+    def __init__(self, *args):
+        text = args[0] if len(args) == 1 and isinstance(args[0], str) else None
+        m = _WORKER.match(text) if text else None
+        if m:
+            name = type(self).__name__
+            lines = text.rstrip("\n").splitlines()
+            # the traceback ends with "module.DataError: message" (one line: our messages are one line)
+            own = next((ln.split(": ", 1)[1] for ln in reversed(lines)
+                        if ln.split(": ", 1)[0].rsplit(".", 1)[-1] == name and ": " in ln), lines[-1])
+            args = (f"{own} (in DataLoader worker {m.group(2)})",)
+            self.worker_traceback = text
+        super().__init__(*args)
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
@@ -96,16 +127,20 @@ class ZipFiles(Files):
 
     def _open(self) -> zipfile.ZipFile:
         if self._zip is None or self._pid != os.getpid():
-            outer = zipfile.ZipFile(self.zip_path)
+            outer = open_zip(self.zip_path)
             if self.inner is None:
                 self._zip = outer
             else:
-                info = outer.getinfo(self.inner)
+                where = f"{self.zip_path}:{self.inner}"
+                try:
+                    info = outer.getinfo(self.inner)
+                except KeyError:
+                    raise DataNotFoundError(f"zip member not found: {where}") from None
                 # A stored inner zip is read in place (seekable); a compressed one is held in memory, as the
                 # official code does, because seeking in a deflated stream re-reads it from the start.
                 stream = outer.open(info) if info.compress_type == zipfile.ZIP_STORED \
-                    else io.BytesIO(outer.read(info))
-                self._zip = zipfile.ZipFile(stream)
+                    else io.BytesIO(read_member(outer, info.filename, self.zip_path))
+                self._zip = open_zip(stream, where)
             self._pid = os.getpid()
         return self._zip
 
@@ -117,18 +152,40 @@ class ZipFiles(Files):
         return self._names
 
     def read(self, name: str) -> bytes:
-        try:
-            return self._open().read(self.prefix + name)
-        except KeyError:
-            raise DataNotFoundError(f"file not found: {self.where(name)}") from None
+        z = self._open()
+        if self.prefix + name not in z.NameToInfo:
+            raise DataNotFoundError(f"file not found: {self.where(name)}")
+        return read_member(z, self.prefix + name, self.where(name), is_where=True)
 
     def where(self, name: str = "") -> str:
         inner = f":{self.inner}" if self.inner else ""
         return f"{self.zip_path}{inner}:{self.prefix}{name}"
 
 
+def open_zip(source, where: Optional[str] = None) -> zipfile.ZipFile:
+    """``zipfile.ZipFile(source)``; a file that is not a zip, or a damaged one, is a DataError naming it."""
+    where = where or str(source)
+    try:
+        return zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
+        raise DataError(f"archive {where} is not a zip file or is damaged ({e}); download it again, or "
+                        f"extract it and point data.root at the folder") from None
+
+
+def read_member(z: zipfile.ZipFile, member: str, where, is_where: bool = False) -> bytes:
+    """One member's bytes; a damaged member (bad CRC, bad compressed data, cut archive) names it."""
+    place = str(where) if is_where else f"{where}:{member}"
+    try:
+        return z.read(member)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
+        raise DataError(f"zip member {place} is damaged ({type(e).__name__}: {e}); download the archive "
+                        f"again") from None
+    except OSError as e:  # a cut archive: reading past its end
+        raise DataError(f"zip member {place} cannot be read ({e}); the archive is damaged or truncated") from None
+
+
 def _zip_has(zip_path: Path, member: str, is_dir: bool) -> bool:
-    with zipfile.ZipFile(zip_path) as z:
+    with open_zip(zip_path) as z:
         names = z.namelist()
     if is_dir:
         prefix = member.strip("/") + "/"
@@ -167,8 +224,8 @@ def read_file(root: Path, name: str, zips: Sequence[ZipCandidate] = ()) -> tuple
     for zname, member in zips:
         zpath = root / zname
         if zpath.is_file() and _zip_has(zpath, member, is_dir=False):
-            with zipfile.ZipFile(zpath) as z:
-                return z.read(member), f"{zpath}:{member}"
+            with open_zip(zpath) as z:
+                return read_member(z, member, zpath), f"{zpath}:{member}"
     tried = ", ".join(str(root / z[0]) for z in zips)
     raise DataNotFoundError(f"file not found: {root / name}" + (f" (nor in {tried})" if tried else ""))
 

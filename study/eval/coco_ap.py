@@ -7,13 +7,22 @@ We only prepare the inputs so that pycocotools sees what it expects, and check t
 - ``iscrowd`` defaults to 0 and a missing ``area`` is the mask's pixel count (the GT's area decides the
   small / medium / large ranges);
 - a result naming an image or category the GT lacks, or whose mask size differs from its image's, raises
-  an :class:`EvalInputError` subclass naming the image and the id.
+  an :class:`EvalInputError` subclass naming the image and the id;
+- ids must be integers and scores finite numbers (pycocotools sorts NaN scores anyhow: all-NaN scores give
+  AP 100), and every RLE is decoded in Python first (:mod:`study.data.rle`): pycocotools loops forever on
+  run lengths that do not add up to the mask's size;
+- COCOeval runs in a forked child process with a time limit (:func:`evaluate_masks`' ``timeout_s``), so
+  that a native call that hangs ends in an error instead of a stuck job.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
+import math
+import multiprocessing
+import sys
+from numbers import Integral, Real
 from typing import Optional
 
 import numpy as np
@@ -21,17 +30,19 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from study.eval.errors import EvalInputError, SizeMismatchError, UnknownCategoryError, UnknownImageError
+from study.data.rle import RLEError, check_segmentation
+from study.eval.errors import (EvalInputError, EvalTimeoutError, SizeMismatchError, UnknownCategoryError,
+                               UnknownImageError)
 
 # pycocotools' 12 summary numbers, in the order of COCOeval.stats.
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 def _to_int(value, what: str) -> int:
-    try:
+    """An integer id; a float (even 3.0), a string or a bool is refused, never rounded or parsed."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
         return int(value)
-    except (TypeError, ValueError):
-        raise EvalInputError(f"{what} must be an integer, got {value!r}") from None
+    raise EvalInputError(f"{what} must be an integer, got {value!r:.60}")
 
 
 def segmentation_area(seg, h: int, w: int) -> float:
@@ -47,27 +58,51 @@ def segmentation_area(seg, h: int, w: int) -> float:
 
 def prepare_ground_truth(gt: dict) -> dict:
     """A copy of a COCO instance dict that pycocotools scores correctly (ids from 1, areas, crowd flags)."""
+    if not isinstance(gt, dict):
+        raise EvalInputError(f"the ground truth must be a COCO object with images, annotations and categories, "
+                             f"not a {type(gt).__name__}")
     gt = copy.deepcopy(gt)
     images = {}
-    for im in gt.get("images", []):
-        im["id"] = _to_int(im.get("id"), "image id")
+    for k, im in enumerate(gt.get("images") or []):
+        if not isinstance(im, dict):
+            raise EvalInputError(f"ground-truth images[{k}] is not an object")
+        im["id"] = _to_int(im.get("id"), f"ground-truth images[{k}] field 'id'")
+        if im["id"] in images:
+            raise EvalInputError(f"the ground truth lists image id {im['id']} twice (field 'id')")
+        for key in ("height", "width"):
+            im[key] = _to_int(im.get(key), f"ground-truth image id {im['id']} field '{key}'")
         images[im["id"]] = im
     if not images:
         raise EvalInputError("the ground truth lists no images")
     if not gt.get("categories"):
         raise EvalInputError("the ground truth lists no categories")
-    for c in gt["categories"]:
-        c["id"] = _to_int(c.get("id"), "category id")
+    seen = set()
+    for k, c in enumerate(gt["categories"]):
+        c["id"] = _to_int(c.get("id"), f"ground-truth categories[{k}] field 'id'")
+        if c["id"] in seen:
+            raise EvalInputError(f"the ground truth lists category id {c['id']} twice (field 'id')")
+        seen.add(c["id"])
     anns = gt.setdefault("annotations", [])
     ids = [a.get("id") for a in anns]
     renumber = any(i is None or _to_int(i, "annotation id") < 1 for i in ids) or len(set(ids)) != len(ids)
     for k, a in enumerate(anns):
-        a["image_id"] = _to_int(a["image_id"], "annotation image_id")
-        a["category_id"] = _to_int(a["category_id"], "annotation category_id")
+        what = f"ground-truth annotation {a.get('id', k)}"
+        a["image_id"] = _to_int(a.get("image_id"), f"{what} field 'image_id'")
+        a["category_id"] = _to_int(a.get("category_id"), f"{what} (image id {a['image_id']}) field 'category_id'")
         a["id"] = k + 1 if renumber else _to_int(a["id"], "annotation id")
-        a["iscrowd"] = _to_int(a.get("iscrowd", 0), "iscrowd")
+        a["iscrowd"] = _to_int(a.get("iscrowd", 0), f"{what} field 'iscrowd'")
         if isinstance(a.get("segmentation"), str):  # some exports keep the RLE dict as its repr string
             raise EvalInputError(f"annotation {a['id']} has a string segmentation; expected polygons or RLE")
+        im = images.get(a["image_id"])
+        if im is None:
+            raise UnknownImageError(f"{what} names image id {a['image_id']}, absent from the ground truth's images")
+        if a["category_id"] not in seen:
+            raise UnknownCategoryError(f"{what} (image id {a['image_id']}) has category id {a['category_id']}, "
+                                       f"absent from the ground truth's categories")
+        try:
+            check_segmentation(a.get("segmentation"), im["height"], im["width"], values=False)
+        except RLEError as e:
+            raise EvalInputError(f"{what} (image id {a['image_id']}) field 'segmentation': {e}") from None
         if "area" not in a:
             im = images[a["image_id"]]
             a["area"] = segmentation_area(a["segmentation"], im["height"], im["width"])
@@ -81,25 +116,45 @@ def prepare_ground_truth(gt: dict) -> dict:
     return gt
 
 
-def check_results(gt: dict, results: list[dict]) -> None:
-    """Each result must name a GT image and category and carry a mask of its image's size."""
+def check_results(gt: dict, results: list[dict], where: str = "the results") -> None:
+    """Each result must name a GT image and category (integers), carry a finite numeric score and a
+    well-formed RLE mask of its image's size. ``where`` names the results (their file) in messages."""
     images = {im["id"]: im for im in gt["images"]}
     cats = {c["id"] for c in gt["categories"]}
-    for r in results:
+    if not isinstance(results, list):
+        raise EvalInputError(f"{where} must be a list of COCO results, not a {type(results).__name__}")
+    for k, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise EvalInputError(f"{where}: result {k} is a {type(r).__name__}, not an object")
         for key in ("image_id", "category_id", "segmentation", "score"):
             if key not in r:
-                raise EvalInputError(f"a result lacks '{key}': {str(r)[:120]}")
-        im = images.get(r["image_id"])
+                raise EvalInputError(f"{where}: result {k} (image id {r.get('image_id', '?')}) lacks '{key}'")
+        image_id = _to_int(r["image_id"], f"{where}: result {k} field 'image_id'")
+        im = images.get(image_id)
         if im is None:
-            raise UnknownImageError(f"a result names image id {r['image_id']}, absent from the ground truth")
+            raise UnknownImageError(f"{where}: result {k} names image id {image_id}, absent from the ground truth")
         name = f"{im.get('file_name', '?')} (id {im['id']})"
-        if r["category_id"] not in cats:
-            raise UnknownCategoryError(f"image {name}: a result has category id {r['category_id']}, unknown to "
+        cid = _to_int(r["category_id"], f"{where}: image {name}, result {k} field 'category_id'")
+        if cid not in cats:
+            raise UnknownCategoryError(f"{where}: image {name}: result {k} has category id {cid}, unknown to "
                                        f"the ground truth categories")
-        size = r["segmentation"].get("size") if isinstance(r["segmentation"], dict) else None
-        if size is not None and tuple(size) != (im["height"], im["width"]):
-            raise SizeMismatchError(f"image {name}: a result mask is {size[1]}x{size[0]} (WxH), the image is "
-                                    f"{im['width']}x{im['height']}")
+        score = r["score"]
+        if not isinstance(score, Real) or isinstance(score, bool) or not math.isfinite(score):
+            raise EvalInputError(f"{where}: image {name}: result {k} field 'score' is {score!r:.40}; expected a "
+                                 f"finite number")
+        seg = r["segmentation"]
+        if not isinstance(seg, dict):
+            raise EvalInputError(f"{where}: image {name}: result {k} field 'segmentation' must be an RLE "
+                                 f"object (size, counts), not a {type(seg).__name__}")
+        size = seg.get("size")
+        if isinstance(size, (list, tuple)) and len(size) == 2 and tuple(size) != (im["height"], im["width"]):
+            raise SizeMismatchError(f"{where}: image {name}: result {k} mask is {size[1]}x{size[0]} (WxH), the "
+                                    f"image is {im['width']}x{im['height']}")
+        try:
+            check_segmentation(seg, im["height"], im["width"])
+        except RLEError as e:
+            raise EvalInputError(f"{where}: image {name}: result {k} field 'segmentation' is malformed: {e}") \
+                from None
 
 
 def quiet_coco(dataset: dict) -> COCO:
@@ -111,14 +166,17 @@ def quiet_coco(dataset: dict) -> COCO:
     return coco
 
 
-def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False) -> dict:
-    """Mask AP of COCO results (RLE masks) against a COCO instance dict, with pycocotools' COCOeval.
+# COCOeval's time limit: a fixed allowance plus a per-item one, far above what a sound input needs
+# (COCO val2017, 5000 images x 100 results, takes about a minute per core). Our choice; the paper is silent.
+TIMEOUT_BASE_S = 600.0
+TIMEOUT_PER_ITEM_S = 0.005
 
-    Returns ``stats`` (the 12 summary numbers), each under its name (``AP``, ``AP50``, ...), the summary
-    text, and ``per_class`` AP (IoU 0.50:0.95, all areas, 100 detections; NaN for a class without GT).
-    """
-    gt = gt if prepared else prepare_ground_truth(gt)
-    check_results(gt, results)
+
+def default_timeout(gt: dict, results: list) -> float:
+    return TIMEOUT_BASE_S + TIMEOUT_PER_ITEM_S * (len(results) + len(gt.get("annotations", [])))
+
+
+def _cocoeval(gt: dict, results: list[dict]) -> dict:
     coco_gt = quiet_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
@@ -137,8 +195,94 @@ def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False) -> dic
     for k, cat_id in enumerate(ev.params.catIds):
         p = precision[:, :, k, 0, -1]
         per_class[int(cat_id)] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
-    out = {"stats": stats, **dict(zip(STAT_NAMES, stats)), "per_class": per_class, "summary": text.getvalue()}
-    return out
+    return {"stats": stats, "per_class": per_class, "summary": text.getvalue()}
+
+
+def _child(conn, fn, args) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as e:  # sent back and raised in the parent with its type and text
+        import traceback
+
+        conn.send(("error", (type(e).__name__, str(e), traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+def run_with_time_limit(fn, args: tuple, timeout_s: Optional[float], what: str):
+    """``fn(*args)`` in a forked child process, killed after ``timeout_s`` seconds (None: no limit, run here).
+
+    The child shares the parent's memory copy-on-write, so nothing is pickled on the way in and only the
+    small result on the way out. Without ``fork`` (not Linux / macOS), or in a daemonic process (which
+    may not start children), it runs in this process, unlimited.
+    """
+    if (timeout_s is None or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):
+        return fn(*args)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args), daemon=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout_s):
+            raise EvalTimeoutError(f"{what} ran past its time limit of {timeout_s:.0f} s and was stopped; the "
+                                   f"input is inconsistent in a way the checks did not catch (raise the limit "
+                                   f"with timeout_s if it is just very large)")
+        try:
+            status, value = recv.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(f"{what} died in its child process (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        recv.close()
+    if status == "error":
+        name, text, tb = value
+        raise RuntimeError(f"{what} failed in its child process: {name}: {text}\n{tb}")
+    return value
+
+
+def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeout_s: Optional[float] = -1.0,
+                   where: str = "the results") -> dict:
+    """Mask AP of COCO results (RLE masks) against a COCO instance dict, with pycocotools' COCOeval.
+
+    Returns ``stats`` (the 12 summary numbers), each under its name (``AP``, ``AP50``, ...), the summary
+    text, and ``per_class`` AP (IoU 0.50:0.95, all areas, 100 detections; NaN for a class without GT).
+    COCOeval runs in a child process stopped after ``timeout_s`` seconds (-1: :func:`default_timeout`;
+    None: in this process, no limit). ``where`` names the results (e.g. their file) in error messages.
+    """
+    gt = gt if prepared else prepare_ground_truth(gt)
+    check_results(gt, results, where)
+    limit = default_timeout(gt, results) if timeout_s is not None and timeout_s < 0 else timeout_s
+    out = run_with_time_limit(_cocoeval, (gt, results), limit, "COCOeval")
+    stats = out["stats"]
+    return {"stats": stats, **dict(zip(STAT_NAMES, stats)), "per_class": out["per_class"],
+            "summary": out["summary"]}
+
+
+def score_instance_files(gt_json, pred_json, timeout_s: Optional[float] = -1.0) -> dict:
+    """:func:`evaluate_masks` of a COCO results file (a list; a dict's ``annotations`` is taken) against a
+    COCO instance ground-truth file; errors name the files. Adds ``categories`` (the GT's)."""
+    from study.eval.pq_files import read_json
+
+    gt = read_json(gt_json, "ground-truth JSON", dict)
+    pred = read_json(pred_json, "prediction JSON", (dict, list))
+    if isinstance(pred, dict):
+        if not isinstance(pred.get("annotations"), list):
+            raise EvalInputError(f"prediction JSON {pred_json} must hold a list of COCO results")
+        pred = pred["annotations"]
+    try:
+        gt_ready = prepare_ground_truth(gt)
+    except EvalInputError as e:
+        raise type(e)(f"ground-truth JSON {gt_json}: {e}") from None
+    result = evaluate_masks(gt_ready, pred, prepared=True, timeout_s=timeout_s, where=f"prediction JSON {pred_json}")
+    result["categories"] = gt_ready["categories"]
+    return result
 
 
 def encode_mask(mask: np.ndarray) -> dict:

@@ -1,11 +1,14 @@
 """Readable errors for inconsistent evaluator input: each names the image and the offending id.
 
-All derive from ``ValueError`` so that ``study``'s command line turns them into one line on stderr.
+All derive from :class:`study.errors.UserError` (a ``ValueError``), which ``study``'s command line prints as
+one line on stderr.
 """
 from __future__ import annotations
 
+from study.errors import UserError
 
-class EvalInputError(ValueError):
+
+class EvalInputError(UserError):
     """Predictions and ground truth that cannot be scored together."""
 
 
@@ -27,3 +30,8 @@ class SizeMismatchError(EvalInputError):
 
 class UnknownImageError(EvalInputError):
     """A prediction names an image absent from the ground truth."""
+
+
+class EvalTimeoutError(EvalInputError):
+    """A native scorer (pycocotools) ran past its time limit: its input is inconsistent in a way the checks
+    before it did not catch."""

@@ -20,6 +20,8 @@ from PIL import Image
 
 from study.eval.errors import EvalInputError, MissingPredictionError, SizeMismatchError, UnknownImageError
 
+LABEL_MAX = 65535  # the largest value of a 16-bit label PNG
+
 
 class ConfusionMatrix:
     """Accumulates (GT class, predicted class) pixel counts.
@@ -31,8 +33,8 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        if num_classes < 1:
-            raise ValueError("num_classes must be >= 1")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise EvalInputError(f"num_classes (--num-classes) must be an integer >= 1, got {num_classes!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         # (C, C + 1): rows GT class, columns predicted class; column C = no prediction.
@@ -134,6 +136,19 @@ def score_semantic_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, 
     given (ADE20K official files: 1 for both).
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    p_off = label_offset if pred_label_offset is None else pred_label_offset
+    ConfusionMatrix(num_classes, ignore_index)  # checks num_classes
+    if not 0 <= ignore_index <= LABEL_MAX:
+        raise EvalInputError(f"ignore_index (--ignore-index) {ignore_index} is not a label value 0..{LABEL_MAX}")
+    for off, flag in ((label_offset, "--label-offset"), (p_off, "--pred-label-offset")):
+        top = LABEL_MAX - num_classes + 1
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= top:
+            raise EvalInputError(f"{flag} {off!r} is out of range: with {num_classes} classes it must be 0..{top} "
+                                 f"(label value v means class v - offset; ADE20K official files: 1)")
+        if off <= ignore_index < off + num_classes:
+            raise EvalInputError(f"{flag} {off}: the ignore index {ignore_index} falls on class "
+                                 f"{ignore_index - off} of 0..{num_classes - 1}; change --ignore-index, "
+                                 f"--label-offset or --num-classes")
     for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not d.is_dir():
             raise EvalInputError(f"{what} folder {d} does not exist")
@@ -145,11 +160,15 @@ def score_semantic_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, 
     if extra:
         raise UnknownImageError(f"prediction {pred_dir / extra[0]} has no ground truth in {gt_dir} "
                                 f"({len(extra)} such file(s))")
-    p_off = label_offset if pred_label_offset is None else pred_label_offset
     cm = ConfusionMatrix(num_classes, ignore_index)
     for rel in gts:
         name = str(rel)
         gt = decode_labels(read_label_png(gt_dir / rel, name, "ground truth"), label_offset, ignore_index)
         pred = decode_labels(read_label_png(pred_dir / rel, name, "prediction"), p_off, ignore_index)
         cm.add(gt, pred, image=name)
+    if cm.matrix.sum() == 0:
+        raise EvalInputError(f"no ground-truth pixel in {gt_dir} is a class 0..{num_classes - 1} after "
+                             f"--label-offset {label_offset} (all are the ignore index {ignore_index} or below the "
+                             f"offset): the score would be meaningless; check --label-offset, --ignore-index and "
+                             f"--num-classes")
     return cm.summary()

@@ -17,11 +17,12 @@ matching and FP/FN are array operations on that matrix.
 from __future__ import annotations
 
 import threading
+from numbers import Integral
 from typing import Iterable, Optional
 
 import numpy as np
 
-from study.eval.errors import UnknownCategoryError, UnknownSegmentError, SizeMismatchError
+from study.eval.errors import EvalInputError, UnknownCategoryError, UnknownSegmentError, SizeMismatchError
 
 MATCH_IOU = 0.5  # panopticapi: a match needs IoU > 0.5 (unique by construction)
 VOID_FRACTION = 0.5  # panopticapi: an unmatched prediction mostly on void + crowd is not a false positive
@@ -89,6 +90,11 @@ class PQAccumulator:
     def _cat_index(self, segs: list[dict], image: str, what: str) -> np.ndarray:
         out = np.empty(len(segs), np.int64)
         for i, s in enumerate(segs):
+            for key in ("id", "category_id"):
+                v = s.get(key)
+                if not isinstance(v, Integral) or isinstance(v, bool):
+                    raise EvalInputError(f"image {image}: a {what} segment has {key} {v!r:.40}; expected an "
+                                         f"integer")
             j = self.index.get(int(s["category_id"]))
             if j is None:
                 raise UnknownCategoryError(f"image {image}: {what} segment {s['id']} has category id "
@@ -112,6 +118,8 @@ class PQAccumulator:
         pred_segs = list({int(s["id"]): s for s in pred_segments}.values())
         if len(pred_segs) != len(pred_segments):
             raise UnknownSegmentError(f"image {image}: the prediction JSON lists a segment id twice")
+        if len(gt_segs) != len(gt_segments):
+            raise UnknownSegmentError(f"image {image}: the ground-truth JSON lists a segment id twice")
         pred_cat = self._cat_index(pred_segs, image, "predicted")
         gt_cat = self._cat_index(gt_segs, image, "ground-truth")
 
@@ -243,9 +251,22 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 
 def check_categories(categories: Optional[list], where: str) -> list[dict]:
-    from study.eval.errors import EvalInputError
-
+    """The GT categories: a non-empty list of objects with unique integer ``id`` (``isthing`` 0 or 1)."""
     if not categories:
         raise EvalInputError(f"{where} lists no 'categories'; PQ needs the ground-truth categories (give them "
                              f"with --categories FILE if they are kept in a separate file)")
+    if not isinstance(categories, list):
+        raise EvalInputError(f"{where}: 'categories' must be a list, not a {type(categories).__name__}")
+    seen = set()
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict):
+            raise EvalInputError(f"{where}: categories[{i}] is not an object")
+        cid = c.get("id")
+        if not isinstance(cid, Integral) or isinstance(cid, bool):
+            raise EvalInputError(f"{where}: categories[{i}] field 'id' must be an integer, got {cid!r:.40}")
+        if cid in seen:
+            raise EvalInputError(f"{where}: category id {cid} is listed twice (field 'id')")
+        seen.add(cid)
+        if c.get("isthing", 1) not in (0, 1) or isinstance(c.get("isthing", 1), float):
+            raise EvalInputError(f"{where}: category id {cid} has isthing {c.get('isthing')!r}; expected 0 or 1")
     return list(categories)

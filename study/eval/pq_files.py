@@ -19,14 +19,65 @@ from study.eval.errors import EvalInputError, MissingPredictionError, UnknownIma
 from study.eval.pq import PQAccumulator, check_categories, rgb_to_id
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict:
+def read_json(path: str | os.PathLike, what: str, top: Optional[type | tuple] = None):
+    """A JSON file's content; ``top`` (dict, list or both) is the type its top level must have."""
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        js = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{what} {path} is not valid JSON: {e}") from None
+    if top is not None and not isinstance(js, top):
+        kinds = top if isinstance(top, tuple) else (top,)
+        want = " or ".join({dict: "an object", list: "a list"}[k] for k in kinds)
+        raise EvalInputError(f"{what} {path} holds a JSON {type(js).__name__}; expected {want}")
+    return js
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_annotations(js: dict, where: str, what: str) -> list[dict]:
+    """The ``annotations`` of a panoptic JSON, each with an integer ``image_id``, a ``file_name`` and a
+    ``segments_info`` list of segments with integer ``id`` and ``category_id``; every image id once, every
+    segment id once per image. A repeat is an error: panopticapi would keep the last entry (or score the
+    image twice), which gives a wrong PQ that looks right."""
+    anns = js.get("annotations")
+    if not isinstance(anns, list):
+        raise EvalInputError(f"{what} {where} has no 'annotations' list")
+    seen: dict = {}
+    for k, a in enumerate(anns):
+        if not isinstance(a, dict):
+            raise EvalInputError(f"{what} {where}: annotation {k} is a JSON {type(a).__name__}, not an object")
+        for key in ("image_id", "file_name", "segments_info"):
+            if key not in a:
+                raise EvalInputError(f"{what} {where}: annotation {k} (image id {a.get('image_id', '?')}) lacks "
+                                     f"'{key}'")
+        image = a["image_id"]
+        if not isinstance(image, (int, str)) or isinstance(image, bool):
+            raise EvalInputError(f"{what} {where}: annotation {k} has image_id {image!r}; expected an integer "
+                                 f"(or a string)")
+        if image in seen:
+            raise EvalInputError(f"{what} {where}: image id {image} has two annotations (entries {seen[image]} "
+                                 f"and {k}, field 'image_id'); each image needs exactly one")
+        seen[image] = k
+        if not isinstance(a["segments_info"], list):
+            raise EvalInputError(f"{what} {where}: image id {image}: 'segments_info' must be a list")
+        ids = set()
+        for j, s in enumerate(a["segments_info"]):
+            if not isinstance(s, dict):
+                raise EvalInputError(f"{what} {where}: image id {image}: segments_info[{j}] is not an object")
+            for key in ("id", "category_id"):
+                if not _is_int(s.get(key)):
+                    raise EvalInputError(f"{what} {where}: image id {image}: segments_info[{j}] field '{key}' must "
+                                         f"be an integer, got {s.get(key)!r:.40}")
+            if s["id"] in ids:
+                raise EvalInputError(f"{what} {where}: image id {image}: segment id {s['id']} is listed twice "
+                                     f"(field 'id')")
+            ids.add(s["id"])
+    return anns
 
 
 def read_id_png(path: Path, image: str, what: str) -> np.ndarray:
@@ -48,21 +99,15 @@ def _image_name(ann: dict) -> str:
 def pair_annotations(gt_json: dict, pred_json: dict, gt_where: str, pred_where: str) -> list[tuple[dict, dict]]:
     """Pair every GT annotation with its prediction by ``image_id``; a GT image without prediction, or a
     prediction for an image the GT does not have, is an error naming the image."""
-    if "annotations" not in pred_json:
-        raise EvalInputError(f"prediction JSON {pred_where} has no 'annotations' list")
-    preds = {}
-    for a in pred_json["annotations"]:
-        if "image_id" not in a or "segments_info" not in a or "file_name" not in a:
-            raise EvalInputError(f"prediction JSON {pred_where}: an annotation lacks image_id, file_name or "
-                                 f"segments_info: {str(a)[:120]}")
-        preds[a["image_id"]] = a
-    gt_ids = {a["image_id"] for a in gt_json.get("annotations", [])}
+    preds = {a["image_id"]: a for a in check_annotations(pred_json, pred_where, "prediction JSON")}
+    gt_anns = check_annotations(gt_json, gt_where, "ground-truth JSON")
+    gt_ids = {a["image_id"] for a in gt_anns}
     extra = [i for i in preds if i not in gt_ids]
     if extra:
         raise UnknownImageError(f"prediction JSON {pred_where} has image id(s) {extra[:5]} that the ground "
                                 f"truth {gt_where} does not have")
     pairs = []
-    for g in gt_json.get("annotations", []):
+    for g in gt_anns:
         p = preds.get(g["image_id"])
         if p is None:
             raise MissingPredictionError(f"image {_image_name(g)} of the ground truth {gt_where} has no "
@@ -102,15 +147,15 @@ def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLik
     path without ``.json`` (panopticapi's default). The categories come from the GT JSON, or from
     ``categories_json`` (a list, or a dict with ``categories``) when the GT keeps them in a separate file
     (panopticapi's sample does). Returns :meth:`PQAccumulator.summary`."""
-    gt = read_json(gt_json, "ground-truth JSON")
-    pred = read_json(pred_json, "prediction JSON")
+    gt = read_json(gt_json, "ground-truth JSON", dict)
+    pred = read_json(pred_json, "prediction JSON", dict)
     gt_dir = Path(gt_dir) if gt_dir is not None else Path(str(gt_json)[:-len(".json")])
     pred_dir = Path(pred_dir) if pred_dir is not None else Path(str(pred_json)[:-len(".json")])
     for d, what in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
         if not d.is_dir():
             raise EvalInputError(f"{what} PNG folder {d} does not exist")
     if categories_json is not None:
-        cats = read_json(categories_json, "categories JSON")
+        cats = read_json(categories_json, "categories JSON", (dict, list))
         categories = check_categories(cats.get("categories") if isinstance(cats, dict) else cats,
                                       str(categories_json))
     else:

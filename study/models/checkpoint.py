@@ -11,7 +11,9 @@ import re
 import torch
 from torch import nn
 
-from study.models.backbone import read_state_dict, state_dict_mismatch
+from study.errors import UserError
+from study.io import read_torch_file
+from study.models.backbone import state_dict_mismatch
 
 # Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
 _OFFICIAL = [
@@ -64,7 +66,7 @@ def rename_key(key: str, rules: list, where="<state dict>") -> str:
     for pat, rep in rules:
         if re.match(pat, key):
             return re.sub(pat, rep, key)
-    raise ValueError(f"checkpoint {where}: key '{key}' has no counterpart in this suite's model")
+    raise UserError(f"checkpoint {where}: key '{key}' has no counterpart in this suite's model")
 
 
 def rename_keys(sd: dict, rules: list, dropped: tuple = (), where="<state dict>") -> dict:
@@ -96,9 +98,40 @@ def convert_state_dict(sd: dict, layout: str, path="<state dict>") -> dict:
     return sd
 
 
+def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The tensors of a weights file without running pickled code: ``.safetensors``, or a ``torch.save``
+    file (``weights_only``), unwrapped from a ``model`` / ``state_dict`` entry. A missing, damaged or
+    unsafe file ends in one :class:`UserError` naming it."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise UserError(f"{what} {path} does not exist")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise UserError(f"{what} {path} is damaged ({path.stat().st_size} bytes; safetensors says: {e}); "
+                            f"download or copy it again") from None
+    sd = read_torch_file(path, what)
+    if not isinstance(sd, dict):
+        raise UserError(f"{what} {path} holds a {type(sd).__name__}, not a state dict")
+    for key in ("model", "state_dict"):  # common wrappers
+        if key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{what} {path}: entry '{bad[0]}' is a {type(sd[bad[0]]).__name__}, not a tensor; "
+                        f"expected a model state dict")
+    return sd
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     """Load a whole-model checkpoint (any of the three layouts) into ``model``; returns the layout."""
-    sd = read_state_dict(path)
+    sd = read_weights(path)
     layout = detect_layout(sd)
     sd = convert_state_dict(sd, layout, path)
     own = model.state_dict()
@@ -108,7 +141,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
             sd[k] = own[k]
     problem = state_dict_mismatch(own, sd)
     if problem:
-        raise ValueError(f"checkpoint {path} ({layout} layout) does not fit the model: {problem}. "
+        raise UserError(f"checkpoint {path} ({layout} layout) does not fit the model: {problem}. "
                          "Check model.size, model.num_classes, model.num_queries and model.img_size.")
     model.load_state_dict(sd)
     return layout
