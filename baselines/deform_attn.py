@@ -38,6 +38,37 @@ def compiled_op():
     return ms_deform_attn
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def shape_constant(kind: str, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """A per-shape constant, built from Python values once per (kind, shapes, dtype, device) and cached, so a
+    forward never copies host data to the device: ``"wh"`` (L, 2) the levels' (W, H) that normalise the
+    offsets, ``"shapes"`` (L, 2) long (H, W) and ``"starts"`` (L,) long, the compiled kernel's level table.
+    Under ``torch.compile`` the tensor is built in the graph (a constant there) instead of read from the cache.
+    """
+    if torch.compiler.is_compiling():
+        return _shape_tensor(kind, shapes, dtype, device)
+    key = (kind, tuple(map(tuple, shapes)), dtype, torch.device(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor, usable by autograd even if first built in eval
+            t = _CONSTANTS[key] = _shape_tensor(kind, shapes, dtype, device)
+    return t
+
+
+def _shape_tensor(kind: str, shapes, dtype, device) -> torch.Tensor:
+    if kind == "wh":
+        return torch.tensor([(w, h) for h, w in shapes], dtype=dtype, device=device)
+    if kind == "shapes":
+        return torch.tensor([(h, w) for h, w in shapes], dtype=torch.long, device=device)
+    if kind == "starts":
+        sizes = [h * w for h, w in shapes]
+        return torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long, device=device)
+    raise KeyError(kind)
+
+
 def deform_attn_core(value: torch.Tensor, shapes: Sequence[tuple[int, int]], locations: torch.Tensor,
                      weights: torch.Tensor) -> torch.Tensor:
     """The sampling and weighted sum in plain PyTorch.
@@ -75,8 +106,8 @@ def deform_attn(value: torch.Tensor, shapes: Sequence[tuple[int, int]], location
         value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
         if not compiled:
             return deform_attn_core(value, shapes, locations, weights)
-        shape_t = torch.as_tensor(shapes, dtype=torch.long, device=value.device)
-        starts = torch.cat([shape_t.new_zeros(1), shape_t.prod(1).cumsum(0)[:-1]])
+        shape_t = shape_constant("shapes", shapes, torch.long, value.device)
+        starts = shape_constant("starts", shapes, torch.long, value.device)
         return compiled_op()(value, shape_t, starts, locations, weights, 64)
 
 
@@ -132,7 +163,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(n, lq, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(n, lq, self.heads, self.levels, self.points)
-        normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
+        normaliser = shape_constant("wh", shapes, query.dtype, query.device)  # (L, 2), cached
         locations = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         out = deform_attn(v, shapes, locations, weights, self.compiled)  # (N, Lq, M*d), float32 or float64
         return self.output_proj(out.to(self.output_proj.weight.dtype))  # autocast (if on) narrows it again

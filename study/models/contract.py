@@ -4,6 +4,10 @@
   the last set is the final prediction, every set is supervised in training.
 - ``attn_mask_probs`` (a buffer, one entry per masked-attention layer) holds the probability that a query's
   mask is applied; one annealing schedule drives EoMT and the Mask2Former decoder alike (paper Table C).
+  Set it with ``set_mask_probs`` (or by loading a state dict): the forward branches on host flags kept in
+  step with the buffer (P_mask > 0, P_mask < 1) and compares with the buffer on the device, so it never reads
+  the buffer back (no host sync per masked layer, no graph break under ``torch.compile``; a compiled model
+  recompiles only when a flag flips, at most twice per layer over the annealing).
   ``masked_inference`` keeps masked attention on at inference (Table 1 row 4).
 - ``param_groups()`` tells the optimiser which parameters are backbone (and at which depth) and which are new.
 - ``components()`` names the sub-modules whose time the benchmark breaks down.
@@ -46,16 +50,27 @@ class Segmenter(nn.Module):
         self.masked_inference = masked_inference
         # P_mask per masked layer (docs/paper.md section 6); 1 = every query's mask applied.
         self.register_buffer("attn_mask_probs", torch.ones(num_masked_layers))
+        self._set_host_flags(self.attn_mask_probs)
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def num_masked_layers(self) -> int:
         return self.attn_mask_probs.numel()
 
     def set_mask_probs(self, probs) -> None:
-        probs = torch.as_tensor(probs, dtype=self.attn_mask_probs.dtype)
+        """Set P_mask per masked layer (the annealing schedule calls this before each step's forward)."""
+        probs = torch.as_tensor(probs, dtype=self.attn_mask_probs.dtype).detach().cpu()
         if probs.shape != self.attn_mask_probs.shape:
             raise ValueError(f"expected {self.num_masked_layers} masking probabilities, got {tuple(probs.shape)}")
-        self.attn_mask_probs.copy_(probs)
+        self._set_host_flags(probs)
+        with torch.no_grad():
+            self.attn_mask_probs.copy_(probs)
+
+    def _set_host_flags(self, probs: torch.Tensor) -> None:
+        """Host copies of what the forward branches on (read from the device only here, never in forward)."""
+        values = probs.detach().cpu().tolist()
+        self._prob_positive = tuple(v > 0 for v in values)  # masking runs at (masked) inference
+        self._prob_below_one = tuple(v < 1 for v in values)  # annealing opens some queries' masks
 
     def masking_active(self, layer: int) -> bool:
         """Whether masked attention (and the prediction that feeds it) runs before masked layer ``layer``.
@@ -68,13 +83,12 @@ class Segmenter(nn.Module):
             return False
         if self.training:
             return True
-        return self.masked_inference and bool(self.attn_mask_probs[layer] > 0)
+        return self.masked_inference and self._prob_positive[layer]
 
     def drop_query_masks(self, query_mask: torch.Tensor, layer: int) -> torch.Tensor:
         """query_mask (B, Q, N) bool, True = may attend; opens a query's row with probability 1 - P_mask."""
-        prob = self.attn_mask_probs[layer]
-        if prob < 1:
-            opened = torch.rand(query_mask.shape[:2], device=query_mask.device) > prob  # (B, Q)
+        if self._prob_below_one[layer]:
+            opened = torch.rand(query_mask.shape[:2], device=query_mask.device) > self.attn_mask_probs[layer]
             query_mask = query_mask | opened[..., None]
         return query_mask
 
@@ -86,6 +100,11 @@ class Segmenter(nn.Module):
 
     def components(self) -> dict[str, list[nn.Module]]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _after_load(module: Segmenter, _incompatible_keys) -> None:
+    """``load_state_dict`` (resume, checkpoints) replaced the buffer: the host flags follow it."""
+    module._set_host_flags(module.attn_mask_probs)
 
 
 def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix: str) -> list[ParamGroup]:
