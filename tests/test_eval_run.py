@@ -187,38 +187,86 @@ def test_score_commands_write_json(tmp_path):
     assert res["miou"] == 1.0 and res["miou_all_classes"] == pytest.approx(0.1) and "ADE20K official" in text
 
 
-def test_eval_command_on_synthetic_data_with_tiny_eomt(tmp_path):
+def _tiny_config(tmp_path):
     data = dict(dataset="synthetic", root=str(tmp_path / "syn"), synthetic_image_size=64,
                 synthetic_train_images=1, synthetic_val_images=2)
     ds = build_dataset(DataConfig(**data), "val", "panoptic")
-    cfg = {"task": "panoptic", "data": data,
-           "model": {"size": "tiny", "img_size": 64, "num_classes": ds.info.num_classes, "num_queries": 5,
-                     "num_query_blocks": 2}}
+    return data, {"task": "panoptic", "data": data, "output_dir": str(tmp_path / "runs"),
+                  "model": {"size": "tiny", "img_size": 64, "num_classes": ds.info.num_classes, "num_queries": 5,
+                            "num_query_blocks": 2}}
+
+
+def _save_weights(cfg, path):
+    """Weights of the configuration's model (untrained: the eval command only needs a checkpoint file)."""
+    from study.models.build import build_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_model(cfg.model).state_dict(), path)
+
+
+def test_eval_command_on_synthetic_data_with_tiny_eomt(tmp_path):
     import yaml
 
+    from study.config import load_config
+
+    data, cfg = _tiny_config(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--set", "eval.batch_size=2", "--no-progress",
-                     "--export", str(tmp_path / "exp"), "--json", str(tmp_path / "m.json")])
+    with pytest.raises(ValueError, match="no trained weights to evaluate: give --checkpoint"):
+        _run(["eval", str(tmp_path / "c.yaml"), "--no-progress"])  # random weights are never scored
+    ckpt = tmp_path / "w.pt"
+    _save_weights(load_config(tmp_path / "c.yaml"), ckpt)
+    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(ckpt), "--set", "eval.batch_size=2",
+                     "--no-progress", "--export", str(tmp_path / "exp"), "--json", str(tmp_path / "m.json")])
     res = json.loads((tmp_path / "m.json").read_text())
     assert rc == 0 and res["num_images"] == 2 and res["task"] == "panoptic" and "All" in res
+    assert res["settings"]["export_dir"] == str(tmp_path / "exp")  # the flag became eval.export_dir
     assert (tmp_path / "exp" / "panoptic_pred.json").is_file()
     # Semantic (windowed) with masked attention kept on at inference.
     sem = build_dataset(DataConfig(**data), "val", "semantic")
-    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--set", "task=semantic", "--set",
-                     f"model.num_classes={sem.info.num_classes}", "--masked", "on", "--no-progress",
-                     "--json", str(tmp_path / "s.json")])
+    rc, text = _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(ckpt), "--set", "task=semantic",
+                     "--set", f"model.num_classes={sem.info.num_classes}", "--masked", "on", "--no-progress",
+                     "--max-images", "1", "--json", str(tmp_path / "s.json")])
     res = json.loads((tmp_path / "s.json").read_text())
     assert rc == 0 and 0 <= res["miou"] <= 1 and "mIoU (classes present" in text
+    assert res["num_images"] == 1 and res["settings"]["masked"] is True
     with pytest.raises(ValueError, match="does not exist"):
         _run(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "nope.pt")])
+
+
+def test_eval_command_records_a_run_folders_evaluation_where_status_finds_it(tmp_path):
+    """`study eval` of a run folder's weights writes eval_<task>_<split>.json and metrics.json's eval there,
+    in the launcher's format: the results table shows it and the run's eval step counts as done."""
+    from study.config import load_config
+    from study.launch.collect import collect
+    from study.runs import RunDir
+
+    _, tree = _tiny_config(tmp_path)
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(tmp_path / "c.yaml")
+    run = RunDir.for_config(cfg)
+    run.claim(cfg)
+    _save_weights(cfg, run.final_weights)
+    assert run.pending_steps(["eval"]) == ["eval"]
+    rc, text = _run(["eval", str(run.config), "--no-progress"])  # the run folder's own weights
+    assert rc == 0 and "recorded in" in text
+    full = run.evaluation("panoptic", "val")
+    assert "per_class" in full and full["weights"] == str(run.final_weights)
+    assert run.metrics()["eval"]["All"] == full["All"] and "per_class" not in run.metrics()["eval"]
+    assert run.pending_steps(["eval"]) == []  # same settings as the launcher's eval step
+    row = collect(tmp_path / "runs").iloc[0]
+    assert row["PQ"] == pytest.approx(100 * full["All"]["pq"])
+    # another configuration's evaluation is not written into this folder
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**tree, "model": {**tree["model"], "num_queries": 6}}))
+    with pytest.raises(ValueError, match="belongs to run folder .* of another configuration"):
+        _run(["eval", str(other), "--checkpoint", str(run.final_weights), "--no-progress"])
 
 
 def test_study_command_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     """Through ``study.cli.main`` (with this module registered): exit 2 and one line naming the image."""
     import study.cli as study_cli
-
-    if "study.eval.cli" not in study_cli.COMMANDS:
-        monkeypatch.setattr(study_cli, "COMMANDS", study_cli.COMMANDS + ["study.eval.cli"])
     pan = data_dir("coco_panoptic_sample")
     gt = json.loads((pan / "panoptic_examples.json").read_text())
     gt["categories"] = json.loads((pan / "panoptic_coco_categories.json").read_text())

@@ -15,7 +15,7 @@ from study.config import ConfigError, load_config, to_dict
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import RunJob, pending_steps
-from study.launch.collect import job_active
+from study.launch.submit import job_active
 from study.runs import RunDir
 from conftest import REPO
 
@@ -166,19 +166,20 @@ def test_a_job_that_died_silently_is_interrupted_and_resumed(tmp_path, synthetic
     run.claim(r.config)
     (run.path / "launch.json").write_text(json.dumps({"cluster": "local", "job_id": "999999999", "steps": ["train"],
                                                       "submitted": "2026-01-01T00:00:00"}))
-    assert run_state(run) == "lost"  # its (made-up) process does not exist and nothing was written
+    assert run_state(run, active=job_active) == "lost"  # its (made-up) process does not exist, nothing written
+    assert run_state(run) == "submitted"  # without asking about the job, the files alone say no more
     run.write_status("running", step=1, total_steps=3)
-    assert run_state(run) == "interrupted"
-    assert run_state(run, active=True) == "running"
+    assert run_state(run, active=job_active) == "interrupted"
+    assert run_state(run, active=True) == "running" and run_state(run) == "running"
     # a failure record older than the latest submission belongs to an earlier attempt
     (run.path / "failure.json").write_text(json.dumps({"step": "train", "error": "old", "time": "2025-12-31T00:00:00"}))
-    assert run_state(run) == "interrupted"
+    assert run_state(run, active=False) == "interrupted"
     assert main(["launch", path, "--cluster", "debug", "--steps", "train"]) == 0
     assert run_state(run) == "complete"
 
 
 def test_squeue_trouble_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
-    import study.launch.collect as collect_module
+    import study.launch.submit as submit_module
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
@@ -187,12 +188,12 @@ def test_squeue_trouble_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
     def squeue(stderr, code=1, stdout=""):
         return lambda *a, **k: subprocess.CompletedProcess(a, code, stdout=stdout, stderr=stderr)
 
-    monkeypatch.setattr(collect_module.subprocess, "run", squeue("slurm_load_jobs error: Invalid job id specified"))
+    monkeypatch.setattr(submit_module.subprocess, "run", squeue("slurm_load_jobs error: Invalid job id specified"))
     assert job_active(run) is False
-    monkeypatch.setattr(collect_module.subprocess, "run", squeue("Unable to contact slurm controller"))
+    monkeypatch.setattr(submit_module.subprocess, "run", squeue("Unable to contact slurm controller"))
     with pytest.raises(RuntimeError, match="cannot tell whether Slurm job 42 .* still runs"):
         job_active(run)
-    monkeypatch.setattr(collect_module.subprocess, "run", squeue("", 0, "PENDING\nCOMPLETED\n"))
+    monkeypatch.setattr(submit_module.subprocess, "run", squeue("", 0, "PENDING\nCOMPLETED\n"))
     assert job_active(run) is True
 
 

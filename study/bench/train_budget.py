@@ -75,9 +75,10 @@ def main(argv=None) -> int:
     if args.preset == "camvid" and not args.root:
         p.error("camvid needs --root (the CamVid folder with train.txt / val.txt)")
 
+    from dataclasses import replace
+
     from study.bench.flops import count_flops, count_params
-    from study.data import build_dataset
-    from study.eval.run import evaluate
+    from study.eval.run import evaluate_run
     from study.models.build import build_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="train_budget_"))
@@ -91,11 +92,9 @@ def main(argv=None) -> int:
         run: RunDir = train(cfg)  # a finished run of the same config is reused, not retrained
         images_per_s = run.metrics()["train"]["images_per_s"]
         train_min = steps * cfg.train.batch_size / images_per_s / 60  # the loop's own clock
-        cfg.model.checkpoint = str(run.final_weights)
-        model = build_model(cfg.model)
-        dataset = build_dataset(cfg.data, cfg.data.val_split, cfg.task)
-        metrics = evaluate(model, dataset, cfg.task, cfg.eval, cfg.model.img_size, progress=False)
+        metrics = evaluate_run(cfg, run.final_weights, run, progress=False)  # recorded in the run folder
         score = metrics["miou"] if cfg.task == "semantic" else metrics["All"]["pq"]
+        model = build_model(replace(cfg.model, checkpoint=None, pretrained=None))  # FLOPs need no weights
         row = {"variant": variant, "preset": args.preset, "steps": steps, "train_minutes": round(train_min, 2),
                "images_per_s": round(images_per_s, 2),
                "params_m": round(count_params(model) / 1e6, 3),

@@ -1,14 +1,15 @@
 """``study score {panoptic,instance,semantic}`` (score official-format files) and ``study eval CONFIG``.
 
 Each scorer prints the per-class table and the summary; ``--json PATH`` also writes the numbers. User
-mistakes (missing files, inconsistent predictions) raise ValueError subclasses that ``study`` prints as one
-line.
+mistakes (missing files, inconsistent predictions, no trained weights) raise ``UserError``, which ``study``
+prints as one line.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from study.errors import UserError
 from study.io import atomic_write_json
 
 
@@ -51,7 +52,7 @@ def score_instance(args) -> int:
     if isinstance(pred, dict) and "annotations" in pred:  # a full COCO dict instead of a results list
         pred = pred["annotations"]
     if not isinstance(pred, list):
-        raise ValueError(f"prediction JSON {args.pred_json} must hold a list of COCO results")
+        raise UserError(f"prediction JSON {args.pred_json} must hold a list of COCO results")
     result = evaluate_masks(gt, pred)
     print(format_table(result, gt.get("categories", []), per_class=not args.no_per_class))
     _write(args, result)
@@ -75,49 +76,57 @@ def score_semantic(args) -> int:
 # ------------------------------------------------------------------------------------------------- eval
 
 
-def run_eval(args) -> int:
-    from study.config import load_config
-    from study.data import build_dataset
-    from study.eval.run import evaluate
-    from study.models.build import build_model
-
-    cfg = load_config(args.config, args.set)
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise ValueError(f"checkpoint {args.checkpoint} does not exist")
-        cfg.model.checkpoint = args.checkpoint
+def _flag_overrides(args) -> list[str]:
+    """The flags of ``study eval`` that set configuration keys, as overrides applied after ``--set``."""
+    out = []
     if args.export:
-        cfg.eval.export_dir = args.export
+        out.append(f"eval.export_dir={args.export}")
     if args.max_images is not None:
-        cfg.eval.max_images = args.max_images
-    split = cfg.eval.split or cfg.data.val_split
-    dataset = build_dataset(cfg.data, split, cfg.task)
-    model = build_model(cfg.model)
-    size = cfg.eval.input_size or cfg.model.img_size
+        out.append(f"eval.max_images={args.max_images}")
+    return out
+
+
+def run_eval(args) -> int:
+    """Evaluate trained weights (``--checkpoint``, else the configuration's run folder, else
+    ``model.checkpoint``; never random weights) with study.eval.run.evaluate_run. Weights that lie in a run
+    folder of the same configuration record their result there (``eval_<task>_<split>.json`` and
+    ``metrics.json``), where ``study status`` and ``study collect`` read it; ``--json`` also writes it there."""
+    from study.config import load_config
+    from study.eval.run import evaluate_run, run_weights
+    from study.runs import RunDir
+
+    cfg = load_config(args.config, list(args.set) + _flag_overrides(args))
+    weights = run_weights(cfg, args.checkpoint)
+    run = RunDir.holding(weights)
+    if run is not None and not run.belongs_to(cfg):
+        if not args.json:
+            raise UserError(f"checkpoint {weights} belongs to run folder {run.path}, of another configuration "
+                            f"than {args.config}; evaluate it with {run.config}, or write the result elsewhere "
+                            f"with --json")
+        run = None
     masked = {"on": True, "off": False, None: None}[args.masked]
-    t0 = time.perf_counter()
-    result = evaluate(model, dataset, cfg.task, cfg.eval, size, progress=not args.no_progress, masked=masked)
-    result["seconds"] = time.perf_counter() - t0
-    result["split"] = split
-    result["checkpoint"] = cfg.model.checkpoint
-    _print_eval(result, dataset.info)
-    out = Path(args.json) if args.json else (
-        Path(args.checkpoint).parent if args.checkpoint else Path(cfg.output_dir)) / f"eval_{cfg.task}_{split}.json"
-    atomic_write_json(out, _jsonable(result))
-    print(f"wrote {out}")
+    result = evaluate_run(cfg, weights, run, progress=not args.no_progress, masked=masked)
+    _print_eval(result)
+    if run is not None:
+        print(f"recorded in {run.eval_file(result['task'], result['split'])} and {run.metrics_file}")
+    if args.json or run is None:
+        out = Path(args.json) if args.json else weights.parent / f"eval_{result['task']}_{result['split']}.json"
+        atomic_write_json(out, result)
+        print(f"wrote {out}")
     return 0
 
 
-def _print_eval(result: dict, info) -> None:
+def _print_eval(result: dict) -> None:
     from study.eval import coco_ap, miou, pq
-    from study.eval.run import categories_of
+
+    cats = result["categories"]
 
     if result["task"] == "panoptic":
-        print(pq.format_table(result, categories_of(info)))
+        print(pq.format_table(result, cats))
     elif result["task"] == "instance":
-        print(coco_ap.format_table(result, categories_of(info)))
+        print(coco_ap.format_table(result, cats))
     else:
-        print(miou.format_table(result, info.class_names))
+        print(miou.format_table(result, [c["name"] for c in cats]))
 
 
 # ------------------------------------------------------------------------------------------- argparse
@@ -174,11 +183,14 @@ def register(subparsers) -> None:
                               description="Run the model a config describes over a data split (padded "
                                           "or windowed protocol), post-process, score, optionally export.")
     p.add_argument("config", help="YAML config")
-    p.add_argument("--checkpoint", help="model checkpoint (ours, official EoMT or Hugging Face)")
+    p.add_argument("--checkpoint", help="model checkpoint (ours, official EoMT or Hugging Face); default: the "
+                                        "config's run folder's trained weights, else model.checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    p.add_argument("--export", metavar="DIR", help="write predictions in the official formats here")
-    p.add_argument("--json", help="metrics file (default: beside the checkpoint, eval_<task>_<split>.json)")
-    p.add_argument("--max-images", type=int, help="score only the first N images")
+    p.add_argument("--export", metavar="DIR", help="write predictions in the official formats here "
+                                                   "(sets eval.export_dir)")
+    p.add_argument("--json", help="also write the result here (default: recorded in the run folder of the "
+                                  "checkpoint, else beside it as eval_<task>_<split>.json)")
+    p.add_argument("--max-images", type=int, help="score only the first N images (sets eval.max_images)")
     p.add_argument("--masked", choices=("on", "off"), default=None,
                    help="masked attention at inference (default: the model variant's setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,18 +10,27 @@ JSON areas are pixel counts), semantic label maps from the per-class masks (pixe
 ignored). For instance AP the official JSON is used when the dataset names one on disk
 (``info.extra['instances_json']``), because COCO's polygon areas decide the small/medium/large ranges;
 otherwise the GT is built from the sample masks.
+
+One evaluator object per task (``EVALUATORS``: process a batch, summarise) holds that task's protocol,
+post-processing, scoring and export. :func:`evaluate` runs one over a dataset; :func:`evaluate_run` is the
+one way to evaluate a configuration's trained weights (``study eval``, the launcher's eval step, the training
+benchmark), and records the result in the run folder (study/runs.py) in one format.
 """
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from study.config import Config, to_dict
 from study.data.types import DatasetInfo, Sample
 from study.device import resolve_device, resolve_precision
+from study.errors import UserError
 from study.eval.coco_ap import encode_mask, evaluate_masks
 from study.eval.config import EvalConfig
 from study.eval.export import InstanceExporter, PanopticExporter, SemanticExporter
@@ -29,8 +38,7 @@ from study.eval.inference import run_padded, run_windowed
 from study.eval.miou import ConfusionMatrix
 from study.eval.postprocess import instance_topk, panoptic_merge
 from study.eval.pq import PQAccumulator
-
-TASKS = ("panoptic", "instance", "semantic")
+from study.runs import RunDir, step_settings
 
 
 def categories_of(info: DatasetInfo) -> list[dict]:
@@ -100,89 +108,200 @@ def _official_instance_gt(path: Path, image_ids: list) -> dict:
     return gt
 
 
+class TaskEvaluator:
+    """Scores one task: :meth:`process` runs the task's protocol on a batch of samples and accumulates the
+    scores, :meth:`summarise` returns the metrics. One subclass per task (``EVALUATORS``)."""
+
+    task: str
+
+    def __init__(self, info: DatasetInfo, settings: EvalConfig):
+        self.info, self.settings = info, settings
+        self.categories = categories_of(info)
+
+    def process(self, model, samples: list[Sample], input_size: int, masked: Optional[bool],
+                device, precision: str) -> None:
+        raise NotImplementedError
+
+    def summarise(self) -> dict:
+        raise NotImplementedError
+
+
+class PanopticEvaluator(TaskEvaluator):
+    """Padded protocol, Mask2Former's merge, PQ (panopticapi's rules); exports COCO panoptic PNGs + JSON."""
+
+    task = "panoptic"
+
+    def __init__(self, info: DatasetInfo, settings: EvalConfig):
+        super().__init__(info, settings)
+        self.pq = PQAccumulator(self.categories)
+        self.exporter = PanopticExporter(settings.export_dir) if settings.export_dir else None
+
+    def process(self, model, samples, input_size, masked, device, precision) -> None:
+        st, info = self.settings, self.info
+        for s, (masks, classes) in zip(samples, run_padded(model, [s.image for s in samples], input_size,
+                                                            masked, device, precision)):
+            r = panoptic_merge(masks, classes, info.is_thing, st.score_threshold, st.overlap_threshold,
+                               st.mask_threshold)
+            segs = [{"id": g["id"], "category_id": int(info.category_ids[g["label"]]), "iscrowd": 0,
+                     "isthing": int(g["isthing"])} for g in r.segments]
+            ids = r.ids.cpu().numpy()
+            gt_ids, gt_segs = panoptic_ground_truth(s, info)
+            self.pq.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
+            if self.exporter:
+                self.exporter.add(s.image_id, s.file_name, ids, segs)
+
+    def summarise(self) -> dict:
+        out = self.pq.summary()
+        if self.exporter:
+            out["exported"] = str(self.exporter.finish(self.categories))
+        return out
+
+
+class InstanceEvaluator(TaskEvaluator):
+    """Padded protocol, top-k (query, class) pairs, pycocotools mask AP; exports COCO results JSON."""
+
+    task = "instance"
+
+    def __init__(self, info: DatasetInfo, settings: EvalConfig):
+        super().__init__(info, settings)
+        self.official_json = _official_instance_json(info)
+        self.gt = _InstanceGT(info)
+        self.results: list[dict] = []
+        self.image_ids: list = []
+        self.exporter = InstanceExporter(settings.export_dir) if settings.export_dir else None
+
+    def process(self, model, samples, input_size, masked, device, precision) -> None:
+        for s, (masks, classes) in zip(samples, run_padded(model, [s.image for s in samples], input_size,
+                                                            masked, device, precision)):
+            r = instance_topk(masks, classes, self.settings.top_k)
+            res = InstanceExporter.to_results(s.image_id, r.masks.cpu().numpy(),
+                                              [self.info.category_ids[c] for c in r.labels.tolist()],
+                                              r.scores.tolist())
+            self.results.extend(res)
+            if self.official_json is None:
+                self.gt.add(s)
+            self.image_ids.append(s.image_id)
+            if self.exporter:
+                self.exporter.add(res)
+
+    def summarise(self) -> dict:
+        if self.official_json is not None:
+            out = {"ground_truth": str(self.official_json),
+                   **evaluate_masks(_official_instance_gt(self.official_json, self.image_ids), self.results)}
+        else:
+            out = {"ground_truth": "sample masks", **evaluate_masks(self.gt.gt, self.results)}
+        if self.exporter:
+            out["exported"] = str(self.exporter.finish())
+        return out
+
+
+class SemanticEvaluator(TaskEvaluator):
+    """Windowed protocol, per-pixel argmax, mIoU; exports label PNGs (dataset ids)."""
+
+    task = "semantic"
+
+    def __init__(self, info: DatasetInfo, settings: EvalConfig):
+        super().__init__(info, settings)
+        self.cm = ConfusionMatrix(info.num_classes, info.ignore_index)
+        self.exporter = SemanticExporter(settings.export_dir) if settings.export_dir else None
+
+    def process(self, model, samples, input_size, masked, device, precision) -> None:
+        for s, logits in zip(samples, run_windowed(model, [s.image for s in samples], input_size,
+                                                   self.settings.batch_size, masked, device, precision)):
+            pred = logits.argmax(0).cpu().numpy()  # (H, W) contiguous classes
+            self.cm.add(semantic_ground_truth(s, self.info.ignore_index), pred, image=_image_name(s))
+            if self.exporter:
+                self.exporter.add(s.image_id, s.file_name, np.asarray(self.info.category_ids)[pred])
+
+    def summarise(self) -> dict:
+        out = self.cm.summary()
+        if self.exporter:  # one PNG per image, written as it goes
+            out["exported"] = str(self.exporter.png_dir)
+        return out
+
+
+EVALUATORS: dict[str, type[TaskEvaluator]] = {e.task: e for e in (PanopticEvaluator, InstanceEvaluator,
+                                                                   SemanticEvaluator)}
+TASKS = tuple(EVALUATORS)
+
+
 def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, progress: bool = True,
              masked: Optional[bool] = None) -> dict:
     """Run ``model`` over ``dataset`` (items :class:`Sample`, attribute ``info``) and score it.
 
-    Returns the metrics (PQ summary, pycocotools stats, or mIoU summary) with ``task``, ``num_images``
-    and, when ``settings.export_dir`` is set, the paths of the exported predictions.
+    Returns the metrics (PQ summary, pycocotools stats, or mIoU summary) with ``task``, ``dataset``,
+    ``num_images``, ``input_size``, ``device``, ``precision``, ``categories`` and, when ``settings.export_dir`` is set, the path
+    of the exported predictions (``exported``).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if task not in EVALUATORS:
+        raise UserError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     info: DatasetInfo = dataset.info
     if getattr(model, "num_classes", info.num_classes) != info.num_classes:
-        raise ValueError(f"the model predicts {model.num_classes} classes but dataset '{info.name}' has "
-                         f"{info.num_classes}; set model.num_classes to match")
+        raise UserError(f"the model predicts {model.num_classes} classes but dataset '{info.name}' has "
+                        f"{info.num_classes}; set model.num_classes to match")
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     model.to(device).eval()
     n = len(dataset) if settings.max_images is None else min(len(dataset), settings.max_images)
-    cats = categories_of(info)
-    export = settings.export_dir
-    pq = PQAccumulator(cats) if task == "panoptic" else None
-    cm = ConfusionMatrix(info.num_classes, info.ignore_index) if task == "semantic" else None
-    official_json = _official_instance_json(info) if task == "instance" else None
-    inst_gt, results, image_ids = _InstanceGT(info), [], []
-    exporter = None
-    if export and task == "panoptic":
-        exporter = PanopticExporter(export)
-    elif export and task == "instance":
-        exporter = InstanceExporter(export)
-    elif export:
-        exporter = SemanticExporter(export)
-
+    evaluator = EVALUATORS[task](info, settings)
     bar = tqdm(total=n, desc=f"eval {task}", unit="img", disable=not progress)
     for start in range(0, n, settings.batch_size):
         samples = [dataset[i] for i in range(start, min(n, start + settings.batch_size))]
-        images = [s.image for s in samples]
-        if task == "semantic":
-            for s, logits in zip(samples, run_windowed(model, images, input_size, settings.batch_size,
-                                                       masked, device, precision)):
-                pred = logits.argmax(0).cpu().numpy()  # (H, W) contiguous classes
-                cm.add(semantic_ground_truth(s, info.ignore_index), pred, image=_image_name(s))
-                if exporter:
-                    exporter.add(s.image_id, s.file_name, np.asarray(info.category_ids)[pred])
-        else:
-            for s, (masks, classes) in zip(samples, run_padded(model, images, input_size, masked, device,
-                                                                    precision)):
-                if task == "panoptic":
-                    r = panoptic_merge(masks, classes, info.is_thing, settings.score_threshold,
-                                       settings.overlap_threshold, settings.mask_threshold)
-                    segs = [{"id": g["id"], "category_id": int(info.category_ids[g["label"]]),
-                             "iscrowd": 0, "isthing": int(g["isthing"])} for g in r.segments]
-                    ids = r.ids.cpu().numpy()
-                    gt_ids, gt_segs = panoptic_ground_truth(s, info)
-                    pq.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
-                    if exporter:
-                        exporter.add(s.image_id, s.file_name, ids, segs)
-                else:
-                    r = instance_topk(masks, classes, settings.top_k)
-                    res = InstanceExporter.to_results(
-                        s.image_id, r.masks.cpu().numpy(),
-                        [info.category_ids[c] for c in r.labels.tolist()], r.scores.tolist())
-                    results.extend(res)
-                    if official_json is None:
-                        inst_gt.add(s)
-                    image_ids.append(s.image_id)
-                    if exporter:
-                        exporter.add(res)
+        evaluator.process(model, samples, input_size, masked, device, precision)
         bar.update(len(samples))
     bar.close()
-
     out: dict = {"task": task, "dataset": info.name, "num_images": n, "input_size": input_size,
                  "device": str(device), "precision": precision}
-    if task == "panoptic":
-        out.update(pq.summary())
-    elif task == "semantic":
-        out.update(cm.summary())
-    else:
-        if official_json is not None:
-            out["ground_truth"] = str(official_json)
-            out.update(evaluate_masks(_official_instance_gt(official_json, image_ids), results))
-        else:
-            out["ground_truth"] = "sample masks"
-            out.update(evaluate_masks(inst_gt.gt, results))
-    if exporter is not None:
-        path = exporter.finish(cats) if task == "panoptic" else exporter.finish() if task == "instance" else None
-        out["exported"] = str(path) if path is not None else str(exporter.png_dir)
+    out.update(evaluator.summarise())
+    out["categories"] = evaluator.categories  # dataset ids, names, thing flags: what per_class is keyed by
     return out
+
+
+def run_weights(cfg: Config, weights: str | Path | None = None) -> Path:
+    """The trained weights to evaluate for ``cfg``: ``weights``, else the final weights of the configuration's
+    run folder, else ``model.checkpoint``. Random weights are never scored: with none of these, a UserError."""
+    if weights is None:
+        run = RunDir.for_config(cfg)
+        if run.final_weights.is_file():
+            weights = run.final_weights
+        elif cfg.model.checkpoint:
+            weights = cfg.model.checkpoint
+        else:
+            raise UserError(f"no trained weights to evaluate: give --checkpoint, set model.checkpoint, or train "
+                            f"the configuration first (its run folder {run.path} has no {run.final_weights.name})")
+    weights = Path(weights)
+    if not weights.is_file():
+        raise UserError(f"checkpoint {weights} does not exist")
+    return weights
+
+
+def evaluate_run(cfg: Config, weights: str | Path | None = None, run: RunDir | None = None,
+                 progress: bool = True, masked: Optional[bool] = None) -> dict:
+    """Evaluate the trained weights (:func:`run_weights`) of configuration ``cfg`` on ``eval.split`` (default
+    ``data.val_split``) and, when ``run`` is given, record the result in that run folder
+    (:meth:`RunDir.write_evaluation`: ``eval_<task>_<split>.json`` and ``metrics.json``'s ``eval``).
+
+    The result is :func:`evaluate`'s, plus ``split``, ``weights``, ``seconds`` and ``settings`` (the eval
+    section it ran with, and ``masked`` when the masking at inference was forced): one format wherever an
+    evaluation is written.
+    """
+    from study.data import build_dataset
+    from study.models.build import build_model
+    from study.models.checkpoint import load_checkpoint
+
+    weights = run_weights(cfg, weights)
+    split = cfg.eval.split or cfg.data.val_split
+    dataset = build_dataset(cfg.data, split, cfg.task)
+    model = build_model(replace(cfg.model, checkpoint=None, pretrained=None))  # the trained weights, below
+    load_checkpoint(model, weights)
+    t0 = time.perf_counter()
+    result = evaluate(model, dataset, cfg.task, cfg.eval, cfg.eval.input_size or cfg.model.img_size,
+                      progress=progress, masked=masked)
+    settings = step_settings("eval", to_dict(cfg))
+    if masked is not None:
+        settings["masked"] = masked
+    result.update(split=split, weights=str(weights), seconds=round(time.perf_counter() - t0, 3),
+                  settings=settings)
+    if run is not None:
+        run.write_evaluation(result)
+    return result

@@ -5,99 +5,26 @@ idempotent, so calling it again after a crash, a time limit or a pre-emption pic
 training resumes from ``checkpoints/last.pt`` (bitwise, see study/train/loop.py), a finished evaluation or
 benchmark recorded in ``metrics.json`` is not repeated.
 
-What a step writes into ``metrics.json``:
-    train   the trainer's summary (steps, final loss, images/s, world size, precision, device)
-    eval    the evaluator's numbers on ``eval.split`` (default ``data.val_split``), without the per-class tables,
-            which go to ``eval_<task>_<split>.json`` next to it
-    bench   parameters, GFLOPs (and by component), and FPS with its protocol when ``bench.fps`` is on
+What each step writes into the run folder is described in study/runs.py (:class:`RunDir` owns the layout).
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
-from typing import Iterable
+from typing import Iterable, Optional
 
 import submitit
 
 from study.config import Config, build_dataclass, to_dict
-from study.io import atomic_write_json
-from study.runs import RunDir
-
-STEPS = ("train", "eval", "bench")
-FAILURE_FILE = "failure.json"  # the last attempt's error; removed when a new attempt starts
-
-
-def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
-    steps = tuple(steps)
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown or not steps:
-        raise ValueError(f"unknown step(s) {unknown}; steps are {', '.join(STEPS)}")
-    return steps
-
-
-# What the results of the eval and bench steps depend on besides the trained weights. Neither section is part
-# of a run's identity (study/config.py), so each result records its settings and counts as done only while
-# they match the configuration's.
-BENCH_SETTINGS = ("fps", "device", "precision", "compile", "warmup", "iters", "scope")
-
-
-def step_settings(step: str, config: dict) -> dict:
-    """The settings a step's result depends on, from a configuration as a dict (``to_dict(cfg)``)."""
-    if step == "eval":
-        return dict(config.get("eval", {}))
-    if step == "bench":
-        return {k: config.get("bench", {}).get(k) for k in BENCH_SETTINGS}
-    return {}
-
-
-def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None = None) -> list[str]:
-    """The steps of ``steps`` that ``run`` has not finished yet for configuration ``cfg`` (default: the one
-    saved in the folder): training finished, evaluation and benchmark recorded with the same settings."""
-    import yaml
-
-    metrics = run.metrics()
-    if cfg is not None:
-        config = to_dict(cfg)
-    else:
-        config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
-    trained = run.status().get("state") == "finished"
-    todo = []
-    for step in steps:
-        if step == "train":
-            done = trained
-        else:
-            done = step in metrics and metrics[step].get("settings") == step_settings(step, config)
-        if not done:
-            todo.append(step)
-    return todo
+from study.errors import UserError
+from study.runs import STEPS, RunDir, check_steps, pending_steps, step_settings  # noqa: F401 (re-exported)
 
 
 def _untrained_model(cfg: Config):
-    """The run's model with no weights loaded (the caller loads the trained ones, or needs none)."""
+    """The run's model with no weights loaded (FLOPs and speed do not depend on them)."""
     from study.models.build import build_model
 
     return build_model(replace(cfg.model, checkpoint=None, pretrained=None))
-
-
-def _evaluate(cfg: Config, run: RunDir, progress: bool) -> dict:
-    from study.data import build_dataset
-    from study.eval.run import evaluate
-    from study.models.checkpoint import load_checkpoint
-
-    split = cfg.eval.split or cfg.data.val_split
-    dataset = build_dataset(cfg.data, split, cfg.task)
-    model = _untrained_model(cfg)
-    load_checkpoint(model, run.final_weights)
-    result = evaluate(model, dataset, cfg.task, cfg.eval, cfg.eval.input_size or cfg.model.img_size,
-                      progress=progress)
-    result["split"] = split
-    result["weights"] = str(run.final_weights)
-    result["settings"] = step_settings("eval", to_dict(cfg))
-    atomic_write_json(run.path / f"eval_{cfg.task}_{split}.json", result)
-    for detail in ("per_class", "categories", "summary"):  # per-class tables and COCOeval's text stay in the
-        result.pop(detail, None)  # eval file above
-    return result
 
 
 def _bench(cfg: Config) -> dict:
@@ -125,15 +52,15 @@ def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = N
     Under torch.distributed (``WORLD_SIZE`` > 1) every process trains; only rank 0 evaluates and benchmarks.
     An exception is recorded in ``failure.json`` (step and message) and raised again.
     """
+    from study.eval.run import evaluate_run
     from study.train.loop import train
 
     steps = check_steps(steps)
     run = run or RunDir.for_config(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    failure = run.path / FAILURE_FILE
     if rank == 0:
         run.claim(cfg)  # the folder belongs to this configuration (checked before anything runs)
-        failure.unlink(missing_ok=True)  # a new attempt
+        run.clear_failure()  # a new attempt
     todo, step = pending_steps(run, steps, cfg), None
     try:
         if "train" in todo:
@@ -144,18 +71,42 @@ def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = N
         if "eval" in todo:
             step = "eval"
             if not run.final_weights.is_file():
-                raise ValueError(f"{run.path} has no trained weights ({run.final_weights}); train it first "
-                                 f"(steps include 'train')")
-            run.update_metrics(eval=_evaluate(cfg, run, progress))
+                raise UserError(f"{run.path} has no trained weights ({run.final_weights}); train it first "
+                                f"(steps include 'train')")
+            evaluate_run(cfg, run.final_weights, run, progress=progress)
         if "bench" in todo:
             step = "bench"
             run.update_metrics(bench=_bench(cfg))
     except Exception as e:  # (not SystemExit: a requeued job leaves through it, to resume later)
         if rank == 0:  # what failed where, for `study status` (the trainer's status.json may not know)
-            atomic_write_json(failure, {"step": step, "error": f"{type(e).__name__}: {e}",
-                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            run.write_failure(step, f"{type(e).__name__}: {e}")
         raise
     return run
+
+
+def join_submitit_job() -> Optional[int]:
+    """Inside a submitit job of several tasks, export torch.distributed's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, ...) for this task; returns the job's number of tasks, or None outside a
+    submitit job (a direct call, a test, torchrun).
+
+    The job's visible GPUs are left as they are (``set_cuda_visible_devices=False``): submitit would narrow
+    ``CUDA_VISIBLE_DEVICES`` to the physical index LOCAL_RANK, which is another job's GPU when this one was
+    given, say, GPUs 2 and 3 (study/launch/submit.py). Each task then uses GPU LOCAL_RANK of the job's
+    visible set (study/device.py).
+    """
+    try:
+        job = submitit.JobEnvironment()
+    except RuntimeError as e:  # submitit 1.5.4 (core/plugins.py) raises this when no job environment is active
+        if not str(e).startswith(_NOT_IN_A_JOB):
+            raise
+        return None
+    if job.num_tasks > 1:  # anything going wrong here (a variable already set, ...) is raised: swallowing it
+        # would turn one DDP job into several world-size-1 runs writing the same folder
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return job.num_tasks
+
+
+_NOT_IN_A_JOB = "Could not figure out which environment the job is runnning in"  # submitit's wording (sic)
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -167,10 +118,30 @@ class RunJob(submitit.helpers.Checkpointable):
     """
 
     def __call__(self, config: dict, steps: tuple[str, ...] = STEPS) -> str:
-        try:
-            if submitit.JobEnvironment().num_tasks > 1:
-                submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR, ...
-        except RuntimeError:  # called directly, outside a submitit job
-            pass
+        join_submitit_job()
+        return self.run_one(config, steps)
+
+    @staticmethod
+    def run_one(config: dict, steps: tuple[str, ...]) -> str:
         cfg = build_dataclass(Config, config)
         return str(run_config(cfg, steps, progress=False).path)
+
+
+class RunQueue(RunJob):
+    """One job that runs several configurations one after another: ``RunQueue()([config, ...], steps)``.
+
+    Used by local launches when the runs would not each get GPUs of their own at once (study/launch/submit.py).
+    A failed run is recorded in its folder (failure.json) and the next one runs; returns one error message
+    (or None) per configuration. A requeue calls it again from the start: finished runs are skipped.
+    """
+
+    def __call__(self, configs: list[dict], steps: tuple[str, ...] = STEPS) -> list[Optional[str]]:  # type: ignore[override]
+        join_submitit_job()
+        errors: list[Optional[str]] = []
+        for config in configs:
+            try:
+                self.run_one(config, steps)
+                errors.append(None)
+            except Exception as e:  # noqa: BLE001 - recorded in the run's folder; the next run goes on
+                errors.append(f"{type(e).__name__}: {e}")
+        return errors

@@ -3,11 +3,20 @@
 Only what is missing is submitted: a run whose folder already holds every requested step is skipped, an
 interrupted one resumes (its folder name is the hash of its configuration). Slurm specifics live in the
 ``launch`` section of the configuration (study/launch/config.py) and never change a run's identity.
+
+GPUs of local jobs (``launch.cluster=local``): submitit's local executor shows a job only the GPUs it asks
+for (it sets ``CUDA_VISIBLE_DEVICES``), and by default every job the same first ones. Here each job is given
+``launch.gpus_per_node`` GPUs of its own from the GPUs this process sees (:func:`local_gpu_plan`); when the
+runs do not all fit at once, they queue in as many jobs as fit, each running its runs one after another
+(:class:`study.launch.pipeline.RunQueue`). Inside a job, ``CUDA_VISIBLE_DEVICES`` is exactly the job's GPUs and
+its task of local rank r uses the r-th of them (study/device.py). Without ``gpus_per_node`` the jobs run on
+the CPU, with a warning when GPUs are present.
 """
 from __future__ import annotations
 
 import os
-import time
+import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,16 +24,18 @@ from typing import Optional
 import submitit
 
 from study.config import to_dict
-from study.io import atomic_write_json
-from study.launch.collect import job_active, run_failure, run_state
+from study.errors import UserError
+from study.launch.collect import run_state
 from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
-from study.launch.pipeline import STEPS, RunJob, pending_steps
-from study.runs import RunDir
+from study.launch.pipeline import STEPS, RunJob, RunQueue, pending_steps
+from study.runs import RunDir, now
 
 
-def executor_for(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
-    """A submitit executor for ``launch.cluster`` (local or slurm) with the resources of ``launch``."""
+def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
+                 gpus: Optional[tuple[str, ...]] = None) -> submitit.Executor:
+    """A submitit executor for ``launch.cluster`` (local or slurm) with the resources of ``launch``; ``gpus``
+    (local only) are the device ids, as this process's ``CUDA_VISIBLE_DEVICES`` names them, its jobs see."""
     executor = submitit.AutoExecutor(  # max_num_timeout is a constructor argument (the local executor ignores it)
         folder=folder / "%j", cluster=launch.cluster, slurm_max_num_timeout=launch.max_requeues)
     params = dict(name=job_name, timeout_min=launch.timeout_min, nodes=launch.nodes,
@@ -38,8 +49,83 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str) -> submitit.
             params["slurm_partition"] = launch.partition
         if launch.slurm_extra:
             params["slurm_additional_parameters"] = dict(launch.slurm_extra)
+    elif gpus:
+        if all(g.isdigit() for g in gpus):  # submitit writes these into the job's CUDA_VISIBLE_DEVICES
+            params["local_visible_gpus"] = tuple(int(g) for g in gpus)
+        else:  # UUIDs or MIG names: submitit takes integers only, so the job's shell sets them
+            params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(gpus)}"]
     executor.update_parameters(**params)
     return executor
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` names them (indices when it is unset)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in listed.split(",") if g.strip()][:count]
+
+
+def local_gpu_plan(num_runs: int, gpus_per_job: int, gpus: list[str]) -> list[tuple[tuple[str, ...], list[int]]]:
+    """How local runs share this machine's GPUs: a list of (the job's GPUs, the indices of the runs it
+    executes one after another). Jobs never share a GPU: with room for k jobs at once, k jobs, the runs dealt
+    round-robin; without GPUs per job, one job per run on the CPU (a warning when GPUs are present)."""
+    if gpus_per_job == 0:
+        if gpus:
+            warnings.warn(f"this machine has {len(gpus)} GPU(s) but launch.gpus_per_node is 0: the local jobs "
+                          f"run on the CPU; set launch.gpus_per_node (--set launch.gpus_per_node=1) to use them",
+                          stacklevel=2)
+        return [((), [i]) for i in range(num_runs)]
+    slots = len(gpus) // gpus_per_job
+    if slots == 0:
+        raise UserError(f"launch.gpus_per_node={gpus_per_job} but this machine shows {len(gpus)} GPU(s) "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); lower "
+                        f"launch.gpus_per_node or launch on a cluster")
+    lanes = min(slots, num_runs)
+    return [(tuple(gpus[j * gpus_per_job:(j + 1) * gpus_per_job]), list(range(j, num_runs, lanes)))
+            for j in range(lanes)]
+
+
+# Slurm states after which a job no longer runs (squeue lists a job until shortly after it ends).
+_SLURM_ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                "OUT_OF_MEMORY", "REVOKED")
+
+
+def job_active(run: RunDir) -> bool:
+    """Whether the job last submitted for ``run`` (its launch.json) may still be queued or running: a second
+    job on the same folder would race the first one's checkpoints. Raises RuntimeError when Slurm cannot be
+    asked. Pass it as ``active=`` to study.launch.collect's run_state / run_row / collect."""
+    record = run.launch_record()
+    cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
+    if cluster == "slurm":  # squeue knows a job from its submission (sacct may not yet) until it ends
+        out = subprocess.run(["squeue", "--noheader", "--array", "--jobs", job_id, "--format", "%T"],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            if "Invalid job id" in out.stderr:  # ended long enough ago to have left the queue
+                return False
+            raise RuntimeError(f"cannot tell whether Slurm job {job_id} of {run.path} still runs: squeue says "
+                               f"{out.stderr.strip() or out.returncode}")
+        return any(state not in _SLURM_ENDED for state in out.stdout.split())
+    if cluster == "local" and job_id.isdigit():  # the job's process id
+        proc = Path("/proc") / job_id
+        if proc.is_dir():  # Linux: alive (not a zombie) and still a submitit job (pids get reused)
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:  # it ended meanwhile
+                return False
+            return state != "Z" and b"submitit" in cmdline
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
+            return False
+        return True
+    return False  # debug runs execute inside the launching process, which has returned
 
 
 @dataclass
@@ -47,6 +133,7 @@ class Submitted:
     run: GridRun
     action: str  # "skip" (complete), "active" (its job runs), "submit" (new), "resume" (has progress)
     job: Optional[submitit.Job] = None  # the submitted job (local, slurm)
+    position: Optional[int] = None  # its place in the job's queue of runs (a local RunQueue job), else None
     ran: bool = False  # run here, in this process (debug), already finished
     error: Optional[str] = None  # of a run that ran here
 
@@ -68,19 +155,9 @@ def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
     return out
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def _record(r: GridRun, cluster: str, job_id: str, steps, logs: Optional[Path], submitted: str) -> None:
-    atomic_write_json(Path(r.folder) / "launch.json",
-                      {"job_id": job_id, "cluster": cluster, "steps": list(steps), "submitted": submitted,
-                       "logs": str(logs) if logs else None})
-
-
-def _error_of(r: GridRun, e: BaseException) -> str:
-    """The run's own record of what failed (failure.json), else the exception."""
-    return run_failure(RunDir(r.folder)).get("error") or f"{type(e).__name__}: {e}"
+def _error_of(r: GridRun, fallback: str) -> str:
+    """The run's own record of what failed (failure.json), else ``fallback``."""
+    return RunDir(r.folder).failure().get("error") or fallback
 
 
 def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False,
@@ -101,21 +178,37 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
         launch_cfg = members[0].config.launch
         if launch_cfg.cluster == "debug":
             for r in members:
-                _record(r, "debug", f"inline-{os.getpid()}", steps, None, _now())
+                RunDir(r.folder).write_launch_record(f"inline-{os.getpid()}", "debug", steps, submitted=now())
                 progress(f"  running {Path(r.folder).name} here")
                 try:
                     RunJob()(to_dict(r.config), tuple(steps))
                 except Exception as e:  # noqa: BLE001 - reported; the other runs go on
-                    out[id(r)].error = _error_of(r, e)
+                    out[id(r)].error = _error_of(r, f"{type(e).__name__}: {e}")
                 out[id(r)].ran = True
             continue
-        executor = executor_for(launch_cfg, grid_dir / ".submitit", grid_dir.name)
-        submitted = _now()  # before the jobs start: a failure they record is never older than this
+        logs = grid_dir / ".submitit"
+        submitted = now()  # before the jobs start: a failure they record is never older than this
+        if launch_cfg.cluster == "local":
+            plan_ = local_gpu_plan(len(members), launch_cfg.gpus_per_node, visible_gpus())
+            for gpus, queue in plan_:
+                executor = executor_for(launch_cfg, logs, grid_dir.name, gpus)
+                if len(queue) == 1:
+                    job = executor.submit(RunJob(), to_dict(members[queue[0]].config), tuple(steps))
+                else:
+                    job = executor.submit(RunQueue(), [to_dict(members[i].config) for i in queue], tuple(steps))
+                    progress(f"  GPUs {','.join(gpus)}: {len(queue)} runs one after another in job {job.job_id}")
+                for k, i in enumerate(queue):
+                    r = members[i]
+                    RunDir(r.folder).write_launch_record(str(job.job_id), "local", steps, submitted,
+                                                         logs / str(job.job_id))
+                    out[id(r)].job, out[id(r)].position = job, (k if len(queue) > 1 else None)
+            continue
+        executor = executor_for(launch_cfg, logs, grid_dir.name)
         with executor.batch():  # one Slurm job array for the group
             jobs = [executor.submit(RunJob(), to_dict(r.config), tuple(steps)) for r in members]
         for r, job in zip(members, jobs):
-            _record(r, launch_cfg.cluster, str(job.job_id), steps, grid_dir / ".submitit" / str(job.job_id),
-                    submitted)
+            RunDir(r.folder).write_launch_record(str(job.job_id), launch_cfg.cluster, steps, submitted,
+                                                 logs / str(job.job_id))
             out[id(r)].job = job
     return list(out.values())
 
@@ -127,9 +220,13 @@ def wait(submitted: list[Submitted], progress=print) -> list[tuple[GridRun, Opti
     for s in submitted:
         if s.job is not None:
             try:
-                s.job.results()  # every task of the job (one per process under DDP)
+                outcome = s.job.results()  # every task of the job (one per process under DDP)
+                if s.position is not None:  # a RunQueue job: rank 0's list of errors, one per run
+                    error = outcome[0][s.position]
+                    if error:
+                        s.error = _error_of(s.run, error)
             except Exception as e:  # noqa: BLE001 - a job's failure is reported, not raised
-                s.error = _error_of(s.run, e)
+                s.error = _error_of(s.run, f"{type(e).__name__}: {e}")
         elif not s.ran:
             continue
         results.append((s.run, s.error))
