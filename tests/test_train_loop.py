@@ -242,7 +242,8 @@ def test_cuda_rng_state_is_this_process_device_only(monkeypatch):
     from study.train.state import rng_state, set_rng_state
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or torch.zeros(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda d: calls.append(("get", d)) or torch.zeros(8, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", d)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every visible GPU's state saved"))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every visible GPU's state set"))

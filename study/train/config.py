@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from study.errors import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -60,11 +62,17 @@ class TrainConfig:
     mask_annealing_ends: Optional[list[int]] = None
 
     # ---- how the loop runs (no paper numbers; they do not change the recipe)
-    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...
+    # auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... Under torchrun or submitit, auto and cuda give
+    # each process its own GPU (study/device.py states the rule); cuda:N is for single-process runs.
+    device: str = "auto"
     # docs/paper.md section 6: mixed precision. auto = bf16 autocast on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile the model for training
-    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-repeatable runs, slower)
+    # torch.use_deterministic_algorithms: bitwise-repeatable runs (and resumes), slower. CPU only: on CUDA the
+    # loss's point sampling (grid_sample backward), nll_loss2d and bilinear interpolation backward have no
+    # deterministic kernels, so the run could not keep the promise; it is refused there with a UserError
+    # (our choice, rather than warn_only=True, which would silently give a non-repeatable run).
+    deterministic: bool = False
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and always at the end)
     tensorboard: bool = True  # also log to TensorBoard (the CSV log is always written)
 
@@ -73,53 +81,53 @@ class TrainConfig:
         if self.epochs is None:
             return self.max_steps
         if batches_per_epoch is None or batches_per_epoch < 1:
-            raise ValueError("train.epochs is set: the number of optimiser steps per epoch is needed")
+            raise UserError("train.epochs is set: the number of optimiser steps per epoch is needed")
         return self.epochs * batches_per_epoch
 
     def validate(self) -> None:
         if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise UserError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1 (or null), got {self.epochs}")
+            raise UserError(f"train.epochs must be >= 1 (or null), got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+            raise UserError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.accumulate is not None and self.accumulate < 1:
-            raise ValueError(f"accumulate must be >= 1 (or null to derive it), got {self.accumulate}")
+            raise UserError(f"train.accumulate must be >= 1 (or null to derive it), got {self.accumulate}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise UserError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise UserError(f"train.layer_decay must be in (0, 1], got {self.layer_decay}")
         if not all(0 <= b < 1 for b in self.betas) or self.eps <= 0:
-            raise ValueError(f"betas must be in [0, 1) and eps > 0, got betas={self.betas}, eps={self.eps}")
+            raise UserError(f"train.betas must be in [0, 1) and eps > 0, got betas={self.betas}, eps={self.eps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
+            raise UserError(f"train.grad_clip must be > 0 (or null for no clipping), got {self.grad_clip}")
         if self.warmup_steps < 0 or self.backbone_warmup_steps < 0:
-            raise ValueError("warmup_steps and backbone_warmup_steps must be >= 0")
+            raise UserError("train.warmup_steps and train.backbone_warmup_steps must be >= 0")
         if self.poly_power <= 0:
-            raise ValueError(f"poly_power must be > 0, got {self.poly_power}")
+            raise UserError(f"train.poly_power must be > 0, got {self.poly_power}")
         weights = (self.class_weight, self.mask_weight, self.dice_weight)
         if min(weights) < 0 or max(weights) == 0:
-            raise ValueError("class_weight, mask_weight and dice_weight must be >= 0 and not all 0")
+            raise UserError("train.class_weight, train.mask_weight and train.dice_weight must be >= 0 and not all 0")
         if self.no_object_weight < 0:
-            raise ValueError(f"no_object_weight must be >= 0, got {self.no_object_weight}")
+            raise UserError(f"train.no_object_weight must be >= 0, got {self.no_object_weight}")
         if self.num_points < 1:
-            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+            raise UserError(f"train.num_points must be >= 1, got {self.num_points}")
         if self.oversample_ratio < 1:
-            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
+            raise UserError(f"train.oversample_ratio must be >= 1, got {self.oversample_ratio}")
         if not 0 <= self.importance_sample_ratio <= 1:
-            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
+            raise UserError(f"train.importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
         starts, ends = self.mask_annealing_starts, self.mask_annealing_ends
         if (starts is None) != (ends is None):
-            raise ValueError("set both mask_annealing_starts and mask_annealing_ends, or neither")
+            raise UserError("set both train.mask_annealing_starts and train.mask_annealing_ends, or neither")
         if starts is not None:
             if len(starts) != len(ends):
-                raise ValueError(f"mask_annealing_starts has {len(starts)} entries but mask_annealing_ends "
+                raise UserError(f"train.mask_annealing_starts has {len(starts)} entries but train.mask_annealing_ends "
                                  f"has {len(ends)}; give one start and one end per masked layer")
             for j, (s, e) in enumerate(zip(starts, ends)):
                 if not 0 <= s <= e:
-                    raise ValueError(f"mask annealing window {j} must satisfy 0 <= start <= end, got "
+                    raise UserError(f"train mask annealing window {j} must satisfy 0 <= start <= end, got "
                                      f"[{s}, {e}]")

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from study.errors import UserError
 from study.models.contract import ParamGroup
 from study.train.config import TrainConfig
 
@@ -72,16 +73,16 @@ def accumulation_steps(batch_size: int, per_process_batch: int, world_size: int 
     exactly: a different effective batch would be a different recipe (docs/paper.md section 6: 16).
     """
     if per_process_batch < 1 or world_size < 1:
-        raise ValueError("per-process batch and world size must be >= 1")
+        raise UserError("per-process batch and world size must be >= 1")
     per_step = per_process_batch * world_size
     if accumulate is None:
         if batch_size % per_step:
-            raise ValueError(f"the effective batch train.batch_size={batch_size} is not a multiple of "
+            raise UserError(f"the effective batch train.batch_size={batch_size} is not a multiple of "
                              f"data.batch_size={per_process_batch} x {world_size} process(es); change "
                              "data.batch_size or train.batch_size")
         return batch_size // per_step
     if accumulate * per_step != batch_size:
-        raise ValueError(f"train.accumulate={accumulate} x data.batch_size={per_process_batch} x {world_size} "
+        raise UserError(f"train.accumulate={accumulate} x data.batch_size={per_process_batch} x {world_size} "
                          f"process(es) = {accumulate * per_step}, not train.batch_size={batch_size}; leave "
                          "train.accumulate null to derive it")
     return accumulate
