@@ -63,10 +63,18 @@ def test_mask_annealing_from_config_override_and_off():
     with pytest.raises(ValueError, match="masked layers"):
         build_mask_annealing(cfg, total_steps=100, num_layers=4)
     assert build_mask_annealing(TrainConfig(mask_annealing=False), 100, 4) is None
-    # unset: annealed for EoMT (row 5), not for models that keep masking at inference (rows 0-4)
-    assert build_mask_annealing(TrainConfig(), 100, 4, masked_inference=False) is not None
-    assert build_mask_annealing(TrainConfig(), 100, 4, masked_inference=True) is None
-    assert build_mask_annealing(TrainConfig(mask_annealing=True), 100, 9, masked_inference=True) is not None
+    # Unset: annealed for EoMT (row 5), by the sixths rule of docs/paper.md section 6 (block j anneals during
+    # [(j+1)/6, (j+2)/6] of T; T = 600 makes every boundary whole); not annealed for models that keep masking at
+    # inference (rows 0-4).
+    ann = build_mask_annealing(TrainConfig(), 600, 4, masked_inference=False)
+    assert ann.windows == [(100, 200), (200, 300), (300, 400), (400, 500)]
+    assert ann.probs(99) == [1.0] * 4 and ann.probs(500) == [0.0] * 4
+    assert build_mask_annealing(TrainConfig(), 600, 4, masked_inference=True) is None
+    # Asked for explicitly, annealing applies even to a model that masks at inference, over any number of layers:
+    # everything masked in the first sixth, nothing in the last.
+    ann = build_mask_annealing(TrainConfig(mask_annealing=True), 600, 9, masked_inference=True)
+    assert len(ann.windows) == 9 and ann.windows[0][0] == 100 and ann.windows[-1][1] == 500
+    assert ann.probs(100) == [1.0] * 9 and ann.probs(500) == [0.0] * 9
     ann = build_mask_annealing(TrainConfig(), COCO_T, 4)
     assert ann.windows == list(zip(COCO_L_STARTS, COCO_L_ENDS))
 
