@@ -39,8 +39,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
-        torch.cuda.set_rng_state(state["cuda"], device)
+    cuda = state.get("cuda")
+    if device.type == "cuda" and isinstance(cuda, list):  # written by an older version: every visible GPU's
+        cuda = cuda[device.index] if device.index is not None and device.index < len(cuda) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def load_checkpoint(path: Path) -> dict:
