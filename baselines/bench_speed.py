@@ -19,15 +19,13 @@ import time
 import torch
 
 from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
-from study.models.build import build_model
+from study.models.build import build_model, table1_rows
 from study.models.config import ModelConfig
-
-ROWS = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
 
 
 def bench_rows(size: str, img: int, protocol: SpeedProtocol) -> list[dict]:
     rows = []
-    for variant in ROWS:
+    for variant in (v.name for v in table1_rows()):
         torch.manual_seed(0)
         model = build_model(ModelConfig(variant=variant, size=size, img_size=img)).eval()
         fps = measure_fps(model, img, protocol)

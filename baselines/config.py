@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from study.errors import UserError
+
 
 @dataclass(frozen=True)
 class AdapterSize:
@@ -94,7 +96,7 @@ class BaselineConfig:
     def adapter(self, size: str, depth: int, dim: int) -> AdapterSize:
         """The adapter's heads, ratio and interaction split for a model size, with the overrides applied.
 
-        Raises ValueError naming the culprit when the split does not fit a ``depth``-block backbone.
+        Raises UserError naming the culprit when the split does not fit a ``depth``-block backbone.
         """
         base = ADAPTER_SIZES[size]
         heads = self.deform_heads or base.deform_heads
@@ -105,7 +107,7 @@ class BaselineConfig:
         check_interactions(indexes, depth)
         width = int(dim * ratio)
         if width < 1 or width % heads:
-            raise ValueError(f"model.baseline.deform_ratio {ratio} x width {dim} = {width} is not divisible by "
+            raise UserError(f"model.baseline.deform_ratio {ratio} x width {dim} = {width} is not divisible by "
                              f"model.baseline.deform_heads {heads}")
         return AdapterSize(heads, ratio, indexes)
 
@@ -115,17 +117,17 @@ def check_interactions(indexes, depth: int) -> None:
     order, each a [first, last] pair."""
     where = "model.baseline.interaction_indexes"
     if len(indexes) != 4:
-        raise ValueError(f"{where} {[list(p) for p in indexes]} has {len(indexes)} interactions; ViT-Adapter "
+        raise UserError(f"{where} {[list(p) for p in indexes]} has {len(indexes)} interactions; ViT-Adapter "
                          f"needs 4 [first, last] block pairs (one ViT output per level 1/4, 1/8, 1/16, 1/32)")
     expected = 0
     for pair in indexes:
         if len(pair) != 2:
-            raise ValueError(f"{where}: {list(pair)} is not a [first, last] pair")
+            raise UserError(f"{where}: {list(pair)} is not a [first, last] pair")
         first, last = pair
         if first != expected or last < first:
-            raise ValueError(f"{where} {[list(p) for p in indexes]} does not fit a {depth}-block backbone: "
+            raise UserError(f"{where} {[list(p) for p in indexes]} does not fit a {depth}-block backbone: "
                              f"interaction {list(pair)} should start at block {expected} and end at or after it")
         expected = last + 1
     if expected != depth:
-        raise ValueError(f"{where} {[list(p) for p in indexes]} does not fit a {depth}-block backbone: the "
+        raise UserError(f"{where} {[list(p) for p in indexes]} does not fit a {depth}-block backbone: the "
                          f"interactions cover blocks 0..{expected - 1}")

@@ -1,12 +1,26 @@
 """Configuration: typed dataclasses, YAML files that build on a base file, dotted command-line overrides.
 
 One override layer, in this order: the dataclass defaults, then the YAML file (and the files it builds on,
-through a top-level ``base:`` key holding a path relative to the file), then ``--set key=value`` overrides.
-Validation is strict: an unknown key, a value of the wrong type or a missing file ends in one
-:class:`ConfigError` naming the key and the file it came from.
+through a top-level ``base:`` key holding a path relative to the file), then the command line: ``--set
+key=value`` and every other flag that sets a config key (study/flags.py), in the order they are written, the
+last one winning. Validation is strict: an unknown key, a value of the wrong type, a value a section's
+``validate()`` refuses or a missing file ends in one :class:`ConfigError` (a ``UserError``) naming the key and
+the file or flag it came from. ``model.baseline`` is checked against the options of the chosen variant
+(study/models/build.py) when the config is loaded, not when the model is built.
 
 Each section of the schema lives next to the code it configures (``study/models/config.py`` and so on) and
 is a plain dataclass; modules never see the configuration object, builders translate it to arguments.
+
+Input sizes: the three keys and how they relate (checked by :func:`load_config`)
+- ``model.img_size``: the side of the square input the model is built for (the backbone's position grid).
+  Training crops and pads to it; a built model accepts only this size. It must be a positive multiple of
+  ``model.patch_size`` (which must be >= 1).
+- ``eval.input_size``: the side of the padded protocol's square and of the windowed protocol's crops.
+  Unset (None) means ``model.img_size``; since the model takes only its own size, a value other than
+  ``model.img_size`` is refused.
+- ``bench.img_size``: the side ``study bench`` builds and measures every variant at (it replaces
+  ``model.img_size`` for the benchmark only; the launcher's bench step measures the run's own model at
+  ``model.img_size``). It must be a positive multiple of ``model.patch_size``.
 """
 from __future__ import annotations
 
@@ -121,9 +135,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(tree: dict, overrides: list[str], origin: dict) -> dict:
+Override = Union[str, tuple[str, str]]  # "key=value" (from --set), or ("key=value", the flag that set it)
+
+
+def apply_overrides(tree: dict, overrides: list[Override], origin: dict) -> dict:
     tree = copy.deepcopy(tree)
-    for text in overrides:
+    for item in overrides:
+        text, source = (item, "--set") if isinstance(item, str) else item
         key, value = parse_override(text)
         node = tree
         parts = key.split(".")
@@ -133,7 +151,7 @@ def apply_overrides(tree: dict, overrides: list[str], origin: dict) -> dict:
                 raise ConfigError(f"override '{text}': '{p}' is a value, not a section")
             node = nxt
         node[parts[-1]] = value
-        _record(origin, key, value, "--set")
+        _record(origin, key, value, source)
     return tree
 
 
@@ -252,16 +270,64 @@ def build_dataclass(cls: type, values: dict, origin: dict | None = None, prefix:
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise
-            raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}': {e}") from None
+            raise ConfigError(_refused(str(e), list(fields), prefix, origin)) from None
+    if cls is Config:
+        check_config(obj, origin)
     return obj
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated."""
+def _refused(msg: str, names: list[str], prefix: str, origin: dict) -> str:
+    """A section's ``validate()`` message, with the dotted key and its source: the first field name the
+    message mentions is taken as the key at fault (validate messages start with it, by convention)."""
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", msg)
+    name = next((w for w in words if w in names), None)
+    if name is None:
+        section = prefix.rstrip(".") or "top level"
+        srcs = sorted({v for k, v in origin.items() if k.startswith(prefix)}) or ["defaults"]
+        return f"config section '{section}' (from {', '.join(srcs)}): {msg}"
+    key = prefix + name
+    return f"config key '{key}' (from {origin.get(key, 'defaults')}): {msg}"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[Override] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``; validated.
+
+    ``overrides`` items are ``"key=value"`` texts (``--set``), or ``("key=value", "--flag")`` pairs that
+    study/flags.py makes so that an error names the flag.
+    """
     origin: dict = {}
     tree = load_yaml_tree(path, origin) if path is not None else {}
     tree = apply_overrides(tree, list(overrides or []), origin)
     return build_dataclass(Config, tree, origin)
+
+
+def check_config(cfg: Config, origin: dict | None = None) -> None:
+    """The checks across sections, run whenever a whole :class:`Config` is built (``load_config``, a grid's
+    runs): the variant and its ``model.baseline`` options against the registry, ``bench.variants`` against
+    the registry, and the input sizes against each other (the rules are in the module docstring)."""
+    from study.models.build import check_model_config, variants
+
+    origin = origin or {}
+    m = cfg.model
+
+    def src(key: str) -> str:
+        return origin.get(key, "defaults")
+
+    check_model_config(m, origin)
+    known = variants()
+    unknown = [v for v in cfg.bench.variants if v not in known]
+    if unknown:
+        raise ConfigError(f"config key 'bench.variants' (from {src('bench.variants')}): unknown variant "
+                          f"'{unknown[0]}'; registered variants: {', '.join(known)}")
+    if cfg.eval.input_size is not None and cfg.eval.input_size != m.img_size:
+        raise ConfigError(f"config key 'eval.input_size' (from {src('eval.input_size')}) is "
+                          f"{cfg.eval.input_size} but model.img_size (from {src('model.img_size')}) is "
+                          f"{m.img_size}: the model takes only its own input size; leave eval.input_size unset "
+                          f"or set model.img_size instead")
+    if cfg.bench.img_size % m.patch_size:
+        raise ConfigError(f"config key 'bench.img_size' (from {src('bench.img_size')}): {cfg.bench.img_size} is "
+                          f"not divisible by the patch size {m.patch_size} (model.patch_size, from "
+                          f"{src('model.patch_size')})")
 
 
 # ------------------------------------------------------------------------------------- saving, identity

@@ -1,11 +1,12 @@
-"""``study bench``: the command line of the benchmark (study/bench/run.py does the work)."""
+"""``study bench``: the command line of the benchmark (study/bench/run.py does the work).
+
+Every flag but ``--json`` and ``--list`` sets a ``bench.*`` config key (study/flags.py), like ``--set``.
+"""
 from __future__ import annotations
 
 import argparse
 
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from study.flags import add_set_flag, config_flag, csv
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,52 +16,38 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(133 classes, 200 queries); other tasks through --set model.num_classes=... "
                                    "model.num_queries=...")
     p.add_argument("config", nargs="?", help="optional YAML config (bench and model sections)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable (e.g. --set model.num_queries=100)")
-    p.add_argument("--variants", type=_csv, help="comma-separated variant names (study bench --list)")
-    p.add_argument("--sizes", type=_csv, help="comma-separated sizes: S,B,L,g (or tiny)")
-    p.add_argument("--img-size", type=int, help="square input size, divisible by the patch size (16)")
-    p.add_argument("--no-fps", action="store_true", help="count parameters and GFLOPs only")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
-    p.add_argument("--warmup", type=int, help="untimed iterations before timing")
-    p.add_argument("--iters", type=int, help="timed iterations")
-    p.add_argument("--scope", choices=["model", "end_to_end"], help="what the timed region holds")
-    p.add_argument("--no-breakdown", action="store_true", help="skip the per-component time breakdown")
+    add_set_flag(p, "model.num_queries=100")
+    config_flag(p, "--variants", "bench.variants", type=csv, help="comma-separated variant names (study bench --list)")
+    config_flag(p, "--sizes", "bench.sizes", type=csv, help="comma-separated sizes: S,B,L,g (or tiny)")
+    config_flag(p, "--img-size", "bench.img_size", type=int,
+                help="square input size, a multiple of model.patch_size")
+    config_flag(p, "--no-fps", "bench.fps", const=False, help="count parameters and GFLOPs only")
+    config_flag(p, "--device", "bench.device", type=str, help="auto, cpu, cuda, cuda:1, ...")
+    config_flag(p, "--precision", "bench.precision", type=str, help="auto, fp32, bf16 or fp16")
+    config_flag(p, "--compile", "bench.compile", const=True, help="torch.compile the model before timing")
+    config_flag(p, "--warmup", "bench.warmup", type=int, help="untimed iterations before timing")
+    config_flag(p, "--iters", "bench.iters", type=int, help="timed iterations")
+    config_flag(p, "--scope", "bench.scope", type=str, help="what the timed region holds: model or end_to_end")
+    config_flag(p, "--no-breakdown", "bench.breakdown", const=False, help="skip the per-component time breakdown")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--list", action="store_true", help="list the registered variants and sizes, and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from study.bench.run import bench_rows, format_table
+    from study.bench.run import HEADER, bench_rows, check_bench, format_table
     from study.config import load_config
     from study.io import atomic_write_json
     from study.models.backbone import SIZES
     from study.models.build import variants
 
     if args.list:
-        print("variants: " + ", ".join(variants()))
+        for v in variants().values():
+            row = f"Table 1 row {v.row}: {v.label}" if v.row is not None else "not in Table 1"
+            print(f"{v.name:<22}{row}")
         print("sizes: " + ", ".join(SIZES))
         return 0
-    overrides = list(args.overrides)
-    for flag, key in (("variants", "variants"), ("sizes", "sizes"), ("img_size", "img_size"),
-                      ("device", "device"), ("precision", "precision"), ("warmup", "warmup"),
-                      ("iters", "iters"), ("scope", "scope")):
-        value = getattr(args, flag)
-        if value is not None:
-            value = "[" + ",".join(value) + "]" if isinstance(value, list) else value
-            overrides.append(f"bench.{key}={value}")
-    if args.no_fps:
-        overrides.append("bench.fps=false")
-    if args.compile:
-        overrides.append("bench.compile=true")
-    if args.no_breakdown:
-        overrides.append("bench.breakdown=false")
-    cfg = load_config(args.config, overrides)
-    from study.bench.run import HEADER, check_bench
-
+    cfg = load_config(args.config, args.overrides)
     check_bench(cfg)
     print(f"study bench: {len(cfg.bench.variants)} variants x {len(cfg.bench.sizes)} sizes at "
           f"{cfg.bench.img_size}px, {cfg.model.num_classes} classes, {cfg.model.num_queries} queries")

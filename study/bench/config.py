@@ -1,18 +1,28 @@
-"""Benchmark section of the configuration (docs/paper.md section 8: how the paper measured)."""
+"""Benchmark section of the configuration (docs/paper.md section 8: how the paper measured).
+
+``bench.img_size`` replaces ``model.img_size`` for ``study bench`` only; how the input sizes relate is said
+once, in study/config.py. ``bench.variants`` is checked against the variant registry when the config is
+loaded (study/config.py), the rest here.
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+from study.models.config import SizeName
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass
 class BenchConfig:
-    # Table rows to measure; every name must be in the variant registry.
+    # Table rows to measure; every name must be in the variant registry (`study bench --list`).
     variants: list[str] = field(default_factory=lambda: ["eomt", "eomt_masked"])
     sizes: list[str] = field(default_factory=lambda: ["S", "B", "L", "g"])
-    img_size: int = 640
+    img_size: int = 640  # docs/paper.md section 6: COCO 640
     fps: bool = True  # measure speed (off: parameters and GFLOPs only)
-    device: str = "auto"  # auto = cuda if available, else cpu
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     # The paper: mixed precision on the H100. "auto" = bf16 on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # the paper used default torch.compile on the GPU
@@ -20,3 +30,25 @@ class BenchConfig:
     iters: int = 10  # timed iterations; FPS = iters / total time
     scope: Literal["model", "end_to_end"] = "model"  # what the timed region holds
     breakdown: bool = True  # per-component time breakdown
+
+    def validate(self) -> None:
+        # Messages start with the field at fault (study/config.py names its key and source from that).
+        if not self.variants:
+            raise ValueError("variants is empty: name at least one variant (`study bench --list`)")
+        if not self.sizes:
+            raise ValueError("sizes is empty: name at least one of tiny, S, B, L, g")
+        bad = [s for s in self.sizes if s not in get_args(SizeName)]
+        if bad:
+            raise ValueError(f"sizes: unknown model size '{bad[0]}'; choose from {', '.join(get_args(SizeName))}")
+        for name in ("variants", "sizes"):
+            seen = getattr(self, name)
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"{name} {seen} names an entry twice")
+        if self.img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {self.img_size}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device '{self.device}' is not auto, cpu, cuda or cuda:N")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from study.errors import UserError
+from study.flags import add_set_flag, config_flag, csv
+
 # Columns of the status table (those present), after the run's changes from the grid's base.
 _SHOWN = ["state", "step", "total_steps", "PQ", "AP", "mIoU", "params_M", "GFLOPs", "FPS", "job_id", "error"]
 
@@ -14,20 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "trains, evaluates and benchmarks its configuration. Finished runs are "
                                    "skipped, interrupted ones resume.")
     p.add_argument("grid", help="grid YAML (a run config with a 'grid:' section; see study/launch/grid.py)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override for every run, repeatable (e.g. --set launch.partition=gpu)")
-    p.add_argument("--cluster", choices=["local", "debug", "slurm"],
-                   help="shorthand for --set launch.cluster=...")
-    p.add_argument("--steps", default=",".join(("train", "eval", "bench")),
-                   help="comma-separated steps of each run: train, eval, bench (default: all three)")
+    add_set_flag(p, help="dotted override for every run, repeatable (e.g. --set launch.partition=gpu)")
+    config_flag(p, "--cluster", "launch.cluster", type=str, help="where the runs execute: local, debug or slurm")
+    config_flag(p, "--steps", "launch.steps", type=csv,
+                help="comma-separated steps of each run, from train, eval, bench")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and report each run")
     p.set_defaults(func=run_launch)
 
     p = sub.add_parser("status", help="the state of every run of a grid file or under a folder")
     p.add_argument("path", help="grid YAML, or a folder of runs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="the overrides the grid was launched with (they change run identities)")
+    add_set_flag(p, help="the overrides the grid was launched with (they change run identities)")
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("collect", help="the results table of every run under a folder, as CSV")
@@ -45,9 +45,12 @@ def run_launch(args: argparse.Namespace) -> int:
     from study.launch.pipeline import check_steps
     from study.launch.submit import launch, wait
 
-    steps = check_steps(s.strip() for s in args.steps.split(",") if s.strip())
-    overrides = list(args.overrides) + ([f"launch.cluster={args.cluster}"] if args.cluster else [])
-    name, runs = expand_grid(args.grid, overrides)
+    name, runs = expand_grid(args.grid, args.overrides)
+    steps = {tuple(r.config.launch.steps) for r in runs}
+    if len(steps) > 1:
+        raise UserError(f"grid {args.grid}: its runs set different launch.steps {sorted(steps)}; one launch runs "
+                        f"the same steps for every run (launch them separately)")
+    steps = check_steps(steps.pop())
     grid_dir = Path(runs[0].config.output_dir)
     print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
     submitted = launch(runs, grid_dir, steps, dry_run=args.dry_run)
@@ -79,6 +82,8 @@ def run_status(args: argparse.Namespace) -> int:
     from study.runs import RunDir
 
     path = Path(args.path)
+    if not path.exists():
+        raise UserError(f"study status: {path} is neither a grid file nor a folder of runs")
     if path.is_file():
         from study.launch.grid import expand_grid
 
@@ -109,6 +114,8 @@ def run_collect(args: argparse.Namespace) -> int:
     from study.io import atomic_write_text
     from study.launch.collect import collect
 
+    if not Path(args.folder).is_dir():
+        raise UserError(f"study collect: {args.folder} is not a folder of runs")
     table = collect(args.folder)
     out = Path(args.csv) if args.csv else Path(args.folder) / "results.csv"
     atomic_write_text(out, table.to_csv(index=False))

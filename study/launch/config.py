@@ -27,11 +27,16 @@ class LaunchConfig:
     # default of 3 would fail a long training after 3 x timeout_min.
     max_requeues: int = 50
     slurm_extra: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {account: ..., qos: ...}
+    # The steps each job runs, in this order (study/runs.py STEPS: train, eval, bench); `study launch --steps`.
+    steps: list[str] = field(default_factory=lambda: ["train", "eval", "bench"])
 
     def tasks(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
     def validate(self) -> None:
+        from study.runs import check_steps  # here, not at the top: study.runs imports the configuration
+
+        check_steps(self.steps)  # its message names "steps", which study/config.py turns into launch.steps
         for name in ("nodes", "timeout_min", "mem_gb", "cpus_per_task", "array_parallelism", "max_requeues"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+# ViT sizes: S, B, L, g (DINOv2 with registers), or "tiny" (a 4-block, 64-wide ViT for tests and demos); the
+# widths and depths are in study/models/backbone.py.
+SizeName = Literal["tiny", "S", "B", "L", "g"]
+
 
 @dataclass
 class ModelConfig:
@@ -11,7 +15,7 @@ class ModelConfig:
     # chain of Table 1 (vit_adapter_m2f, sfp_m2f, sfp_no_pixel_decoder, single_scale).
     variant: str = "eomt"
     # ViT size: S, B, L, g (DINOv2 with registers), or "tiny" (a 4-block, 64-wide ViT for tests and demos).
-    size: Literal["tiny", "S", "B", "L", "g"] = "L"
+    size: SizeName = "L"
     # timm backbone name; None takes vit_{small,base,large,giant}_patch14_reg4_dinov2 for the size.
     # Table 2 backbones: eva02_large_patch14_224.mim.m38m, deit3_large_patch16_384.fb.in22k.ft.in1k, ...
     backbone: Optional[str] = None
@@ -29,12 +33,23 @@ class ModelConfig:
     pretrained: Optional[str] = None  # local backbone weights (DINOv2 original or timm layout); never downloaded
     checkpoint: Optional[str] = None  # a whole-model checkpoint: ours, official EoMT, or Hugging Face EoMT
     drop_path: float = 0.0  # stochastic depth of the backbone; the paper is silent, the official configs use 0
-    # Options of the baseline chain (ViT-Adapter, pyramid, pixel decoder, decoder): validated strictly against
-    # baselines/config.py when the model is built; see that file for the keys.
+    # Options of the baseline chain (ViT-Adapter, pyramid, pixel decoder, decoder): validated strictly when the
+    # config is loaded, against the options the variant registered (baselines/config.py; see that file for the
+    # keys). EoMT takes none.
     baseline: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        # Messages start with the field at fault: study.config names its dotted key and source from that.
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.img_size < self.patch_size:
+            raise ValueError(f"img_size must be at least the patch size {self.patch_size}, got {self.img_size}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by the patch size {self.patch_size}")
-        if self.num_queries < 1 or self.num_classes < 1:
-            raise ValueError("num_queries and num_classes must be positive")
+        for name in ("num_queries", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_query_blocks is not None and self.num_query_blocks < 1:
+            raise ValueError(f"num_query_blocks must be >= 1 (or unset), got {self.num_query_blocks}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")

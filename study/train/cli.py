@@ -1,7 +1,9 @@
-"""``study train CONFIG [--set key=value ...]``: train, resume, or skip a finished run."""
+"""``study train [CONFIG] [--set key=value ...]``: train, resume, or skip a finished run."""
 from __future__ import annotations
 
 import argparse
+
+from study.flags import add_set_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -9,9 +11,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train the configured model. The run folder is <output_dir>/<name>-<hash of "
                                    "the config>; running the same command again resumes an interrupted run and "
                                    "skips a finished one.")
-    p.add_argument("config", nargs="?", help="YAML config (defaults: tiny EoMT on the built-in synthetic set)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, repeatable (e.g. --set train.max_steps=200)")
+    p.add_argument("config", nargs="?",
+                   help="YAML config, e.g. experiments/quickstart.yaml (tiny EoMT on the built-in synthetic "
+                        "set). Without one, the dataclass defaults of study/config.py apply, which describe "
+                        "COCO panoptic (133 classes, L at 640) and need data.dataset and data.root set")
+    add_set_flag(p, "train.max_steps=200")
     p.add_argument("--run-dir", help="use this folder instead of <output_dir>/<name>-<hash>")
     p.set_defaults(func=run)
 
