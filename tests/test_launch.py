@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -308,3 +309,153 @@ def test_slurm_job_array_completes(tmp_path, synthetic_root, capsys):
     while job_active(RunDir(r.folder)) and time.time() < deadline:
         time.sleep(1)
     assert run_state(RunDir(r.folder)) == "complete"
+
+
+# ------------------------------------------------------------------------- inside a submitit job (simulated)
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _in_local_job(monkeypatch, tasks: int, rank: int, visible: str = "2,3"):
+    """The variables submitit 1.5.4's local executor gives task ``rank`` of a job (submitit/local/local.py)."""
+    for k in _LAUNCHER_VARS + ("_TEST_CLUSTER_", "SUBMITIT_DEBUG_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": str(tasks),
+                 "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                 "SUBMITIT_LOCAL_GLOBALID": str(rank), "SUBMITIT_LOCAL_LOCALID": str(rank),
+                 "CUDA_VISIBLE_DEVICES": visible}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_a_task_of_a_submitit_job_joins_torch_distributed_and_keeps_the_jobs_gpus(monkeypatch):
+    import os
+
+    import torch
+
+    from study.device import resolve_process_device
+    from study.launch.pipeline import join_submitit_job
+
+    _in_local_job(monkeypatch, tasks=2, rank=1)
+    assert join_submitit_job() == 2
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["1", "2", "1", "2"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # not narrowed to physical GPU 1 (another job's)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # what CUDA_VISIBLE_DEVICES=2,3 shows
+    assert resolve_process_device("auto") == torch.device("cuda", 1)  # the job's second GPU, physical 3
+
+
+def test_only_the_not_in_a_job_case_is_ignored(monkeypatch, tmp_path, synthetic_root):
+    """Outside a submitit job the call goes on; any other trouble in the job's environment is raised: a
+    swallowed error would make each task of a DDP job a world-size-1 run of its own, all writing one folder."""
+    import submitit
+
+    from study.launch.pipeline import join_submitit_job
+
+    for k in ("SUBMITIT_EXECUTOR", "SUBMITIT_DEBUG_JOB_ID", "_TEST_CLUSTER_"):
+        monkeypatch.delenv(k, raising=False)
+    assert join_submitit_job() is None  # a direct call: submitit says no environment is active
+    _in_local_job(monkeypatch, tasks=2, rank=0)
+    monkeypatch.setenv("RANK", "0")  # set by someone else already: submitit refuses to export
+    path = write_grid(tmp_path, synthetic_root, {"runs": [{"seed": 9}]})
+    _, (r,) = expand_grid(path)
+    with pytest.raises(RuntimeError, match="RANK is already set"):
+        RunJob()(to_dict(r.config), ("train",))
+    assert not r.folder.exists()  # nothing ran
+    monkeypatch.delenv("RANK")
+
+    def broken():
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(submitit, "JobEnvironment", broken)
+    with pytest.raises(RuntimeError, match="some other failure"):
+        join_submitit_job()
+
+
+# -------------------------------------------------------------------------------- GPUs of local jobs
+
+def _gpus(monkeypatch, count: int, visible: str | None = None):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+
+def test_local_gpu_plan_gives_each_job_its_own_gpus(monkeypatch):
+    from study.errors import UserError
+    from study.launch.submit import local_gpu_plan, visible_gpus
+
+    _gpus(monkeypatch, 4)
+    assert visible_gpus() == ["0", "1", "2", "3"]
+    assert local_gpu_plan(2, 2, visible_gpus()) == [(("0", "1"), [0]), (("2", "3"), [1])]
+    # five runs of one GPU each on four GPUs: four jobs, the fifth run queued after the first
+    assert local_gpu_plan(5, 1, visible_gpus()) == [(("0",), [0, 4]), (("1",), [1]), (("2",), [2]), (("3",), [3])]
+    _gpus(monkeypatch, 2, "4,6")  # this process sees physical GPUs 4 and 6 only
+    assert local_gpu_plan(3, 1, visible_gpus()) == [(("4",), [0, 2]), (("6",), [1])]
+    with pytest.raises(UserError, match="launch.gpus_per_node=3 but this machine shows 2 GPU"):
+        local_gpu_plan(1, 3, visible_gpus())
+    with pytest.warns(UserWarning, match="2 GPU.*launch.gpus_per_node is 0: the local jobs run on the CPU"):
+        assert local_gpu_plan(2, 0, visible_gpus()) == [((), [0]), ((), [1])]
+    _gpus(monkeypatch, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GPU, no warning
+        assert local_gpu_plan(1, 0, visible_gpus()) == [((), [0])]
+
+
+def test_local_launch_shows_each_job_exactly_its_gpus(tmp_path, synthetic_root, monkeypatch):
+    """What submitit's local executor would start for each job (its start_controller, replaced here so that
+    nothing runs): the job's CUDA_VISIBLE_DEVICES, and which runs it executes."""
+    import pickle
+    import subprocess as sp
+
+    import submitit.local.local as local
+
+    from study.launch.submit import launch
+
+    started = []
+
+    def start_controller(folder, command, tasks_per_node=1, cuda_devices="", setup=(), **kw):
+        started.append({"cuda": cuda_devices, "setup": list(setup), "tasks": tasks_per_node})
+        return sp.Popen(["true"])
+
+    monkeypatch.setattr(local, "start_controller", start_controller)
+    _gpus(monkeypatch, 3, "5,6,7")
+    path = write_grid(tmp_path, synthetic_root, {"axes": {"seed": [0, 1, 2]}})
+    _, runs = expand_grid(path, ["launch.gpus_per_node=1"])
+    out = launch(runs, tmp_path / "runs" / "grid", ("train",), progress=lambda *a: None)
+    assert sorted(s["setup"][0] for s in started) == [f"export CUDA_VISIBLE_DEVICES={g}" for g in "567"]
+    assert all(s["tasks"] == 1 for s in started)
+    assert len({s.job.job_id for s in out}) == 3
+
+    started.clear()
+    _, runs = expand_grid(path, ["launch.gpus_per_node=2", "train.max_steps=4"])
+    _gpus(monkeypatch, 4, "GPU-a,GPU-b,GPU-c,GPU-d")  # UUIDs as well
+    out = launch(runs, tmp_path / "runs" / "grid", ("train",), progress=lambda *a: None)
+    assert [s["setup"] for s in started] == [["export CUDA_VISIBLE_DEVICES=GPU-a,GPU-b"],
+                                             ["export CUDA_VISIBLE_DEVICES=GPU-c,GPU-d"]]
+    assert all(s["tasks"] == 2 for s in started)  # one process per GPU
+    first = [s for s in out if s.position is not None]
+    assert [s.position for s in first] == [0, 1] and first[0].job is first[1].job  # runs 0 and 2 queue in a job
+    assert RunDir(first[0].run.folder).launch_record()["job_id"] == RunDir(first[1].run.folder).launch_record()["job_id"]
+    job_id = first[0].job.job_id
+    with open(tmp_path / "runs" / "grid" / ".submitit" / job_id / f"{job_id}_submitted.pkl", "rb") as f:
+        queued = pickle.load(f)  # the job's call: RunQueue over the configurations of runs 0 and 2
+    assert type(queued.function).__name__ == "RunQueue"
+    assert [c["seed"] for c in queued.args[0]] == [0, 2]
+
+
+def test_a_real_local_job_sees_the_gpus_it_was_given(tmp_path):
+    """A submitit local job (a subprocess) started by executor_for: its CUDA_VISIBLE_DEVICES is the job's GPUs
+    (names passed through as given), whatever GPUs this machine has."""
+    from study.launch.config import LaunchConfig
+    from study.launch.submit import executor_for
+
+    executor = executor_for(LaunchConfig(cluster="local", gpus_per_node=2, timeout_min=5), tmp_path, "probe",
+                            ("3", "GPU-x"))
+    job = executor.submit(subprocess.check_output, ["printenv", "CUDA_VISIBLE_DEVICES"], text=True)
+    assert job.results() == ["3,GPU-x\n", "3,GPU-x\n"]  # two tasks (one per GPU), one view

@@ -49,11 +49,9 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
             params["slurm_partition"] = launch.partition
         if launch.slurm_extra:
             params["slurm_additional_parameters"] = dict(launch.slurm_extra)
-    elif gpus:
-        if all(g.isdigit() for g in gpus):  # submitit writes these into the job's CUDA_VISIBLE_DEVICES
-            params["local_visible_gpus"] = tuple(int(g) for g in gpus)
-        else:  # UUIDs or MIG names: submitit takes integers only, so the job's shell sets them
-            params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(gpus)}"]
+    elif gpus:  # submitit would show the job GPUs 0..gpus_per_node-1 (its visible_gpus is not reachable
+        # through AutoExecutor, and takes integers only): the job's shell sets them before submitit starts
+        params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(gpus)}"]
     executor.update_parameters(**params)
     return executor
 
