@@ -189,3 +189,59 @@ def test_masked_inference_switch_on_tiny_eomt():
     assert off.shape == on.shape == (6, 48, 64)
     assert not torch.allclose(on, off)  # masked attention changes the final prediction
     assert torch.allclose(run_padded(model, img, 64)[0][0], off)
+
+
+class RandomModel(nn.Module):
+    """Random prediction sets (a fixed generator), Q queries at 1/4 of the input."""
+
+    def __init__(self, queries=37, classes=5):
+        super().__init__()
+        self.q, self.c = queries, classes
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, images):
+        b, _, s, _ = images.shape
+        return [PredictionSet(torch.randn(b, self.q, s // 4, s // 4, generator=self.gen) * 4,
+                              torch.randn(b, self.q, self.c + 1, generator=self.gen))]
+
+
+def _whole_batch_padded(pred, images, size):
+    """The former padded path: the whole batch upsampled to (B, Q, S, S) at once."""
+    _, kept = pad_to_square(images, size)
+    masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return [F.interpolate(masks[i:i + 1, :, :nh, :nw], size=tuple(img.shape[-2:]), mode="bilinear",
+                          align_corners=False)[0] for i, (img, (nh, nw)) in enumerate(zip(images, kept))]
+
+
+@pytest.mark.parametrize("chunk", [8, 32, 1000])
+def test_padded_masks_per_image_and_query_chunk_equal_the_whole_batch(chunk):
+    from study.eval.inference import iter_padded
+
+    images = [_ramp(30, 60), _ramp(64, 40), _ramp(17, 9)]
+    pred = RandomModel()(pad_to_square(images, 64)[0])[-1]
+    ref = _whole_batch_padded(pred, images, 64)
+    got = list(iter_padded(RandomModel(), images, 64, chunk=chunk))  # same generator seed: same prediction
+    assert len(got) == 3
+    for (m, c), r, k in zip(got, ref, pred.class_logits):
+        assert torch.equal(m, r) and torch.equal(c, k)
+
+
+def test_windowed_per_crop_upsampling_equals_the_whole_batch():
+    images = [_ramp(40, 100), _ramp(20, 20)]
+    out = run_windowed(RandomModel(), images, 20, batch_size=3)
+    model, crops = RandomModel(), torch.cat([window_crops(img, 20)[0] for img in images])
+    per_crop = []
+    for i in range(0, len(crops), 3):  # the former path: a batch of crops upsampled at once
+        pred = model(crops[i:i + 3])[-1]
+        masks = F.interpolate(pred.mask_logits.float(), size=(20, 20), mode="bilinear", align_corners=False)
+        per_crop.extend(semantic_logits(m, c) for m, c in zip(masks, pred.class_logits))
+    assert torch.equal(out[1], F.interpolate(per_crop[-1][None], size=(20, 20), mode="bilinear",
+                                             align_corners=False)[0])  # the one-crop image, exactly
+    # the first image: its crops, averaged where they overlap, as run_windowed does
+    starts = window_crops(images[0], 20)[1]
+    total, count = torch.zeros(5, 20, 50), torch.zeros(1, 20, 50)
+    for s, logits in zip(starts, per_crop):
+        total[:, :, s:s + 20] += logits
+        count[:, :, s:s + 20] += 1
+    ref = F.interpolate((total / count)[None], size=(40, 100), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(out[0], ref)

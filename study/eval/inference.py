@@ -1,7 +1,8 @@
 """Inference protocols of docs/paper.md section 7, for any model of the contract (study/models/contract.py).
 
 - Padded (panoptic, instance): resize the longer side to the input size S, zero-pad bottom/right to S x S,
-  run, upsample the mask logits to S x S, crop the padding, resize to the original image.
+  run, upsample the mask logits to S x S, crop the padding, resize to the original image (per image and a
+  chunk of queries at a time, which bounds the memory without changing the numbers).
 - Windowed (semantic): resize the shorter side to the crop size S, cut ceil(long / short) S x S crops with
   the overlap spread evenly, turn each crop's prediction into per-pixel class logits, average where crops
   overlap, resize to the original image.
@@ -64,22 +65,46 @@ def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, 
     return batch, kept
 
 
+# Queries upsampled at once to S x S in float32 by the padded protocol: with Q = 200 and S = 1280 all of them
+# would take 1.3 GB per image, a chunk of 32 about 210 MB (our choice). Bilinear resizing treats each query's
+# map on its own; a chunk that is a multiple of the CPU's vector width (8 or 16 floats) keeps even the rounding
+# of the whole-set call, and CUDA computes every element on its own (tests/test_eval_inference.py checks
+# equality).
+QUERY_CHUNK = 32
+
+
+def _to_original(mask_logits: torch.Tensor, size: int, kept: tuple[int, int], out_hw: tuple[int, int],
+                 chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """One image's mask logits (Q, S/4, S/4) -> (Q, H, W) float32: upsampled to S x S, the padding cropped
+    away, resized to the original image; ``chunk`` queries at a time."""
+    nh, nw = kept
+    out = torch.empty(mask_logits.shape[0], *out_hw, device=mask_logits.device)
+    for q in range(0, mask_logits.shape[0], chunk):
+        m = F.interpolate(mask_logits[None, q:q + chunk].float(), size=(size, size), mode="bilinear",
+                          align_corners=False)[:, :, :nh, :nw]  # (1, c, h, w): the padding cropped away
+        out[q:q + chunk] = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)[0]
+    return out
+
+
 @torch.no_grad()
-def run_padded(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
-               device: str | torch.device = "cpu", precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Padded protocol on a batch of images: per image, (mask logits (Q, H, W) at the original resolution,
-    class logits (Q, C + 1))."""
+def iter_padded(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
+                device: str | torch.device = "cpu", precision: str = "fp32",
+                chunk: int = QUERY_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded protocol on a batch of images, one image at a time: (mask logits (Q, H, W) at the original
+    resolution, class logits (Q, C + 1)). The model runs once on the batch; only one image's full-resolution
+    masks exist at a time."""
     batch, kept = pad_to_square(images, size)
     with masking(model, masked):
         pred = _final(model, batch.to(device), precision)
-    masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
-    out = []
     for i, img in enumerate(images):
-        nh, nw = kept[i]
-        m = masks[i:i + 1, :, :nh, :nw]  # (1, Q, h, w): the padding cropped away
-        m = F.interpolate(m, size=tuple(img.shape[-2:]), mode="bilinear", align_corners=False)[0]
-        out.append((m, pred.class_logits[i].float()))
-    return out
+        yield (_to_original(pred.mask_logits[i], size, kept[i], tuple(img.shape[-2:]), chunk),
+               pred.class_logits[i].float())
+
+
+def run_padded(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
+               device: str | torch.device = "cpu", precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`iter_padded` as a list (every image's masks at once: for a few images)."""
+    return list(iter_padded(model, images, size, masked, device, precision))
 
 
 def window_crops(image: torch.Tensor, size: int) -> tuple[torch.Tensor, list[int], tuple[int, int]]:
@@ -114,9 +139,9 @@ def run_windowed(model, images: list[torch.Tensor], size: int, batch_size: int =
     with masking(model, masked):
         for i in range(0, len(crops), batch_size):
             pred = _final(model, crops[i:i + batch_size].to(device), precision)
-            masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear",
-                                  align_corners=False)  # (b, Q, S, S)
-            logits.extend(semantic_logits(m, c) for m, c in zip(masks, pred.class_logits))  # (C, S, S) each
+            for m, c in zip(pred.mask_logits, pred.class_logits):  # one crop's (Q, S, S) at a time
+                m = F.interpolate(m[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+                logits.append(semantic_logits(m, c))  # (C, S, S)
     out, k = [], 0
     for img, (_, starts, (nh, nw)) in zip(images, windows):
         num_classes = logits[k].shape[0]

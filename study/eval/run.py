@@ -34,7 +34,7 @@ from study.errors import UserError
 from study.eval.coco_ap import encode_mask, evaluate_masks
 from study.eval.config import EvalConfig
 from study.eval.export import InstanceExporter, PanopticExporter, SemanticExporter
-from study.eval.inference import run_padded, run_windowed
+from study.eval.inference import iter_padded, run_windowed
 from study.eval.miou import ConfusionMatrix
 from study.eval.postprocess import instance_topk, panoptic_merge
 from study.eval.pq import PQAccumulator
@@ -138,7 +138,7 @@ class PanopticEvaluator(TaskEvaluator):
 
     def process(self, model, samples, input_size, masked, device, precision) -> None:
         st, info = self.settings, self.info
-        for s, (masks, classes) in zip(samples, run_padded(model, [s.image for s in samples], input_size,
+        for s, (masks, classes) in zip(samples, iter_padded(model, [s.image for s in samples], input_size,
                                                             masked, device, precision)):
             r = panoptic_merge(masks, classes, info.is_thing, st.score_threshold, st.overlap_threshold,
                                st.mask_threshold)
@@ -171,7 +171,7 @@ class InstanceEvaluator(TaskEvaluator):
         self.exporter = InstanceExporter(settings.export_dir) if settings.export_dir else None
 
     def process(self, model, samples, input_size, masked, device, precision) -> None:
-        for s, (masks, classes) in zip(samples, run_padded(model, [s.image for s in samples], input_size,
+        for s, (masks, classes) in zip(samples, iter_padded(model, [s.image for s in samples], input_size,
                                                             masked, device, precision)):
             r = instance_topk(masks, classes, self.settings.top_k)
             res = InstanceExporter.to_results(s.image_id, r.masks.cpu().numpy(),
