@@ -12,7 +12,8 @@ import torch
 from baselines.config import ADAPTER_SIZES, BaselineConfig, check_interactions
 from baselines.variants import VARIANTS, build_variant, differences
 from study.config import ConfigError
-from study.models.build import build_model
+from study.models import build as registry
+from study.models.build import build_model, register_variant, table1_rows, variants
 from study.models.config import ModelConfig
 
 # Table 1 (docs/paper.md section 2): what each step removes, as the fields that change.
@@ -24,13 +25,55 @@ INTENDED = {
 
 
 def test_consecutive_rows_differ_as_intended():
-    rows = list(VARIANTS.values())
+    rows = [VARIANTS[v.name] for v in table1_rows() if v.name in VARIANTS]
     assert [r.row for r in rows] == [0, 1, 2, 3]
     for parent, child in zip(rows, rows[1:]):
         diff = differences(parent, child)
         print(f"row {parent.row} -> row {child.row} ({child.name}): {diff}")
         assert diff == INTENDED[child.name]
         assert 1 <= len(diff) <= 2
+
+
+# Table 1 (docs/paper.md section 2): the labels as printed there, row by row.
+TABLE1_LABELS = ["ViT-Adapter + Mask2Former", "w/o ViT-Adapter", "w/o Pixel decoder", "w/o Multi-scale",
+                 "w/o Transformer decoder", "w/o Masking = EoMT"]
+
+
+def test_table1_rows_come_from_one_registry_in_row_order():
+    rows = table1_rows()
+    assert [v.row for v in rows] == [0, 1, 2, 3, 4, 5]
+    assert [v.label for v in rows] == TABLE1_LABELS
+    assert [v.name for v in rows][:4] == list(VARIANTS) and [v.name for v in rows][4:] == ["eomt_masked", "eomt"]
+    assert list(variants())[:6] == [v.name for v in rows]
+    assert all(v.builder.__module__ == "baselines.variants" for v in rows[:4])  # through the entry point
+
+
+def test_a_duplicate_name_or_row_is_refused(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real one untouched
+    build = variants()["eomt"].builder
+    with pytest.raises(ValueError, match="variant 'eomt' is already registered"):
+        register_variant("eomt", build)
+    with pytest.raises(ValueError, match="Table 1 row 5 is already registered as 'eomt'"):
+        register_variant("eomt_copy", build, row=5)
+    v = register_variant("eomt_copy", build)  # outside Table 1: listed after the rows, label = name
+    assert list(variants())[-1] == "eomt_copy" and v.label == "eomt_copy" and len(table1_rows()) == 6
+
+
+def test_registry_is_complete_in_a_process_that_never_imports_baselines(tmp_path):
+    """A submitit job or a test process reads the registry without the CLI: the entry point fills it."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from study.models.build import build_model, variants\n"
+            "from study.models.config import ModelConfig\n"
+            "assert 'baselines' not in sys.modules\n"
+            "print(','.join(variants()))\n"
+            "m = build_model(ModelConfig(variant='single_scale', size='tiny', img_size=32, num_classes=3,"
+            " num_queries=4))\n"
+            "print(type(m).__module__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    names, module = out.stdout.split()
+    assert names.split(",")[:6] == [v.name for v in table1_rows()] and module == "baselines.model"
 
 
 def small_cfg(variant="vit_adapter_m2f", img_size=32, **baseline) -> ModelConfig:
@@ -40,7 +83,10 @@ def small_cfg(variant="vit_adapter_m2f", img_size=32, **baseline) -> ModelConfig
 
 
 def test_unknown_variant_is_named():
-    with pytest.raises(ValueError, match="unknown variant 'vit_adaptor_m2f'.*vit_adapter_m2f"):
+    from study.errors import UserError
+
+    with pytest.raises(UserError, match="unknown variant 'vit_adaptor_m2f'.*vit_adapter_m2f.*study.variants"
+                                        ".*pip install -e"):
         build_model(ModelConfig(variant="vit_adaptor_m2f", size="tiny"))
     with pytest.raises(ValueError, match="unknown baseline variant 'eomt'"):
         build_variant("eomt", small_cfg())

@@ -66,3 +66,74 @@ def test_saved_config_reloads_identically(tmp_path):
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(None, ["model.size=B"])) != config_hash(cfg)
+
+
+# ----------------------------------------------------------------- checks at load time (issue 15 item 5)
+
+
+def test_mistyped_baseline_option_is_refused_at_load_naming_key_and_file(tmp_path):
+    path = write(tmp_path / "run.yaml", {"model": {"variant": "sfp_m2f", "baseline": {"deform_head": 4}}})
+    with pytest.raises(ConfigError, match=r"'model\.baseline\.deform_head' \(from .*run\.yaml\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'model\.baseline\.hidden_dim' \(from --set\) must be int"):
+        load_config(None, ["model.variant=sfp_m2f", "model.baseline.hidden_dim=wide"])
+    # a value the options' validate() refuses names its key too
+    with pytest.raises(ConfigError, match=r"'model\.baseline\.hidden_dim' \(from --set\).*multiple of 32"):
+        load_config(None, ["model.variant=sfp_m2f", "model.baseline.hidden_dim=100"])
+    assert load_config(None, ["model.variant=sfp_m2f", "model.baseline.hidden_dim=64"]).model.baseline == \
+        {"hidden_dim": 64}
+
+
+def test_baseline_options_on_eomt_and_unknown_variant_are_refused_at_load(tmp_path):
+    path = write(tmp_path / "run.yaml", {"model": {"baseline": {"hidden_dim": 64}}})
+    with pytest.raises(ConfigError, match=r"'model\.baseline' \(from .*run\.yaml\).*do not apply to variant 'eomt'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'model\.variant' \(from --set\): unknown variant 'eomt_xl'.*"
+                                          r"registered variants: vit_adapter_m2f, .*eomt.*pip install -e"):
+        load_config(None, ["model.variant=eomt_xl"])
+
+
+@pytest.mark.parametrize("override, key, why", [
+    ("model.img_size=0", "model.img_size", "at least the patch size"),
+    ("model.img_size=-32", "model.img_size", "at least the patch size"),
+    ("model.patch_size=0", "model.patch_size", "must be >= 1"),
+    ("model.num_queries=0", "model.num_queries", "must be >= 1"),
+    ("eval.input_size=512", "eval.input_size", "model.img_size .* is 640"),
+    ("bench.img_size=0", "bench.img_size", "must be >= 1"),
+    ("bench.img_size=650", "bench.img_size", "650 is not divisible by the patch size 16"),
+    ("bench.iters=0", "bench.iters", "must be >= 1"),
+    ("bench.sizes=[S,XL]", "bench.sizes", "unknown model size 'XL'"),
+    ("bench.sizes=[]", "bench.sizes", "empty"),
+    ("bench.variants=[eomt,eomt_xl]", "bench.variants", "unknown variant 'eomt_xl'"),
+    ("bench.device=gpu", "bench.device", "not auto, cpu, cuda"),
+    ("launch.steps=[train,evil]", "launch.steps", r"unknown step\(s\) \['evil'\]"),
+])
+def test_bad_values_are_refused_at_load_naming_the_key(override, key, why):
+    with pytest.raises(ConfigError, match=rf"config key '{key}' \(from --set\).*{why}"):
+        load_config(None, [override])
+
+
+def test_eval_input_size_may_equal_the_model_size():
+    cfg = load_config(None, ["model.img_size=512", "eval.input_size=512", "bench.img_size=320"])
+    assert (cfg.model.img_size, cfg.eval.input_size, cfg.bench.img_size) == (512, 512, 320)
+
+
+def test_an_override_pair_names_its_flag():
+    with pytest.raises(ConfigError, match=r"'bench\.iters' \(from --iters\): iters must be >= 1"):
+        load_config(None, [("bench.iters=0", "--iters")])
+
+
+def test_grid_runs_get_the_same_load_time_checks(tmp_path):
+    from study.launch.grid import expand_grid
+
+    grid = write(tmp_path / "grid.yaml", {"model": {"size": "tiny"},
+                                          "grid": {"name": "g", "axes": {"model.variant": ["eomt", "sfp_m2f"]}}})
+    assert len(expand_grid(grid)[1]) == 2
+    # what --dry-run expands: a mistyped option fails here, not in the job
+    with pytest.raises(ConfigError, match=r"run 0 \(model.variant=eomt\).*'model\.baseline' \(from --set\)"):
+        expand_grid(grid, ["model.baseline.hidden_dim=64"])
+    grid = write(tmp_path / "grid.yaml", {"model": {"size": "tiny"},
+                                          "grid": {"name": "g", "axes": {"model.variant": ["sfp_m2f"]}}})
+    with pytest.raises(ConfigError, match=r"run 0 \(model.variant=sfp_m2f\).*'model\.baseline\.deform_head' "
+                                          r"\(from --set\)"):
+        expand_grid(grid, ["model.baseline.deform_head=4"])
