@@ -22,11 +22,11 @@ def scaling_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", img_size:
     import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself; notebooks keep inline
 
     if paper:
-        from study.bench.paper import PAPER, PAPER_PQ
+        from study.paper_numbers import paper_rows
 
-        rows = [{"model.variant": v, "model.size": s, "model.img_size": i, "FPS": f, "GFLOPs": g, "params_M": p,
-                 "PQ": PAPER_PQ[(v, s, i)]} for (v, s, i), (p, g, f) in PAPER.items() if (v, s, i) in PAPER_PQ]
-        data = pd.DataFrame(rows)
+        rows = paper_rows()
+        rows = rows[rows["table"].isin(["1", "3"])].drop_duplicates(["model.variant", "model.size", "model.img_size"])
+        data = rows.assign(**{"model.img_size": rows["model.img_size"].astype(int)})
     else:
         data = summarize(results)
     for axis in (x, y):

@@ -1,13 +1,13 @@
 """The paper's tables from the results table (study/launch/collect.py): pure functions of a DataFrame.
 
 Runs that differ only in ``seed`` are one table row: the mean, with the number of seeds and the standard
-deviation of the main metric. The paper's own numbers (study/bench/paper.py) sit next to ours.
+deviation of the main metric. The paper's own numbers (study/paper_numbers.csv) sit next to ours.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from study.bench.paper import PAPER, PAPER_PQ
+from study.paper_numbers import paper_numbers
 
 KEY = ["model.variant", "model.size", "model.img_size"]
 METRICS = ["params_M", "GFLOPs", "FPS", "PQ", "PQ_th", "PQ_st", "AP", "mIoU"]
@@ -58,9 +58,8 @@ def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
 def _with_paper(rows: pd.DataFrame) -> pd.DataFrame:
     """``rows`` with the paper's params, GFLOPs, FPS and PQ for the same (variant, size, input size)."""
     keys = [(r["model.variant"], r["model.size"], int(r["model.img_size"])) for _, r in rows.iterrows()]
-    published = [PAPER.get(k, (None, None, None)) for k in keys]
-    return rows.assign(paper_params_M=[p[0] for p in published], paper_GFLOPs=[p[1] for p in published],
-                       paper_FPS=[p[2] for p in published], paper_PQ=[PAPER_PQ.get(k) for k in keys])
+    published = [paper_numbers(*k) or {} for k in keys]
+    return rows.assign(**{f"paper_{m}": [p.get(m) for p in published] for m in ("params_M", "GFLOPs", "FPS", "PQ")})
 
 
 def table1(results: pd.DataFrame, size: str = "L", img_size: int = 640) -> pd.DataFrame:

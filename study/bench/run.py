@@ -9,11 +9,11 @@ from dataclasses import replace
 import torch
 
 from study.bench.flops import count_flops, count_params
-from study.bench.paper import paper_numbers
 from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
 from study.config import Config
 from study.models.backbone import check_size
 from study.models.build import build_model, check_variant
+from study.paper_numbers import paper_numbers
 
 
 def check_bench(cfg: Config) -> None:
@@ -49,9 +49,11 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
                 "gflops_by_module": {k: round(v / 1e9, 3) for k, v in flops.by_module.items()},
                 "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
             }
-            paper = paper_numbers(variant, size, b.img_size)
+            paper = paper_numbers(variant, size, b.img_size, cfg.task)  # study/paper_numbers.csv
             if paper is not None:
-                row["paper"] = {"params_m": paper[0], "gflops": paper[1], "fps_h100": paper[2]}
+                where = f"Table {paper['table']}" + (f" ({paper['group']})" if paper["group"] else "")
+                row["paper"] = {"params_m": paper["params_M"], "gflops": paper["GFLOPs"], "fps_h100": paper["FPS"],
+                                "table": f"{where}: {paper['row']}"}
             if b.fps:
                 row.update(measure_fps(model, b.img_size, protocol))
                 if b.breakdown:

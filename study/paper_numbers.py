@@ -1,0 +1,160 @@
+"""The paper's published numbers (study/paper_numbers.csv), read once; everything that prints a paper number
+reads it from here (docs/paper.md sections 2-4).
+
+:func:`paper_table` gives the rows, :func:`row_keys` the configuration of a row with every default filled in
+and resolved (so a run and a row compare key by key), :func:`lookup` the published columns of the row that a
+configuration reproduces.
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import pandas as pd
+
+from study.errors import UserError
+
+TABLES = ("1", "B", "2", "3", "4", "5", "6", "7", "C", "D", "9")
+METRICS = ("params_M", "GFLOPs", "FPS", "throughput", "PQ", "PQ_th", "PQ_st", "AP", "mIoU")
+ROW_ID = ("table", "group", "row")
+
+
+@functools.lru_cache(maxsize=1)
+def _read() -> pd.DataFrame:
+    with resources.files("study").joinpath("paper_numbers.csv").open() as f:
+        data = pd.read_csv(f, comment="#", dtype=str, keep_default_na=False)
+    for m in METRICS:
+        data[m] = pd.to_numeric(data[m].replace("", None))
+    return data
+
+
+def paper_rows() -> pd.DataFrame:
+    """Every published row (a copy): ``table, group, row``, the config columns (strings, '' = default),
+    ``needs``, the metric columns (floats, NaN = not printed) and ``note``."""
+    return _read().copy()
+
+
+def config_columns(data: pd.DataFrame | None = None) -> list[str]:
+    """The configuration keys the rows are made of (dotted names of study/config.py)."""
+    data = _read() if data is None else data
+    return [c for c in data.columns if c not in (*ROW_ID, "needs", "note", *METRICS)]
+
+
+def paper_table(table: str) -> pd.DataFrame:
+    """The rows of one table in the paper's order."""
+    if str(table) not in TABLES:
+        raise UserError(f"unknown table '{table}'; the paper's tables are {', '.join(TABLES)}")
+    return _read()[_read()["table"] == str(table)].reset_index(drop=True)
+
+
+@functools.lru_cache(maxsize=1)
+def config_defaults() -> dict:
+    """Every configuration key (dotted) with its default value."""
+    from study.config import Config, to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k != "baseline":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(to_dict(Config()))
+
+
+def _parse(text: str, default):
+    """A CSV cell as the type of the key's default ('' = the default)."""
+    if text == "":
+        return default
+    if isinstance(default, bool) or text in ("true", "false"):
+        return text == "true"
+    if isinstance(default, int) or (default is None and text.lstrip("-").isdigit()):
+        return int(text)
+    return text
+
+
+def _normal(value):
+    """A results-table cell (NaN for missing, floats for ints after a CSV) as a plain value."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hasattr(value, "item"):
+        return _normal(value.item())
+    return value
+
+
+# The variants that keep masked attention at inference when model.masked_inference is unset: every one but
+# EoMT (Table 1 rows 0-4; study/models/build.py and baselines/variants.py).
+UNMASKED_AT_INFERENCE = ("eomt",)
+
+
+def resolve(keys: dict) -> dict:
+    """Fill the defaults that depend on other keys, as the model builder and trainer do: L2 and the DINOv2
+    backbone from the size (docs/paper.md section 5), masked inference from the variant, mask annealing from
+    masked inference (study/train/config.py); with masked attention off neither masking nor annealing is
+    left."""
+    from study.models.backbone import SIZES
+
+    out = dict(keys)
+    spec = SIZES.get(out.get("model.size"))
+    if "model.num_query_blocks" in out and out["model.num_query_blocks"] is None and spec is not None:
+        out["model.num_query_blocks"] = spec.query_blocks
+    if "model.backbone" in out and out["model.backbone"] is None and spec is not None:
+        out["model.backbone"] = spec.backbone
+    if "model.masked_inference" in out and out["model.masked_inference"] is None:
+        out["model.masked_inference"] = out.get("model.variant") not in UNMASKED_AT_INFERENCE
+    if "train.mask_annealing" in out and out["train.mask_annealing"] is None:
+        out["train.mask_annealing"] = not out.get("model.masked_inference", False)
+    if out.get("model.masked_attention") is False:
+        out["model.masked_inference"] = False
+        out["train.mask_annealing"] = False
+    return out
+
+
+def row_keys(row: pd.Series) -> dict:
+    """The resolved configuration of one paper row (every config column)."""
+    defaults = config_defaults()
+    return resolve({k: _parse(row[k], defaults[k]) for k in config_columns()})
+
+
+def run_keys(run: pd.Series | dict) -> dict:
+    """The resolved configuration of one results-table row, on the same keys as :func:`row_keys`."""
+    defaults = config_defaults()
+    values = {k: _normal(run[k]) if k in run else None for k in config_columns()}
+    return resolve({k: defaults[k] if v is None else v for k, v in values.items()})
+
+
+def lookup(config: dict, table: str | None = None) -> dict | None:
+    """The published columns (and ``table``, ``group``, ``row``, ``note``) of the first row, of ``table`` or of
+    any table in :data:`TABLES` order, whose configuration is ``config`` (dotted keys; missing = default)."""
+    want = run_keys(config)
+    for _, r in (_read() if table is None else paper_table(table)).iterrows():
+        if r["needs"] == "" and row_keys(r) == want:
+            return {k: (None if k in METRICS and pd.isna(r[k]) else r[k])
+                    for k in (*ROW_ID, *METRICS, "note")}
+    return None
+
+
+def paper_numbers(variant: str, size: str, img_size: int, task: str = "panoptic") -> dict | None:
+    """The published params, GFLOPs and FPS of a model in the paper's default setting of ``task`` (COCO
+    panoptic or instance at ``img_size``; semantic: Cityscapes at 1024, ADE20K at 512), or None."""
+    setting = {"panoptic": {"data.dataset": "coco_panoptic"},
+               "instance": {"data.dataset": "coco_instance", "model.num_classes": 80}}.get(task)
+    if setting is None:
+        return None
+    return lookup({"task": task, "model.variant": variant, "model.size": size, "model.img_size": img_size,
+                   **setting})
+
+
+def check_config_keys() -> None:
+    """Every config column is a configuration key (the data file and study/config.py agree)."""
+    unknown = [c for c in config_columns() if c not in config_defaults()]
+    if unknown:
+        raise UserError(f"study/paper_numbers.csv: column(s) {unknown} are not configuration keys")
+
+
+__all__ = ["TABLES", "METRICS", "paper_rows", "paper_table", "config_columns", "row_keys", "run_keys", "lookup",
+           "paper_numbers", "resolve", "config_defaults", "check_config_keys"]

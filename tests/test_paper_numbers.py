@@ -1,0 +1,66 @@
+"""The paper's numbers (study/paper_numbers.csv): well-formed, unique rows, real configuration keys, and the
+published counts other parts of the suite cite (docs/paper.md sections 2-4)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from study import paper_numbers as pn
+from study.errors import UserError
+
+
+def test_every_line_has_every_column_and_rows_are_unique():
+    path = pn.resources.files("study").joinpath("paper_numbers.csv")
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    widths = {len(r) for r in csv.reader(lines)}
+    assert widths == {len(lines[0].split(","))}  # a missing comma would shift every later column
+    rows = pn.paper_rows()
+    assert not rows.duplicated(list(pn.ROW_ID)).any()
+    assert sorted(rows["table"].unique()) == sorted(pn.TABLES)
+    # the rows the suite can configure are different models within each table
+    for t in pn.TABLES:
+        keys = [str(pn.row_keys(r)) for _, r in pn.paper_table(t).iterrows() if r["needs"] == ""]
+        assert len(keys) == len(set(keys)), t
+
+
+def test_config_columns_are_configuration_keys():
+    pn.check_config_keys()
+    assert {"model.variant", "model.size", "model.img_size", "data.dataset", "train.mask_annealing"} <= \
+        set(pn.config_columns())
+
+
+@pytest.mark.parametrize("variant,size,img,params,gflops,fps,pq", [
+    ("eomt", "L", 640, 316, 669, 128, 56.0),  # Table 1 row 5 (README: EoMT-L 640 316M / 669 GFLOPs)
+    ("sfp_m2f", "L", 640, 342, 700, 36, 56.7),  # Table 1 row 1
+    ("vit_adapter_m2f", "L", 640, 349, 830, 29, 57.1),  # Table 1 row 0
+    ("eomt", "S", 640, 24, 68, 330, 44.7),  # Table 3
+    ("eomt_masked", "g", 640, 1164, 2689, 35, 57.2),  # Table 3
+    ("eomt", "L", 1280, 322, 4146, 30, 58.3),  # the 1280 rows
+])
+def test_known_rows(variant, size, img, params, gflops, fps, pq):
+    p = pn.paper_numbers(variant, size, img)
+    assert (p["params_M"], p["GFLOPs"], p["FPS"], p["PQ"]) == (params, gflops, fps, pq)
+
+
+def test_lookup_resolves_defaults_like_the_builder():
+    coco = {"data.dataset": "coco_panoptic"}
+    # L2 = 4 is ViT-L's default: the same row whether set or not (Table D)
+    assert pn.lookup({**coco, "model.num_query_blocks": 4}, "D")["row"] == "4"
+    assert pn.lookup(coco, "D")["row"] == "4"
+    assert pn.lookup({**coco, "model.num_query_blocks": 2}, "D")["GFLOPs"] == 660
+    # Table 7: masking off, masked without annealing, annealed (explicitly or by default)
+    assert pn.lookup({**coco, "model.masked_attention": False}, "7")["PQ"] == 53.2
+    assert pn.lookup({**coco, "train.mask_annealing": False}, "7")["PQ"] == 27.4
+    assert pn.lookup({**coco, "train.mask_annealing": True}, "7")["PQ"] == 56.0
+    # Table C: the annealed baseline
+    assert pn.lookup({**coco, "model.variant": "vit_adapter_m2f", "model.masked_inference": False,
+                      "train.mask_annealing": True}, "C")["PQ"] == 56.8
+    # Table 2: the backbone makes the row; Table 5 and 6: the setting
+    assert pn.lookup({**coco, "model.backbone": "eva02_large_patch14_224.mim.m38m"}, "2")["FPS"] == 77
+    assert pn.lookup({"task": "semantic", "data.dataset": "cityscapes", "model.img_size": 1024,
+                      "model.num_classes": 19, "model.num_queries": 100}, "5")["mIoU"] == 84.2
+    assert pn.paper_numbers("eomt", "L", 1280, "instance")["AP"] == 48.8
+    assert pn.paper_numbers("eomt", "tiny", 128) is None and pn.lookup({"data.dataset": "synthetic"}) is None
+    with pytest.raises(UserError, match="unknown table 'Z'"):
+        pn.paper_table("Z")
