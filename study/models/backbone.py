@@ -240,8 +240,13 @@ class ViTBackbone(nn.Module):
                   extra_prefix: int = 0) -> torch.Tensor:
         """Block ``i`` on tokens x (B, N, D). ``attn_mask``: bool (B, N, N), True = may attend.
 
-        ``extra_prefix`` counts tokens put in front of the ViT's own prefix (EoMT's queries); only EVA-02's
-        rotary embedding needs to know it.
+        ``extra_prefix`` counts tokens put in front of the ViT's own prefix (EoMT's queries); only the rotary
+        embeddings (EVA-02, DINOv3) need to know it. timm's RoPE attention rotates every token after its first
+        ``num_prefix_tokens``; for these calls that count includes the queries, so the queries, like CLS and the
+        registers, are not rotated and the patch tokens get exactly the rotation of the plain ViT. Hugging
+        Face's EomtDinov3 does the same (it rotates the last grid-size tokens). Numerical parity with it
+        (timm's and Hugging Face's DINOv3 RoPE frequencies and coordinate conventions) is not checked here:
+        issue 13.
         """
         block = self.vit.blocks[i]
         if attn_mask is not None:
