@@ -154,7 +154,7 @@ def test_debug_runs_here_without_wait_and_a_failure_does_not_stop_the_next(tmp_p
     path = write_grid(tmp_path, synthetic_root, {"runs": [{"model.num_classes": 9}, {"seed": 4}]})
     assert main(["launch", path, "--cluster", "debug", "--steps", "train"]) == 1  # no --wait: still run here
     out = capsys.readouterr().out
-    assert "failed here" in out and "ran here" in out and "ValueError: model.num_classes=9" in out
+    assert "failed here" in out and "ran here" in out and "UserError: model.num_classes=9" in out
     assert sorted(collect(tmp_path / "runs")["state"]) == ["complete", "failed"]
 
 
@@ -270,7 +270,7 @@ def test_failed_job_is_reported_and_the_others_run(tmp_path, synthetic_root, cap
     assert main(["launch", path, "--cluster", "debug", "--wait", "--steps", "train"]) == 1
     out = capsys.readouterr().out
     assert "model.num_classes=9 but the synthetic data set has 6 classes" in out and "1 run(s) failed" in out
-    assert "ValueError: model.num_classes=9" in out  # the run's own error, not the path of a log
+    assert "UserError: model.num_classes=9" in out  # the run's own error, not the path of a log
     states = sorted(collect(tmp_path / "runs")["state"])
     assert states == ["complete", "failed"]
 
