@@ -1,20 +1,30 @@
-"""``study report RESULTS``: the paper's Table 1 or Table 3 and the scaling plot from a results table."""
+"""``study report RESULTS``: any table of the paper (ours beside the paper's, with the difference) in
+Markdown, LaTeX and CSV, the figures, or everything at once (``--all OUT_DIR``) with an index."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from study.errors import UserError
+from study.paper_numbers import TABLES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="paper tables and scaling plots from collected results",
-                       description="Table 1 (stepwise removal at one size) or Table 3 (sizes), ours next to the "
-                                   "paper's, from a folder of runs or the CSV of `study collect`.")
+    p = sub.add_parser("report", help="paper tables and figures from collected results",
+                       description="A table of the paper (1, B, 2, 3, 4, 5, 6, 7, C, D, 9), ours next to the "
+                                   "paper's, from a folder of runs or the CSV of `study collect`; or with "
+                                   "--all every table that has complete runs and every figure.")
     p.add_argument("results", help="folder of runs, or results.csv")
-    p.add_argument("--table", choices=["1", "3"], default="1")
-    p.add_argument("--size", default="L", help="Table 1: the model size (default L)")
-    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--table", choices=list(TABLES), default="1")
+    p.add_argument("--size", default=None, help="keep only runs of this model size (default: the size there is)")
+    p.add_argument("--img-size", type=int, default=None, help="keep only runs at this input size")
     p.add_argument("--md", metavar="PATH", help="also write the table as Markdown")
-    p.add_argument("--plot", metavar="PATH", help="write the scaling plot (PQ vs FPS by default) as an image")
+    p.add_argument("--tex", metavar="PATH", help="also write the table as LaTeX (booktabs)")
+    p.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
+    p.add_argument("--format", choices=["md", "tex", "csv"], default="md", help="what is printed (default md)")
+    p.add_argument("--all", metavar="OUT_DIR", help="write every table with complete runs (md, tex, csv), every "
+                                                    "figure (png, pdf) and index.md into OUT_DIR")
+    p.add_argument("--plot", metavar="PATH", help="write PQ vs FPS (or --x/--y) as an image")
     p.add_argument("--x", default="FPS", help="plot x axis (a results column: FPS, GFLOPs, params_M)")
     p.add_argument("--y", default="PQ", help="plot y axis (PQ, AP, mIoU)")
     p.set_defaults(func=run)
@@ -28,36 +38,71 @@ def load_results(path: str | Path):
     path = Path(path)
     if path.is_file():
         return pd.read_csv(path)
+    if not path.exists():
+        raise UserError(f"no such results folder or file: {path}")
     return collect(path)
 
 
+def write_all(results, out: str | Path, source: str = "") -> Path:
+    """Every table that has complete runs and every figure under ``out``; ``out``/index.md lists them, what
+    was not written and why, and the machine, precision and threads the times were taken with."""
+    from analysis.plots import all_figures
+    from analysis.tables import environment, reportable_tables, write_report
+    from study.io import atomic_write_text
+
+    out = Path(out)
+    reports = reportable_tables(results)
+    done = {t: r for t, r in reports.items() if not isinstance(r, str)}
+    if not done:
+        raise UserError(f"nothing to report in {source or 'the results'}: no complete run matches a row of any "
+                        f"table ({reports['1']})")
+    lines = [f"# Results{f' of {source}' if source else ''}", ""]
+    env = environment(results)
+    lines += ["Times taken on: " + ("; ".join(env) if env else "no time measured (bench.fps off)"), "",
+              "## Tables", ""]
+    for t, r in done.items():
+        paths = write_report(r, out / f"table_{t}")
+        lines.append(f"- Table {t}: " + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths)
+                     + (f" ({len(r.missing)} rows or runs missing)" if r.missing else ""))
+    lines += ["", "Not written: " + ", ".join(f"Table {t}" for t in reports if t not in done) + " (no complete "
+              "run matches one of their rows)", "", "## Figures", ""]
+    written, skipped = all_figures(results, out)
+    lines += [f"- {title}: " + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths) for title, paths in written]
+    if written:
+        lines += ["", f"![{written[0][0]}]({written[0][1][0].name})"]
+    if skipped:
+        lines += ["", "Not drawn:"] + [f"- {s}" for s in skipped]
+    index = out / "index.md"
+    atomic_write_text(index, "\n".join(lines) + "\n")
+    return index
+
+
 def run(args: argparse.Namespace) -> int:
-    from analysis.tables import table1, table3, to_markdown
+    from analysis.tables import table_report, to_csv, to_latex, to_markdown
     from study.io import atomic_write_text
 
     results = load_results(args.results)
     if results.empty:
-        print(f"study report: no runs in {args.results}")
+        raise UserError(f"nothing to report: no runs in {args.results}")
+    if args.all:
+        index = write_all(results, args.all, str(args.results))
+        print(index.read_text())
+        print(f"wrote {index}")
         return 0
-    table = table1(results, args.size, args.img_size) if args.table == "1" else table3(results, args.img_size)
-    if table.empty:
-        where = f"size {args.size}, {args.img_size} px" if args.table == "1" else f"{args.img_size} px"
-        done = results[results["state"] == "complete"] if "state" in results else results
-        have = sorted({f"{r['model.variant']} {r['model.size']} {r['model.img_size']}px"
-                       for _, r in done.iterrows()}) if not done.empty else []
-        print(f"study report: no complete run of a Table {args.table} model at {where} in {args.results}; "
-              f"complete runs: {', '.join(have) or 'none'}")
-    else:
-        text = to_markdown(table)
-        print(text)
-        if args.md:
-            atomic_write_text(args.md, text + "\n")
-            print(f"wrote {args.md}")
-    if args.plot and not table.empty:
-        from analysis.plots import scaling_plot
+    report = table_report(results, args.table, args.size, args.img_size)
+    writers = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
+    print(writers[args.format](report), end="")
+    for fmt in ("md", "tex", "csv"):
+        path = getattr(args, fmt)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, writers[fmt](report))
+            print(f"wrote {path}")
+    if args.plot:
+        from analysis.plots import tradeoff_plot
 
-        fig = scaling_plot(results, args.x, args.y, args.img_size)
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+        stem = Path(args.plot)
+        fig = tradeoff_plot(results, args.x, args.y)
+        fig.savefig(stem, dpi=300)
+        print(f"wrote {stem}")
     return 0

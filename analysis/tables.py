@@ -1,26 +1,35 @@
 """The paper's tables from the results table (study/launch/collect.py): pure functions of a DataFrame.
 
-Runs that differ only in ``seed`` are one table row: the mean, with the number of seeds and the standard
-deviation of the main metric. The paper's own numbers (study/paper_numbers.csv) sit next to ours.
+A run belongs to a row of a table when its resolved configuration keys (study/paper_numbers.py) equal the
+row's. The keys that tell the table's rows apart must match exactly; the scale and data keys that do not
+(model size, input size, data set, number of classes and queries; e.g. the quickstart's tiny EoMT on
+synthetic data against Table 1 row 5) may differ: the row then shows our numbers beside the paper's with a
+footnote, and no difference. Runs of one model that differ only in their seed are averaged (``n`` and the
+standard deviation of the table's main metric). Every published row is listed, ours blank where no complete
+run exists; what is missing is listed by run.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pandas as pd
 
-from study.paper_numbers import paper_numbers
+from study.errors import UserError
+from study.paper_numbers import METRICS as PAPER_METRICS
+from study.paper_numbers import TABLES, config_columns, paper_table, row_keys, run_keys
 
 KEY = ["model.variant", "model.size", "model.img_size"]
 METRICS = ["params_M", "GFLOPs", "FPS", "PQ", "PQ_th", "PQ_st", "AP", "mIoU"]
 # Table 1 order (docs/paper.md section 2): row 0 (ViT-Adapter + Mask2Former) to row 5 (EoMT).
 TABLE1 = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
-# Table 3 (docs/paper.md section 3): the three models at every size, largest first.
-TABLE3_VARIANTS = ["vit_adapter_m2f", "eomt_masked", "eomt"]
 SIZES = ["g", "L", "B", "S", "tiny"]
-
+# Keys of scale and data that may differ between a run and the row it reproduces (footnoted, no difference),
+# unless they are what tells the table's rows apart.
+SCALE_KEYS = ("model.size", "model.img_size", "data.dataset", "model.num_classes", "model.num_queries")
 
 # Columns of the results table that are not configuration keys (study/launch/collect.py), and configuration
 # keys that do not tell two models apart: a table row averages the runs that differ only in these.
-_NOT_CONFIG = {"run", "path", "state", "step", "total_steps", "job_id", "error", "n", *METRICS, "PQ_th", "PQ_st"}
+_NOT_CONFIG = {"run", "path", "state", "step", "total_steps", "job_id", "error", "n", *METRICS}
 _REPEATS = ("seed", "name", "output_dir")
 _REPEAT_SECTIONS = ("launch.", "bench.", "eval.", "metrics.")
 
@@ -32,15 +41,19 @@ def identity_columns(results: pd.DataFrame) -> list[str]:
             and not c.startswith(_REPEAT_SECTIONS) and not c.endswith("_std")]
 
 
+def complete(results: pd.DataFrame) -> pd.DataFrame:
+    return results[results["state"] == "complete"] if "state" in results else results
+
+
 def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
     """One row per model: the mean of every metric over the complete runs that differ only in their seed (or
     launch / benchmark / evaluation settings), ``n`` runs and ``<main>_std``. Besides variant, size and input
     size, the configuration keys that differ between rows are kept as columns (e.g. ``model.num_query_blocks``
-    of Table D), so no two different models are ever averaged together."""
+    of Table D), so no two different models are ever averaged together; ``runs`` lists the run names."""
     missing = [k for k in KEY if k not in results]
     if missing:
-        raise ValueError(f"the results table has no column(s) {missing}: is it the output of `study collect`?")
-    done = results[results["state"] == "complete"] if "state" in results else results
+        raise UserError(f"the results table has no column(s) {missing}: is it the output of `study collect`?")
+    done = complete(results)
     metrics = [m for m in METRICS if m in done]
     identity = identity_columns(done)
     if done.empty:
@@ -50,48 +63,291 @@ def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
     out["n"] = grouped.size()
     if main in done:
         out[f"{main}_std"] = grouped[main].std(ddof=1)  # NaN for a single seed
+    if "run" in done:
+        out["runs"] = grouped["run"].agg(lambda r: ", ".join(map(str, r)))
     out = out.reset_index()
     varying = [c for c in identity if c not in KEY and out[c].nunique(dropna=False) > 1]
     return out[KEY + varying + [c for c in out.columns if c not in identity]]
 
 
-def _with_paper(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` with the paper's params, GFLOPs, FPS and PQ for the same (variant, size, input size)."""
-    keys = [(r["model.variant"], r["model.size"], int(r["model.img_size"])) for _, r in rows.iterrows()]
-    published = [paper_numbers(*k) or {} for k in keys]
-    return rows.assign(**{f"paper_{m}": [p.get(m) for p in published] for m in ("params_M", "GFLOPs", "FPS", "PQ")})
+# ------------------------------------------------------------------------------------------- matching
 
 
-def table1(results: pd.DataFrame, size: str = "L", img_size: int = 640) -> pd.DataFrame:
-    """Table 1: the stepwise removal, rows 0-5 of one size, in the paper's order (rows with no run left out)."""
-    s = summarize(results)
-    s = s[(s["model.size"] == size) & (s["model.img_size"] == img_size) & s["model.variant"].isin(TABLE1)]
-    s = s.assign(row=s["model.variant"].map(TABLE1.index)).sort_values("row")
-    s = s[["row"] + [c for c in s.columns if c != "row"]]
-    return _with_paper(s).reset_index(drop=True)
+def _marked(keys: dict) -> dict:
+    """Resolved keys with the size-dependent defaults (the size's DINOv2 backbone and L2) written as
+    'default', so that a ViT-S run and a ViT-L row compare equal on them when both take their size's."""
+    from study.models.backbone import SIZES as SPECS
+
+    out = dict(keys)
+    spec = SPECS.get(out.get("model.size"))
+    if spec is not None:
+        if out.get("model.backbone") == spec.backbone:
+            out["model.backbone"] = "default"
+        if out.get("model.num_query_blocks") == spec.query_blocks:
+            out["model.num_query_blocks"] = "default"
+    return out
 
 
-def table3(results: pd.DataFrame, img_size: int = 640) -> pd.DataFrame:
-    """Table 3: ViT-Adapter + Mask2Former, EoMT with masking and EoMT at every size present, largest first."""
-    s = summarize(results)
-    s = s[(s["model.img_size"] == img_size) & s["model.variant"].isin(TABLE3_VARIANTS)]
-    order = s["model.size"].map(lambda z: SIZES.index(z) if z in SIZES else len(SIZES))
-    s = s.assign(_size=order, _variant=s["model.variant"].map(TABLE3_VARIANTS.index))
-    s = s.sort_values(["_size", "_variant"]).drop(columns=["_size", "_variant"])
-    return _with_paper(s).reset_index(drop=True)
+def main_metric(table: str) -> str:
+    p = paper_table(table)
+    for m in ("PQ", "AP", "mIoU"):
+        if p[m].notna().any():
+            return m
+    return "PQ"
 
 
-def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
-    """A GitHub table; numbers rounded to ``digits``, missing values as '-'."""
-    cols = [c for c in table.columns if not table[c].isna().all()]
+@dataclass
+class Report:
+    """One table: ``frame`` (one line per published row, ours | paper | difference per metric), the numeric
+    ``data`` behind it, ``notes`` (footnotes, numbered as in the frame's ``notes`` column) and ``missing``."""
+    table: str
+    title: str
+    frame: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    environment: list[str] = field(default_factory=list)
 
-    def cell(v) -> str:
-        if v is None or (isinstance(v, float) and pd.isna(v)):
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
+
+def _describe(r: pd.Series) -> str:
+    return f"{r.get('run', '?')} ({r.get('state', '?')}" + (f": {r['error']}" if isinstance(r.get("error"), str)
+                                                              and r.get("error") else "") + ")"
+
+
+def _scale(keys: dict, loose: list[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]} {keys[k]}" for k in loose)
+
+
+def table_report(results: pd.DataFrame, table: str, size: str | None = None,
+                 img_size: int | None = None) -> Report:
+    """The report of ``table`` (one of study.paper_numbers.TABLES) from ``results``; ``size`` / ``img_size``
+    keep only the runs at that model or input size. Raises UserError when there is nothing to report."""
+    table = str(table)
+    paper = paper_table(table)
+    if results.empty or "model.variant" not in results:
+        raise UserError("nothing to report: the results table has no runs")
+    runs = results
+    if size is not None:
+        runs = runs[runs["model.size"] == size]
+    if img_size is not None:
+        runs = runs[pd.to_numeric(runs["model.img_size"]) == int(img_size)]
+    configurable = [i for i, r in paper.iterrows() if r["needs"] == ""]
+    row_cfg = {i: _marked(row_keys(paper.loc[i])) for i in configurable}
+    varying = {k for k in config_columns() if len({str(c[k]) for c in row_cfg.values()}) > 1}
+    loose = [k for k in SCALE_KEYS if k not in varying]
+    run_cfg = {j: _marked(run_keys(r)) for j, r in runs.iterrows()}
+    match: dict[int, list] = {i: [] for i in configurable}
+    for j, keys in run_cfg.items():
+        for i in configurable:
+            if all(keys[k] == row_cfg[i][k] for k in keys if k not in loose):
+                match[i].append(j)
+                break
+    metrics = [m for m in PAPER_METRICS if paper[m].notna().any()]
+    main = main_metric(table)
+    notes: list[str] = []
+    missing: list[str] = []
+    lines = []
+
+    def note(text: str) -> int:
+        if text not in notes:
+            notes.append(text)
+        return notes.index(text) + 1
+
+    matched_any = False
+    for i, prow in paper.iterrows():
+        line = {"row": prow["row"]}
+        label = f"'{prow['row']}'"
+        if paper["group"].ne("").any():
+            line = {"group": prow["group"], **line}
+            label = f"'{prow['group']} / {prow['row']}'"
+        marks = []
+        ours, exact = None, False
+        if prow["needs"]:
+            marks.append(note(f"needs {prow['needs']}: the paper's numbers only"))
+        else:
+            done = runs.loc[match[i]]
+            done = complete(done)
+            others = runs.loc[[j for j in match[i] if j not in done.index]]
+            if not done.empty:
+                models = summarize(done, main)
+                if len(models) > 1:
+                    exact_models = [m for _, m in models.iterrows()
+                                    if all(_marked(run_keys(m))[k] == row_cfg[i][k] for k in loose)]
+                    if len(exact_models) != 1:
+                        raise UserError(
+                            f"Table {table} row {label} matches runs of {len(models)} configurations "
+                            f"({'; '.join(models['runs'])}): keep one with --size / --img-size or report a "
+                            f"folder holding one of them")
+                    ours = exact_models[0]
+                else:
+                    ours = models.iloc[0]
+                matched_any = True
+                keys = _marked(run_keys(ours))
+                off = [k for k in loose if keys[k] != row_cfg[i][k]]
+                exact = not off
+                if off:
+                    marks.append(note(f"ours at {_scale(keys, off)}; the paper's at "
+                                      f"{_scale(row_cfg[i], off)}: no difference shown"))
+                for _, r in others.iterrows():
+                    missing.append(f"row {label}: run {_describe(r)} not complete, not averaged")
+            else:
+                what = ", ".join(_describe(r) for _, r in others.iterrows()) or "no run"
+                missing.append(f"row {label}: {what}")
+        if prow["note"] == "row1":
+            marks.append(note(_row1_note(prow["GFLOPs"])))
+        elif prow["note"]:
+            marks.append(note(prow["note"]))
+        for m in metrics:
+            value = None if ours is None else ours.get(m)
+            value = None if value is None or pd.isna(value) else float(value)
+            published = None if pd.isna(prow[m]) else float(prow[m])
+            line[m] = value
+            line[f"{m} paper"] = published
+            line[f"Δ{m}"] = value - published if exact and value is not None and published is not None else None
+        line["n"] = None if ours is None else int(ours["n"])
+        std = None if ours is None else ours.get(f"{main}_std")
+        line[f"{main} std"] = None if std is None or pd.isna(std) else float(std)
+        line["notes"] = ",".join(map(str, marks))
+        lines.append(line)
+    if not matched_any:
+        have = complete(results)
+        names = ", ".join(f"{r['run']} ({r['model.variant']} {r['model.size']} {r['model.img_size']}px)"
+                          for _, r in have.iterrows()) if "run" in have else ""
+        where = "".join([f" at size {size}" if size else "", f" at {img_size} px" if img_size else ""])
+        raise UserError(f"nothing to report for Table {table}{where}: no complete run matches one of its rows "
+                        f"(study/paper_numbers.csv); complete runs: {names or 'none'}")
+    frame = pd.DataFrame(lines).astype({"n": "Int64"})
+    frame = frame[[c for c in frame.columns if not (c.startswith("Δ") and frame[c].isna().all())]]
+    if "FPS" in metrics and frame["FPS"].notna().any():
+        note(f"FPS: ours {', '.join(environment(runs)) or 'as recorded'}; the paper's on one H100 "
+             f"(docs/paper.md section 8)")
+    return Report(table, f"Table {table}", frame, notes, missing, environment(runs))
+
+
+def _row1_note(paper_gflops: float) -> str:
+    from analysis.row1_flops import footnote
+
+    return footnote(paper_gflops)
+
+
+def environment(results: pd.DataFrame, short: bool = False) -> list[str]:
+    """How the times of ``results``' complete runs were taken: one line per distinct (device, GPU, precision,
+    threads, torch) of their benchmark protocol (metrics.bench.protocol.*); ``short``: device, GPU, precision
+    and threads only (a figure's caption)."""
+    done = complete(results)
+    cols = {k: f"metrics.bench.protocol.{k}" for k in ("device", "gpu", "precision", "threads", "compile",
+                                                         "torch")}
+    if cols["device"] not in done:
+        return []
+    seen = []
+    for _, r in done.iterrows():
+        get = {k: r.get(c) for k, c in cols.items()}
+        if get["device"] is None or pd.isna(get["device"]):
+            continue
+        gpu = get["gpu"] if isinstance(get["gpu"], str) else None
+        host = r.get("metrics.bench.host")
+        text = f"{get['device']}" + (f" ({gpu})" if gpu else "") + f", {get['precision']}, {int(get['threads'])} threads"
+        if not short:
+            text = (text + (", torch.compile" if get["compile"] is True else "") + f", torch {get['torch']}"
+                    + (f", host {host}" if isinstance(host, str) else ""))
+        if text not in seen:
+            seen.append(text)
+    return seen
+
+
+def reportable_tables(results: pd.DataFrame) -> dict[str, Report | str]:
+    """Every table's report, or the reason it has none."""
+    out: dict[str, Report | str] = {}
+    for t in TABLES:
+        try:
+            out[t] = table_report(results, t)
+        except UserError as e:
+            out[t] = str(e)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+
+PERCENT = ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")
+
+
+def _cell(v, column: str, digits: int = 1) -> str:
+    """Percentages to ``digits`` decimals as the paper prints them; counts and speeds to 0 decimals from 100,
+    ``digits`` from 1 and 3 significant digits below (a tiny model's 0.30 M parameters stay readable)."""
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "-"
+    if not isinstance(v, float):
         return str(v)
+    if column.split(" ")[0] in PERCENT or abs(v) >= 1 and abs(v) < 100:
+        return f"{v:.{digits}f}"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
-    return "\n".join(lines)
+
+def display_frame(report: Report, digits: int = 1) -> pd.DataFrame:
+    """The report's frame as text cells (numbers rounded to ``digits``, '-' where missing, differences
+    signed); the Markdown and LaTeX writers print this."""
+    f = report.frame.copy()
+    out = pd.DataFrame(index=f.index)
+    for c in f.columns:
+        if c.startswith("Δ"):
+            out[c] = [("-" if v is None or pd.isna(v) else f"{v:+.{digits}f}") for v in f[c]]
+        elif c == "n":
+            out[c] = ["-" if v is None or pd.isna(v) else str(int(v)) for v in f[c]]
+        elif c in ("row", "group", "notes"):
+            out[c] = f[c].astype(str)
+        else:
+            out[c] = [_cell(v, c, digits) for v in f[c]]
+    return out
+
+
+def to_markdown(report: Report) -> str:
+    """A titled GitHub table (pandas' writer, through tabulate), then the footnotes, what is missing, and
+    how the times were taken."""
+    lines = [f"## {report.title}", "", display_frame(report).to_markdown(index=False, disable_numparse=True), ""]
+    lines += [f"{i}. {n}" for i, n in enumerate(report.notes, 1)]
+    if report.missing:
+        lines += ["", "Missing:"] + [f"- {m}" for m in report.missing]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_latex(report: Report) -> str:
+    """A booktabs tabular (pandas' Styler), then the footnotes as a small paragraph."""
+    d = display_frame(report)
+    styler = d.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    text = styler.to_latex(hrules=True, column_format="l" * (1 + ("group" in d)) + "r" * (len(d.columns) - 1
+                                                                                          - ("group" in d)))
+    notes = [f"\\textsuperscript{{{i}}} {_latex_text(n)}" for i, n in enumerate(report.notes, 1)]
+    text = text.replace("Δ", r"$\Delta$")
+    return f"% {report.title} (study report)\n" + text + ("\\par{\\footnotesize " + " \\\\\n".join(notes) + "}\n"
+                                                           if notes else "")
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_text(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def to_csv(report: Report) -> str:
+    """The numbers unrounded (pandas' writer); the notes column holds the footnotes' text."""
+    f = report.frame.copy()
+    f["notes"] = ["; ".join(report.notes[int(k) - 1] for k in marks.split(",") if k) for marks in f["notes"]]
+    return f.to_csv(index=False)
+
+
+def write_report(report: Report, stem) -> list:
+    """Write ``stem``.md, .tex and .csv; returns the paths."""
+    from pathlib import Path
+
+    from study.io import atomic_write_text
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext, text in (("md", to_markdown(report)), ("tex", to_latex(report)), ("csv", to_csv(report))):
+        path = stem.with_name(f"{stem.name}.{ext}")
+        atomic_write_text(path, text)
+        paths.append(path)
+    return paths
