@@ -197,6 +197,8 @@ def training_curves(results: pd.DataFrame, run: str):
     if row.empty:
         raise UserError(f"no run '{run}' in the results table")
     row = row.iloc[0]
+    if not isinstance(row.get("path"), str):
+        raise UserError(f"run '{run}' has no folder in the results table (column 'path'): collect a folder of runs")
     log = Path(row["path"]) / "logs" / "train.csv"
     if not log.is_file():
         raise UserError(f"run '{run}' has no training log ({log})")
@@ -243,11 +245,8 @@ def save(fig, stem: str | Path, dpi: int = 300) -> list[Path]:
     return paths
 
 
-def all_figures(results: pd.DataFrame, out: str | Path) -> tuple[list[tuple[str, list[Path]]], list[str]]:
-    """Every figure the results allow, written under ``out`` (PNG and PDF): (title, paths) of each, and why
-    each other one was not drawn."""
-    out = Path(out)
-    written, skipped = [], []
+def figure_makers(results: pd.DataFrame) -> list[tuple[str, str, object]]:
+    """(title, file stem, function drawing it) of every figure of the report, training curves per run."""
     figures = [("Figure 1: PQ vs FPS through the sizes", "fig1_pq_fps", lambda: tradeoff_plot(results, "FPS")),
                ("PQ vs GFLOPs", "pq_gflops", lambda: tradeoff_plot(results, "GFLOPs")),
                ("Parameters and GFLOPs vs size", "params_gflops_size", lambda: size_plot(results)),
@@ -257,7 +256,15 @@ def all_figures(results: pd.DataFrame, out: str | Path) -> tuple[list[tuple[str,
     for run in complete(results).get("run", []):
         figures.append((f"Training curves of {run}", f"curves_{run}",
                         lambda run=run: training_curves(results, run)))
-    for title, stem, make in figures:
+    return figures
+
+
+def all_figures(results: pd.DataFrame, out: str | Path) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """Every figure the results allow, written under ``out`` (PNG and PDF): (title, paths) of each, and why
+    each other one was not drawn."""
+    out = Path(out)
+    written, skipped = [], []
+    for title, stem, make in figure_makers(results):
         try:
             written.append((title, save(make(), out / stem)))
         except UserError as e:

@@ -130,6 +130,7 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
         runs = runs[runs["model.size"] == size]
     if img_size is not None:
         runs = runs[pd.to_numeric(runs["model.img_size"]) == int(img_size)]
+    runs = runs.reset_index(drop=True)  # one label per run (a concatenated table may repeat labels)
     configurable = [i for i, r in paper.iterrows() if r["needs"] == ""]
     row_cfg = {i: _marked(row_keys(paper.loc[i])) for i in configurable}
     varying = {k for k in config_columns() if len({str(c[k]) for c in row_cfg.values()}) > 1}
@@ -168,20 +169,18 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
             done = complete(done)
             others = runs.loc[[j for j in match[i] if j not in done.index]]
             if not done.empty:
+                exact_runs = [j for j in done.index if all(run_cfg[j][k] == row_cfg[i][k] for k in loose)]
+                if exact_runs:  # runs at the paper's own setting win over runs at another size
+                    done = done.loc[exact_runs]
                 models = summarize(done, main)
                 if len(models) > 1:
-                    exact_models = [m for _, m in models.iterrows()
-                                    if all(_marked(run_keys(m))[k] == row_cfg[i][k] for k in loose)]
-                    if len(exact_models) != 1:
-                        raise UserError(
-                            f"Table {table} row {label} matches runs of {len(models)} configurations "
-                            f"({'; '.join(models['runs'])}): keep one with --size / --img-size or report a "
-                            f"folder holding one of them")
-                    ours = exact_models[0]
-                else:
-                    ours = models.iloc[0]
+                    raise UserError(
+                        f"Table {table} row {label} matches runs of {len(models)} configurations "
+                        f"({'; '.join(models['runs'])}): keep one with --size / --img-size or report a "
+                        f"folder holding one of them")
+                ours = models.iloc[0]
                 matched_any = True
-                keys = _marked(run_keys(ours))
+                keys = run_cfg[done.index[0]]
                 off = [k for k in loose if keys[k] != row_cfg[i][k]]
                 exact = not off
                 if off:

@@ -1,13 +1,16 @@
-"""Paper tables and plots from a results table (the output of `study collect`)."""
+"""Seed averaging, the figures and the notebook, from results tables (the output of `study collect`).
+The table reports themselves: tests/test_reports.py."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from analysis.plots import scaling_plot
-from analysis.tables import summarize, table1, table3, to_markdown
-from study.cli import main
+from analysis.plots import component_plot, size_plot, tradeoff_plot
+from analysis.tables import summarize
+from study.errors import UserError
 from conftest import REPO, require
+
+COCO = {"task": "panoptic", "data.dataset": "coco_panoptic"}
 
 
 def results() -> pd.DataFrame:
@@ -16,11 +19,17 @@ def results() -> pd.DataFrame:
         for seed, delta in ((0, -0.5), (1, 0.5)):
             rows.append({"run": f"{variant}-{seed}", "state": "complete", "model.variant": variant,
                          "model.size": "L", "model.img_size": 640, "seed": seed, "PQ": pq + delta,
-                         "FPS": fps, "GFLOPs": 100.0, "params_M": 300.0})
+                         "FPS": fps, "GFLOPs": 100.0, "params_M": 300.0, **COCO,
+                         "metrics.bench.protocol.device": "cuda:0", "metrics.bench.protocol.gpu": "NVIDIA H200",
+                         "metrics.bench.protocol.precision": "bf16", "metrics.bench.protocol.threads": 16,
+                         "metrics.bench.breakdown_ms.backbone": 5.0 + seed,
+                         "metrics.bench.breakdown_ms.decoder": 2.0})
     rows.append({"run": "eomt-S", "state": "complete", "model.variant": "eomt", "model.size": "S",
-                 "model.img_size": 640, "seed": 0, "PQ": 44.0, "FPS": 300.0, "GFLOPs": 68.0, "params_M": 24.0})
+                 "model.img_size": 640, "seed": 0, "PQ": 44.0, "FPS": 300.0, "GFLOPs": 68.0, "params_M": 24.0,
+                 **COCO})
     rows.append({"run": "eomt-L-crashed", "state": "failed", "model.variant": "eomt", "model.size": "L",
-                 "model.img_size": 640, "seed": 2, "PQ": 0.0, "FPS": None, "GFLOPs": None, "params_M": None})
+                 "model.img_size": 640, "seed": 2, "PQ": 0.0, "FPS": None, "GFLOPs": None, "params_M": None,
+                 **COCO})
     return pd.DataFrame(rows)
 
 
@@ -29,51 +38,50 @@ def test_seeds_are_averaged_and_unfinished_runs_ignored():
     eomt_l = s[(s["model.variant"] == "eomt") & (s["model.size"] == "L")].iloc[0]
     assert eomt_l["n"] == 2 and eomt_l["PQ"] == pytest.approx(56.0)  # the failed seed 2 is left out
     assert eomt_l["PQ_std"] == pytest.approx(2 ** 0.5 / 2)  # sample std of 55.5 and 56.5
-
-
-def test_table1_in_paper_order_with_paper_columns():
-    t = table1(results(), "L", 640)
-    assert list(t["model.variant"]) == ["vit_adapter_m2f", "single_scale", "eomt"]
-    assert list(t["row"]) == [0, 3, 5]
-    assert list(t["paper_PQ"]) == [57.1, 56.7, 56.0] and list(t["paper_GFLOPs"]) == [830, 673, 669]
-    md = to_markdown(t)
-    assert md.splitlines()[0].startswith("| row | model.variant") and "| 5 | eomt | L | 640 |" in md
-
-
-def test_table3_largest_size_first():
-    t = table3(results())
-    assert list(zip(t["model.size"], t["model.variant"])) == [("L", "vit_adapter_m2f"), ("L", "eomt"),
-                                                              ("S", "eomt")]
-    assert list(t["paper_FPS"]) == [29, 128, 330]
+    assert eomt_l["runs"] == "eomt-0, eomt-1"
 
 
 def test_missing_columns_named():
-    with pytest.raises(ValueError, match=r"no column\(s\) \['model.size'"):
+    with pytest.raises(UserError, match=r"no column\(s\) \['model.size'"):
         summarize(pd.DataFrame({"model.variant": ["eomt"], "model.img_size": [640]}))
 
 
-def test_scaling_plot_and_report_cli(tmp_path, capsys):
-    fig = scaling_plot(results())
+def test_figure1_ours_and_the_papers_points_told_apart():
+    fig = tradeoff_plot(results())
     ax = fig.axes[0]
-    assert ax.get_xscale() == "log" and len(ax.lines) == 3  # one line per variant
-    eomt = [line for line in ax.lines if line.get_label() == "EoMT"][0]
-    assert list(eomt.get_xdata()) == [128.0, 300.0] and list(eomt.get_ydata()) == [56.0, 44.0]  # L then S
-    paper = scaling_plot(results(), paper=True).axes[0]
-    lines = {line.get_label(): line for line in paper.lines}
-    assert len(lines) == 6  # Table 1's six rows; three of them through the four sizes of Table 3
-    assert list(lines["EoMT"].get_xdata()) == [55, 128, 261, 330]  # g, L, B, S at 640 (H100 FPS)
-    csv = tmp_path / "results.csv"
-    results().to_csv(csv, index=False)
-    assert main(["report", str(csv), "--md", str(tmp_path / "t1.md"), "--plot", str(tmp_path / "p.png")]) == 0
-    assert (tmp_path / "p.png").stat().st_size > 1000
-    assert "| 0 | vit_adapter_m2f |" in (tmp_path / "t1.md").read_text()
-    with pytest.raises(ValueError, match="no 'AP' values"):
-        scaling_plot(results(), y="AP")
+    assert ax.get_xscale() == "log" and "FPS" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    lines = {line.get_label(): line for line in ax.lines}
+    eomt = lines["EoMT (ours)"]
+    assert list(eomt.get_xdata()) == [300.0, 128.0] and list(eomt.get_ydata()) == [44.0, 56.0]  # S then L
+    paper = lines["EoMT (paper)"]  # Table 3 at 640 (H100 FPS): S, B, L, g
+    assert list(paper.get_xdata()) == [330, 261, 128, 55] and list(paper.get_ydata()) == [44.7, 50.6, 56.0, 57.0]
+    assert paper.get_linestyle() == "--" and eomt.get_linestyle() == "-"
+    assert "cuda:0 (NVIDIA H200), bf16, 16 threads" in ax.get_title() and "H100" in ax.get_title()
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"EoMT (ours)", "EoMT (paper)"}
+    assert fig.get_figwidth() == pytest.approx(3.3)
+    with pytest.raises(UserError, match="no 'AP' values"):
+        tradeoff_plot(results(), y="AP")
+
+
+def test_size_and_component_figures():
+    fig = size_plot(results())
+    params, gflops = fig.axes
+    eomt = [line for line in params.lines if line.get_label() == "EoMT (ours)"][0]
+    assert [t.get_text() for t in params.get_xticklabels()] == ["S", "B", "L", "g"]
+    assert list(eomt.get_ydata()) == [24.0, 300.0]
+    bars = component_plot(results()).axes[0]
+    assert bars.get_ylabel() == "ms per forward"
+    # rows 0, 3, 5 at L: backbone (mean of seeds 5 and 6 ms) under decoder (2 ms)
+    heights = [round(p.get_height(), 2) for p in bars.patches]
+    assert heights == [5.5, 5.5, 5.5, 2.0, 2.0, 2.0]
+    assert [t.get_text().split("\n")[0] for t in bars.get_xticklabels()] == ["row 0", "row 3", "row 5"]
+    with pytest.raises(UserError, match="gflops_by_component"):
+        component_plot(results(), "GFLOPs")
 
 
 def test_notebook_runs_headless_on_a_results_table(tmp_path):
     """The committed notebook has no outputs and runs top to bottom on a results CSV (nbclient, the venv's
-    kernel); its tables come out of analysis/."""
+    kernel); its tables and figures come out of analysis/."""
     nbformat = require("nbformat")
     nbclient = require("nbclient")
     path = REPO / "analysis" / "notebooks" / "results.ipynb"
@@ -83,13 +91,13 @@ def test_notebook_runs_headless_on_a_results_table(tmp_path):
     results().to_csv(csv, index=False)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    params[0].source = f'RESULTS = "{csv}"\nSIZE = "L"\nIMG_SIZE = 640'
+    params[0].source = f'RESULTS = "{csv}"\nSIZE = None\nIMG_SIZE = None'
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO)}}).execute()
     shown = "".join(str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells for o in c.get("outputs", []))
-    assert "| 0 | vit_adapter_m2f |" in shown and "| eomt | S | 640 |" in shown  # Table 1, Table 3
+    assert "## Table 1" in shown and "| w/o Masking = EoMT " in shown and "## Table 3" in shown
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # ours and the paper's scaling plot
+    assert len(images) == 4  # Figure 1, PQ vs GFLOPs, sizes, per-component time (no GFLOPs split, no logs)
 
 
 def test_different_models_are_never_averaged_after_a_csv_round_trip(tmp_path):
@@ -107,14 +115,3 @@ def test_different_models_are_never_averaged_after_a_csv_round_trip(tmp_path):
     assert list(s["model.num_query_blocks"]) == [9, 6, 4, 2] and list(s["n"]) == [2, 2, 2, 2]
     assert list(s["PQ"]) == pytest.approx([55.7, 55.7, 56.0, 55.4])
     assert "launch.cluster" not in s and "seed" not in s
-
-
-def test_report_names_what_is_missing(tmp_path, capsys):
-    csv = tmp_path / "results.csv"
-    results().to_csv(csv, index=False)
-    assert main(["report", str(csv), "--size", "B"]) == 0
-    out = capsys.readouterr().out
-    assert "no complete run of a Table 1 model at size B, 640 px" in out and "eomt L 640px" in out
-    (tmp_path / "empty").mkdir()
-    assert main(["report", str(tmp_path / "empty")]) == 0
-    assert "no runs in" in capsys.readouterr().out
