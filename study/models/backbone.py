@@ -75,6 +75,30 @@ TINY_OF: dict[str, str] = {
 }
 
 
+def is_dinov3(name: str) -> bool:
+    return "dinov3" in name
+
+
+def dinov3_args(rope_rescale: float | None) -> dict:
+    """timm arguments that make its DINOv3 the model the official EoMT code trains (Hugging Face's
+    ``DINOv3ViTModel``, loaded from ``facebook/dinov3-vit*16-pretrain-lvd1689m``; see study/models/dinov3.py):
+
+    - a trainable bias on the query and value projections and none on the key (Hugging Face's ``query_bias``,
+      ``value_bias``, ``key_bias=False``); timm's EVA attention has exactly these (``q_bias``, ``v_bias``, and a
+      zero ``k_bias`` buffer). timm's plain ``vit_*_patch16_dinov3`` leaves them out because the released
+      weights hold zeros there; its files still load (zeros are filled in, the same function).
+    - the train-time RoPE augmentation: the patch coordinates are scaled by one log-uniform factor in
+      [1/r, r] per forward in training mode (Hugging Face's ``pos_embed_rescale``, 2.0 in every released
+      DINOv3 config; the official code trains that module in training mode, so it applies). ``None`` = off.
+    """
+    return dict(qkv_bias=True, rope_rescale_coords=rope_rescale)
+
+
+# DINOv3's RoPE coordinate rescaling in training (Hugging Face DINOv3ViTConfig.pos_embed_rescale); the EoMT
+# paper predates DINOv3 and is silent: we follow the official code (see dinov3_args). Configurable per backbone.
+DINOV3_ROPE_RESCALE = 2.0
+
+
 def timm_name(name: str) -> str:
     """The paper writes pretrained tags with dots (``eva02_large_patch14_224.mim.m38m``); current timm
     writes them with underscores (``.mim_m38m``). Accept both."""
@@ -132,17 +156,21 @@ class ViTBackbone(nn.Module):
         name: a timm model name (see :data:`BACKBONES`) or ``"tiny"``.
         img_size: square input size, divisible by ``patch_size``.
         patch_size: the patch size the ViT is re-created with (16 in the paper).
-        pretrained: a local weights file (original DINOv2 layout or timm's); ``None`` = random init.
+        pretrained: a local weights file (original DINOv2 layout or timm's; for DINOv3 also Hugging Face's and
+            the original one); ``None`` = random init.
         drop_path: stochastic depth rate.
+        rope_rescale: DINOv3 only: the train-time RoPE coordinate rescaling factor (see :func:`dinov3_args`).
     """
 
     def __init__(self, name: str, img_size: int, patch_size: int = 16, pretrained: str | None = None,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, rope_rescale: float | None = DINOV3_ROPE_RESCALE):
         super().__init__()
         if img_size % patch_size:
             raise UserError(f"input size {img_size} is not divisible by the patch size {patch_size} "
                             "(model.img_size, model.patch_size)")
         kwargs = dict(img_size=img_size, patch_size=patch_size, num_classes=0, drop_path_rate=drop_path)
+        if is_dinov3(name):
+            kwargs.update(dinov3_args(rope_rescale))
         if name == "tiny":
             from timm.models.vision_transformer import VisionTransformer
 
@@ -158,6 +186,7 @@ class ViTBackbone(nn.Module):
             except RuntimeError as e:  # an unknown pretrained tag
                 raise UserError(f"backbone '{name}' (model.backbone): {e}") from None
         self.name = name
+        self.pretrained = None if pretrained is None else str(pretrained)  # the base of delta checkpoints
         self._moved_fc_norm = self._make_norm_final()
         self.is_eva = hasattr(self.vit, "rope")  # EVA-02 and DINOv3 use rotary embeddings on the patch tokens
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -243,10 +272,10 @@ class ViTBackbone(nn.Module):
         ``extra_prefix`` counts tokens put in front of the ViT's own prefix (EoMT's queries); only the rotary
         embeddings (EVA-02, DINOv3) need to know it. timm's RoPE attention rotates every token after its first
         ``num_prefix_tokens``; for these calls that count includes the queries, so the queries, like CLS and the
-        registers, are not rotated and the patch tokens get exactly the rotation of the plain ViT. Hugging
-        Face's EomtDinov3 does the same (it rotates the last grid-size tokens). Numerical parity with it
-        (timm's and Hugging Face's DINOv3 RoPE frequencies and coordinate conventions) is not checked here:
-        issue 13.
+        registers, are not rotated and the patch tokens get exactly the rotation of the plain ViT. This is what
+        the official EoMT code does (it prepends the queries and calls Hugging Face's DINOv3 attention, whose
+        ``apply_rotary_pos_emb`` rotates only the last grid-size tokens) and what Hugging Face's
+        EomtDinov3ForUniversalSegmentation does; tests/test_dinov3.py checks the logits against the latter.
         """
         block = self.vit.blocks[i]
         if attn_mask is not None:
@@ -301,12 +330,22 @@ class ViTBackbone(nn.Module):
 
     # ---- weights
     def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load backbone weights from a local file in the original DINOv2 layout or timm's layout.
+        """Load backbone weights from a local file in the original DINOv2 layout or timm's layout (DINOv3: also
+        Hugging Face's, see study/models/dinov3.py).
 
-        timm's own converter maps the DINOv2 names, resamples the 14x14 patch kernel to the patch size and
-        interpolates the position embedding to the grid.
+        timm's own converter maps the DINOv2 (and original DINOv3) names, resamples the 14x14 patch kernel to
+        the patch size and interpolates the position embedding to the grid.
         """
+        self.vit.load_state_dict(self.pretrained_state_dict(path))
+
+    def pretrained_state_dict(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors of a backbone weights file in ``self.vit``'s names and shapes (see
+        :meth:`load_pretrained`); a file that does not fit is a UserError naming it."""
         sd = read_state_dict(path)
+        if is_dinov3(self.name):
+            from study.models.dinov3 import dinov3_backbone_to_timm
+
+            sd = dinov3_backbone_to_timm(sd, self.vit, path)
         module = sys.modules[type(self.vit).__module__]
         filter_fn = getattr(module, "checkpoint_filter_fn", None)
         if filter_fn is not None:
@@ -319,12 +358,13 @@ class ViTBackbone(nn.Module):
         problem = state_dict_mismatch(self.vit.state_dict(), sd)
         if problem:
             raise UserError(f"backbone weights {path} do not fit '{self.name}': {problem}")
-        self.vit.load_state_dict(sd)
+        return sd
 
 
 def build_backbone(size: str, name: str | None, img_size: int, patch_size: int = 16,
-                   pretrained: str | None = None, drop_path: float = 0.0) -> ViTBackbone:
+                   pretrained: str | None = None, drop_path: float = 0.0,
+                   rope_rescale: float | None = DINOV3_ROPE_RESCALE) -> ViTBackbone:
     """The backbone for a size (S, B, L, g, tiny), or an explicit timm name."""
     spec = check_size(size)
     name = name or spec.backbone or "tiny"
-    return ViTBackbone(name, img_size, patch_size, pretrained, drop_path)
+    return ViTBackbone(name, img_size, patch_size, pretrained, drop_path, rope_rescale)
