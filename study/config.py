@@ -345,7 +345,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 # Keys that do not change the trained model, left out of a run's identity hash. Evaluation and benchmark
-# settings change only those steps' numbers, which record their own settings (study/launch/pipeline.py).
+# settings change only those steps' numbers, which record their own settings (study/runs.py).
 _NOT_IDENTITY = {"name", "output_dir", "launch", "bench", "eval"}
 
 

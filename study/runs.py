@@ -8,7 +8,13 @@ read and written only through RunDir (writes are atomic):
         metrics.json         final numbers, one entry per step (see below)
         failure.json         the last attempt's error {"step", "error", "time"}; removed when a new attempt
                              starts, and ignored when older than the latest submission in launch.json
-        launch.json          the latest submission {"job_id", "cluster", "steps", "submitted", "logs"}
+        launch.json          the latest submission {"job_id", "cluster", "steps", "submitted", "logs", "host"}
+                             and ``jobs``, every submission the run ever had (a job of an older launch may
+                             still run: study/launch/submit.py's job_active asks about each one)
+        writer.lock          the one-writer lock (:class:`FolderLock`): whoever writes the run (the trainer,
+                             the pipeline's eval and bench steps, ``study eval``) holds an exclusive flock on
+                             it; the file names the holder (host, pid, job id). Never removed: a free lock
+                             and a stale name are harmless, a dead holder's flock is released by the kernel
         eval_<task>_<split>.json  the whole evaluation result, per-class tables and COCOeval's text included
         checkpoints/last.pt  model, optimiser, schedulers, step and random states (for resuming)
         checkpoints/model_final.pt  the trained weights alone
@@ -20,16 +26,28 @@ What a step writes into ``metrics.json``:
             and COCOeval's text (those stay in ``eval_<task>_<split>.json``), with the ``settings`` it used
     bench   parameters, GFLOPs (and by component), and FPS with its protocol when ``bench.fps`` is on
 
+One writer at a time: :meth:`RunDir.writing` takes the lock (a second writer is refused with a UserError
+naming the holder) and removes the temporary files a killed writer left behind (study/io.py writes
+``.<name>.<random>.tmp`` beside each file; at ViT-L a checkpoint's is gigabytes). :meth:`RunDir.writer`
+probes the lock without taking it: a run whose status.json says "running" but whose lock is free is not
+running (SIGKILL, the OOM killer, a lost node), which is how ``study status`` tells it is interrupted.
+
 The steps of a run are ``STEPS``. Evaluation and benchmark settings are not part of a run's identity
 (study/config.py), so those results record their settings and count as done only while they match the
 configuration's (:func:`step_settings`, :meth:`RunDir.pending_steps`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
+import socket
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import yaml
 
@@ -48,6 +66,120 @@ EVAL_DETAILS = ("per_class", "categories", "summary")
 def now() -> str:
     """The time stamp of every record (ISO, to the second: they compare as strings)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def job_identity() -> dict:
+    """Who this process is, for a lock file: host, pid and, inside a job, its id (Slurm or submitit local)."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job}
+
+
+# flock errors that mean "this file system cannot lock" (some NFS / Lustre mounts), not "someone holds it"
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class FolderLock:
+    """An exclusive ``fcntl.flock`` on one lock file, held by at most one process, released by the kernel
+    when its holder dies (flock works on the shared file systems Slurm sites use; NFS maps it to a
+    byte-range lock). Re-entrant within a process: the pipeline holds a run's lock and the trainer it calls
+    takes it again. After taking it the holder writes its name (:func:`job_identity`, what it does, since
+    when) into the file; a second writer reads it for its refusal."""
+
+    _held: dict[str, list] = {}  # resolved lock path -> [file object, depth] of the locks this process holds
+
+    def __init__(self, path: str | Path, what: str = "the folder"):
+        self.path, self.what = Path(path), what
+
+    def _key(self) -> str:
+        return str(self.path.resolve())
+
+    def holder(self) -> dict:
+        """The name the last holder wrote ({} when none could be read)."""
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def state(self) -> Optional[str]:
+        """"held" (by this process or another), "free", or None when the file system cannot lock."""
+        if self._key() in self._held:
+            return "held"
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return "free"
+        with f:
+            try:  # a shared lock: probing never blocks a holder (a writer taking it retries for a moment)
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return "held"
+            except OSError as e:
+                if e.errno in _NO_LOCKS:
+                    return None
+                raise
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return "free"
+
+    @contextmanager
+    def hold(self, doing: str, wait_s: float = 3.0) -> Iterator[bool]:
+        """Hold the lock for the block (yields whether it was newly taken here, False when re-entered or
+        when the file system cannot lock, which is warned about). Refused with a UserError naming the
+        holder when another process has it for longer than ``wait_s`` (a status probe holds it for
+        microseconds)."""
+        key = self._key()
+        if key in self._held:
+            self._held[key][1] += 1
+            try:
+                yield False
+            finally:
+                self._held[key][1] -= 1
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise UserError(f"{self.what} is being written by {describe_holder(self.holder())}; "
+                                        f"one writer at a time: wait for it to end, or stop that process or "
+                                        f"job (its lock {self.path} is released when it dies)") from None
+                    time.sleep(0.05)
+                except OSError as e:
+                    if e.errno not in _NO_LOCKS:
+                        raise
+                    print(f"warning: the file system of {self.path} cannot lock files ({e.strerror}); "
+                          f"nothing stops a second writer of {self.what}", file=sys.stderr)
+                    f.close()
+                    yield False
+                    return
+        except BaseException:
+            f.close()
+            raise
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({**job_identity(), "doing": doing, "since": now()}) + "\n")
+            f.flush()
+            self._held[key] = [f, 1]
+            yield True
+        finally:
+            self._held.pop(key, None)
+            f.close()  # releases the flock
+
+
+def describe_holder(holder: dict) -> str:
+    """"host h, pid 12, job 345 (train, since ...)" from a lock file's content."""
+    if not holder:
+        return "another process (its lock file names none yet)"
+    job = f", job {holder['job_id']}" if holder.get("job_id") else ""
+    return (f"host {holder.get('host')}, pid {holder.get('pid')}{job} ({holder.get('doing', 'writing')}, since "
+            f"{holder.get('since', '?')})")
 
 
 def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
@@ -96,6 +228,7 @@ class RunDir:
     last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
     final_weights = property(lambda self: self.path / "checkpoints" / "model_final.pt")
     csv_log = property(lambda self: self.path / "logs" / "train.csv")
+    lock_file = property(lambda self: self.path / "writer.lock")
     tb_dir = property(lambda self: self.path / "logs" / "tb")
 
     def eval_file(self, task: str, split: str) -> Path:
@@ -105,11 +238,29 @@ class RunDir:
 
     @staticmethod
     def _read(path: Path) -> dict:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise UserError(f"{path} is damaged ({e}); remove it (the run's other files are kept) or restore "
+                            f"it") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is damaged (it holds a {type(data).__name__}, not a mapping); remove or "
+                            f"restore it")
+        return data
 
     def saved_config(self) -> dict:
         """config.yaml as a dict ({} when the folder has none yet)."""
-        return (yaml.safe_load(self.config.read_text()) or {}) if self.config.is_file() else {}
+        if not self.config.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(self.config.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{self.config} is damaged ({str(e).splitlines()[0]}); restore it") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{self.config} is damaged (not a mapping); restore it")
+        return data
 
     def status(self) -> dict:
         return self._read(self.status_file)
@@ -119,6 +270,49 @@ class RunDir:
 
     def launch_record(self) -> dict:
         return self._read(self.launch_file)
+
+    def launch_jobs(self) -> list[dict]:
+        """Every job the run was ever submitted as, oldest first (each like launch.json's latest record)."""
+        record = self.launch_record()
+        jobs = record.get("jobs")
+        if jobs is None:  # written before the list was kept
+            return [record] if record.get("job_id") else []
+        return list(jobs)
+
+    # ---------------------------------------------------------------------------------------- the writer
+
+    def _lock(self) -> FolderLock:
+        return FolderLock(self.lock_file, f"run folder {self.path}")
+
+    def writer(self) -> Optional[str]:
+        """Whether a process writes the run now: "held", "free", or None when the file system cannot tell."""
+        return self._lock().state()
+
+    def holder(self) -> dict:
+        """Who holds (or last held) the run's lock: host, pid, job_id, doing, since."""
+        return self._lock().holder()
+
+    @contextmanager
+    def writing(self, doing: str) -> Iterator[None]:
+        """Be the run's one writer for the block (a UserError names the holder when another process is).
+        Taking it first removes the temporary files of writes a killed writer never finished."""
+        with self._lock().hold(doing) as first:
+            if first:
+                self.remove_orphans()
+            yield
+
+    def remove_orphans(self) -> list[Path]:
+        """Remove the temporary files of atomic writes that never finished (study/io.py names them
+        ``.<file>.<random>.tmp``); call only while holding the lock. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.path / "checkpoints", self.path / "logs"):
+            for tmp in sorted(folder.glob(".*.tmp")) if folder.is_dir() else ():
+                size = tmp.stat().st_size
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+                print(f"{self.path.name}: removed {tmp.name} ({size} bytes), left by a write that never "
+                      f"finished", file=sys.stderr)
+        return removed
 
     def failure(self) -> dict:
         """failure.json (step, error, time) when it belongs to the latest submission, else {}: a job that
@@ -164,9 +358,11 @@ class RunDir:
         self.failure_file.unlink(missing_ok=True)
 
     def write_launch_record(self, job_id: str, cluster: str, steps: Iterable[str], submitted: str,
-                            logs: Optional[Path] = None) -> None:
-        atomic_write_json(self.launch_file, {"job_id": job_id, "cluster": cluster, "steps": list(steps),
-                                             "submitted": submitted, "logs": str(logs) if logs else None})
+                            logs: Optional[Path] = None, **extra) -> None:
+        """Record a submission: the latest one at the top of launch.json, and appended to its ``jobs``."""
+        job = {"job_id": job_id, "cluster": cluster, "steps": list(steps), "submitted": submitted,
+               "logs": str(logs) if logs else None, "host": socket.gethostname(), **extra}
+        atomic_write_json(self.launch_file, {**job, "jobs": self.launch_jobs() + [job]})
 
     def write_evaluation(self, result: dict) -> dict:
         """Record an evaluation result (it holds ``task``, ``split`` and ``settings``): the whole of it in

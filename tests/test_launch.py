@@ -13,6 +13,7 @@ import yaml
 
 from study.cli import main
 from study.config import ConfigError, load_config, to_dict
+from study.errors import UserError
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import RunJob, pending_steps
@@ -171,7 +172,11 @@ def test_a_job_that_died_silently_is_interrupted_and_resumed(tmp_path, synthetic
     assert run_state(run) == "submitted"  # without asking about the job, the files alone say no more
     run.write_status("running", step=1, total_steps=3)
     assert run_state(run, active=job_active) == "interrupted"
-    assert run_state(run, active=True) == "running" and run_state(run) == "running"
+    # the writer's lock decides: nothing holds it, so the files' "running" is a dead run (or, while its job
+    # lives, a requeued one waiting to start); holding it makes the run running
+    assert run_state(run) == "interrupted" and run_state(run, active=True) == "submitted"
+    with run.writing("train"):
+        assert run_state(run) == "running" and run_state(run, active=False) == "running"
     # a failure record older than the latest submission belongs to an earlier attempt
     (run.path / "failure.json").write_text(json.dumps({"step": "train", "error": "old", "time": "2025-12-31T00:00:00"}))
     assert run_state(run, active=False) == "interrupted"
@@ -192,7 +197,7 @@ def test_squeue_trouble_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
     monkeypatch.setattr(submit_module.subprocess, "run", squeue("slurm_load_jobs error: Invalid job id specified"))
     assert job_active(run) is False
     monkeypatch.setattr(submit_module.subprocess, "run", squeue("Unable to contact slurm controller"))
-    with pytest.raises(RuntimeError, match="cannot tell whether Slurm job 42 .* still runs"):
+    with pytest.raises(UserError, match="cannot tell whether Slurm job 42 .* still runs"):
         job_active(run)
     monkeypatch.setattr(submit_module.subprocess, "run", squeue("", 0, "PENDING\nCOMPLETED\n"))
     assert job_active(run) is True

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("preset", choices=sorted(PRESETS))
     p.add_argument("--minutes", type=float, default=5.0, help="training minutes per variant")
     p.add_argument("--variants", default="eomt,vit_adapter_m2f")
-    p.add_argument("--root", help="data folder (CamVid: ../shared/data/camvid)")
+    p.add_argument("--root", help="data folder (CamVid: a CamVid folder with train.txt / val.txt)")
     p.add_argument("--out", help="folder for the runs (default: a temporary folder)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)

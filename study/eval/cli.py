@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from study.errors import UserError
+from study.flags import add_set_flag, config_flag
 from study.io import atomic_write_json
 
 
@@ -76,26 +77,19 @@ def score_semantic(args) -> int:
 # ------------------------------------------------------------------------------------------------- eval
 
 
-def _flag_overrides(args) -> list[str]:
-    """The flags of ``study eval`` that set configuration keys, as overrides applied after ``--set``."""
-    out = []
-    if args.export:
-        out.append(f"eval.export_dir={args.export}")
-    if args.max_images is not None:
-        out.append(f"eval.max_images={args.max_images}")
-    return out
-
-
 def run_eval(args) -> int:
     """Evaluate trained weights (``--checkpoint``, else the configuration's run folder, else
     ``model.checkpoint``; never random weights) with study.eval.run.evaluate_run. Weights that lie in a run
     folder of the same configuration record their result there (``eval_<task>_<split>.json`` and
-    ``metrics.json``), where ``study status`` and ``study collect`` read it; ``--json`` also writes it there."""
+    ``metrics.json``), where ``study status`` and ``study collect`` read it; ``--json`` also writes it there.
+    Recording into a run folder takes the run's writer lock (study/runs.py): refused while it trains."""
+    from contextlib import nullcontext
+
     from study.config import load_config
     from study.eval.run import evaluate_run, run_weights
     from study.runs import RunDir
 
-    cfg = load_config(args.config, list(args.set) + _flag_overrides(args))
+    cfg = load_config(args.config, args.overrides)
     weights = run_weights(cfg, args.checkpoint)
     run = RunDir.holding(weights)
     if run is not None and not run.belongs_to(cfg):
@@ -105,7 +99,8 @@ def run_eval(args) -> int:
                             f"with --json")
         run = None
     masked = {"on": True, "off": False, None: None}[args.masked]
-    result = evaluate_run(cfg, weights, run, progress=not args.no_progress, masked=masked)
+    with run.writing("eval") if run is not None else nullcontext():
+        result = evaluate_run(cfg, weights, run, progress=not args.no_progress, masked=masked)
     _print_eval(result)
     if run is not None:
         print(f"recorded in {run.eval_file(result['task'], result['split'])} and {run.metrics_file}")
@@ -185,12 +180,12 @@ def register(subparsers) -> None:
     p.add_argument("config", help="YAML config")
     p.add_argument("--checkpoint", help="model checkpoint (ours, official EoMT or Hugging Face); default: the "
                                         "config's run folder's trained weights, else model.checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    p.add_argument("--export", metavar="DIR", help="write predictions in the official formats here "
-                                                   "(sets eval.export_dir)")
+    add_set_flag(p, "eval.max_images=50")
+    config_flag(p, "--export", "eval.export_dir", type=str, metavar="DIR",
+                help="write predictions in the official formats here")
     p.add_argument("--json", help="also write the result here (default: recorded in the run folder of the "
                                   "checkpoint, else beside it as eval_<task>_<split>.json)")
-    p.add_argument("--max-images", type=int, help="score only the first N images (sets eval.max_images)")
+    config_flag(p, "--max-images", "eval.max_images", type=int, metavar="N", help="score only the first N images")
     p.add_argument("--masked", choices=("on", "off"), default=None,
                    help="masked attention at inference (default: the model variant's setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -79,6 +79,7 @@ def run_status(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from study.launch.collect import collect, run_row
+    from study.launch.submit import job_active  # asks Slurm / the process table: lost and interrupted jobs
     from study.runs import RunDir
 
     path = Path(args.path)
@@ -91,11 +92,11 @@ def run_status(args: argparse.Namespace) -> int:
         rows = []
         for r in runs:
             folder = RunDir(r.folder)
-            row = run_row(folder) if folder.config.is_file() else {"run": folder.path.name, "state": "pending"}
+            row = run_row(folder, active=job_active) if folder.config.is_file() else {"run": folder.path.name, "state": "pending"}
             rows.append({"run": row["run"], "changes": _changes(r.changes), **row})
         table = pd.DataFrame(rows)
     else:
-        table = collect(path)
+        table = collect(path, active=job_active)
     if table.empty:
         print(f"study status: no runs under {path}")
         return 0

@@ -30,32 +30,40 @@ Active = Union[None, bool, Callable[[RunDir], bool]]
 
 
 def run_state(run: RunDir, steps=None, active: Active = None) -> str:
-    """The state of a run folder, from its files and, for a launched run, whether its job still lives:
+    """The state of a run folder, from its files, its writer's lock and, for a launched run, whether its job
+    still lives:
 
-    pending (nothing submitted), submitted (queued, nothing written yet), running, interrupted (stopped by a
-    time limit, a pre-emption, Ctrl-C or a job that died: a requeued job, or launching again, resumes it),
-    lost (its job ended before writing anything), failed, trained (training done, evaluation or benchmark
-    missing), complete (every step done: of ``steps``, else of the steps the run was launched with, else
-    train, eval and bench).
+    pending (nothing submitted), submitted (queued or starting: its job lives but nothing holds the run's
+    lock yet), running (a process holds the run's lock), interrupted (stopped by a time limit, a
+    pre-emption, SIGTERM, Ctrl-C, or killed: SIGKILL, the OOM killer, a lost node; a requeued job, or
+    launching again, resumes it), lost (its job ended before writing anything), failed, trained (training
+    done, evaluation or benchmark missing), complete (every step done: of ``steps``, else of the steps the
+    run was launched with, else train, eval and bench).
 
-    ``active`` says whether the run's job is still queued or running: True/False, or a callable asked with
-    the run (``study.launch.submit.job_active`` asks Slurm or the local process table). With None the job is
-    not asked: a launched run whose files say nothing yet is 'submitted', one whose trainer wrote 'running'
-    is 'running' (neither 'interrupted' nor 'lost' can be told apart from a live job without asking)."""
+    The lock (:meth:`RunDir.writer`) is the robust test: whoever writes a run holds it, and the kernel
+    releases it when the holder dies, so a status.json that says "running" under a free lock is a dead
+    run. ``active`` says whether the run's job is still queued or running: True/False, or a callable asked
+    with the run (``study.launch.submit.job_active`` asks Slurm or the local process table); with None the
+    job is not asked. Where the file system cannot lock, only the job tells."""
     record = run.launch_record()
     status = run.status().get("state")  # the trainer's: running, interrupted, failed, finished (or none)
     if run.failure() or status == "failed":
         return "failed"
     if not run.pending_steps(steps or record.get("steps") or STEPS):
         return "complete"
-    if record:
-        alive = active(run) if callable(active) else active
-        if alive:
-            return "running" if status else "submitted"
-        if alive is None and status is None:
-            return "submitted"
-        if alive is not None and status in (None, "running"):  # its job is gone without a word (SIGKILL, OOM, scancel, a lost node)
-            return "interrupted" if status == "running" or run.last_checkpoint.is_file() else "lost"
+    lock = run.writer()  # "held", "free", or None (cannot tell)
+    if lock == "held":
+        return "running"
+    alive = (active(run) if callable(active) else active) if record else None
+    if alive:
+        return "running" if lock is None and status else "submitted"
+    if record and alive is None and status is None:
+        return "submitted"
+    gone = lock == "free" or alive is False  # nothing writes it, or its job ended
+    if gone and status == "running":  # it died without a word (SIGKILL, OOM, scancel, a lost node)
+        return "interrupted"
+    if gone and record and status is None:
+        return "interrupted" if run.last_checkpoint.is_file() else "lost"
     return {"running": "running", "interrupted": "interrupted", "finished": "trained"}.get(status, "pending")
 
 
@@ -91,7 +99,15 @@ def headline(metrics: dict) -> dict:
 
 
 def run_row(run: RunDir, active: Active = None) -> dict:
-    """One table row for one run folder (``active``: see :func:`run_state`)."""
+    """One table row for one run folder (``active``: see :func:`run_state`). A run whose files are damaged
+    is a row of state "damaged" naming the file in ``error``; the other runs go on."""
+    try:
+        return _run_row(run, active)
+    except UserError as e:
+        return {"run": run.path.name, "path": str(run.path), "state": "damaged", "error": str(e)}
+
+
+def _run_row(run: RunDir, active: Active) -> dict:
     config = run.saved_config()
     metrics = run.metrics()
     status = run.status()

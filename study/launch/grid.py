@@ -29,8 +29,6 @@ from typing import Any
 import yaml
 
 from study.config import Config, ConfigError, apply_overrides, build_dataclass, load_yaml_tree, run_name
-from study.models.backbone import check_size
-from study.models.build import check_variant
 
 _GRID_KEYS = {"name", "axes", "runs"}
 _TOP_LEVEL = {f.name for f in fields(Config)}
@@ -108,9 +106,7 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
         where = ", ".join(f"{k}={v}" for k, v in change.items())
         try:
             run_tree = apply_overrides(base_tree, [_override(k, v) for k, v in change.items()], dict(origin))
-            cfg = build_dataclass(Config, run_tree, dict(origin))
-            check_variant(cfg.model.variant)  # registry names: fail here, not in a job hours later
-            check_size(cfg.model.size)
+            cfg = build_dataclass(Config, run_tree, dict(origin))  # registry names and sizes checked too
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"grid {path}, run {i} ({where}): {e}") from None
         cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name))

@@ -50,14 +50,23 @@ def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = N
     """Run the ``steps`` of ``cfg`` that its folder has not finished; returns the folder.
 
     Under torch.distributed (``WORLD_SIZE`` > 1) every process trains; only rank 0 evaluates and benchmarks.
-    An exception is recorded in ``failure.json`` (step and message) and raised again.
+    Rank 0 holds the run's writer lock throughout (:meth:`RunDir.writing`): a second job on the same folder is
+    refused before it writes anything, failure.json included. An exception is recorded in ``failure.json``
+    (step and message) and raised again.
     """
-    from study.eval.run import evaluate_run
-    from study.train.loop import train
-
     steps = check_steps(steps)
     run = run or RunDir.for_config(cfg)
     rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return _run_steps(cfg, steps, run, rank, progress)
+    with run.writing("+".join(steps)):
+        return _run_steps(cfg, steps, run, rank, progress)
+
+
+def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, progress: bool) -> RunDir:
+    from study.eval.run import evaluate_run
+    from study.train.loop import train
+
     if rank == 0:
         run.claim(cfg)  # the folder belongs to this configuration (checked before anything runs)
         run.clear_failure()  # a new attempt

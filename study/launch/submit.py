@@ -15,6 +15,7 @@ the CPU, with a warning when GPUs are present.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from study.launch.collect import run_state
 from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
 from study.launch.pipeline import STEPS, RunJob, RunQueue, pending_steps
-from study.runs import RunDir, now
+from study.runs import FolderLock, RunDir, now
 
 
 def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
@@ -95,35 +96,76 @@ _SLURM_ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NOD
 
 
 def job_active(run: RunDir) -> bool:
-    """Whether the job last submitted for ``run`` (its launch.json) may still be queued or running: a second
-    job on the same folder would race the first one's checkpoints. Raises RuntimeError when Slurm cannot be
-    asked. Pass it as ``active=`` to study.launch.collect's run_state / run_row / collect."""
-    record = run.launch_record()
-    cluster, job_id = record.get("cluster"), str(record.get("job_id", ""))
+    """Whether a process writes ``run`` now (its lock is held) or any job it was ever submitted as (every
+    record of launch.json's ``jobs``, not only the latest: a job of an earlier launch may still train) may
+    still be queued or running: a second job on the same folder would only be refused by the lock when it
+    starts. Raises a UserError when Slurm cannot be asked. Pass it as ``active=`` to study.launch.collect's
+    run_state / run_row / collect."""
+    if run.writer() == "held":
+        return True
+    return any(_one_job_active(run, job) for job in run.launch_jobs())
+
+
+def _pid_alive(pid: str, marker: bytes) -> bool:
+    """Whether process ``pid`` of this host lives (not a zombie) and its command line holds ``marker``
+    (process ids get reused)."""
+    proc = Path("/proc") / pid
+    if proc.is_dir():  # Linux
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # it ended meanwhile
+            return False
+        return state != "Z" and marker in cmdline
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
+        return False
+    return True
+
+
+def _one_job_active(run: RunDir, job: dict) -> bool:
+    cluster, job_id = job.get("cluster"), str(job.get("job_id", ""))
     if cluster == "slurm":  # squeue knows a job from its submission (sacct may not yet) until it ends
-        out = subprocess.run(["squeue", "--noheader", "--array", "--jobs", job_id, "--format", "%T"],
-                             capture_output=True, text=True)
+        try:
+            out = subprocess.run(["squeue", "--noheader", "--array", "--jobs", job_id, "--format", "%T"],
+                                 capture_output=True, text=True)
+        except FileNotFoundError:
+            raise UserError(f"{run.path} was launched on Slurm (job {job_id}) but this machine has no squeue; "
+                            f"ask from a Slurm login node") from None
         if out.returncode != 0:
             if "Invalid job id" in out.stderr:  # ended long enough ago to have left the queue
                 return False
-            raise RuntimeError(f"cannot tell whether Slurm job {job_id} of {run.path} still runs: squeue says "
-                               f"{out.stderr.strip() or out.returncode}")
+            raise UserError(f"cannot tell whether Slurm job {job_id} of {run.path} still runs: squeue says "
+                            f"{out.stderr.strip() or out.returncode}")
         return any(state not in _SLURM_ENDED for state in out.stdout.split())
-    if cluster == "local" and job_id.isdigit():  # the job's process id
-        proc = Path("/proc") / job_id
-        if proc.is_dir():  # Linux: alive (not a zombie) and still a submitit job (pids get reused)
-            try:
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:  # it ended meanwhile
-                return False
-            return state != "Z" and b"submitit" in cmdline
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, PermissionError):  # gone, or a reused pid of another user
+    here = job.get("host") in (None, socket.gethostname())  # records written before hosts were kept: here
+    if cluster == "local" and job_id.isdigit() and here:  # the job's process id
+        return _pid_alive(job_id, b"submitit")
+    if cluster == "debug" and job_id.startswith("inline-") and here:  # the launching process runs it
+        pid = job_id.removeprefix("inline-")
+        if pid == str(os.getpid()):  # this very process: its runs are done unless one holds the lock now
             return False
-        return True
-    return False  # debug runs execute inside the launching process, which has returned
+        try:
+            started = Path("/proc", pid, "stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return False
+        return started == job.get("process_start", started)
+    return False  # another host's local job: only its lock (checked first) tells
+
+
+def check_inputs(r: GridRun) -> None:
+    """The files a run names exist (``data.root``, ``model.pretrained``, ``model.checkpoint``): a missing one
+    fails here, at ``--dry-run`` or before submitting, not in a job hours later."""
+    cfg = r.config
+    named = [("data.root", cfg.data.root, Path.is_dir, "folder"),
+             ("model.pretrained", cfg.model.pretrained, Path.is_file, "file"),
+             ("model.checkpoint", cfg.model.checkpoint, Path.is_file, "file")]
+    for key, value, exists, kind in named:
+        if value and not exists(Path(value)):
+            where = ", ".join(f"{k}={v}" for k, v in r.changes.items())
+            raise UserError(f"run {Path(r.folder).name} ({where}): {key} {value} is not an existing {kind} "
+                            f"(relative paths are from {Path.cwd()}); fix {key} in the grid or with --set")
 
 
 @dataclass
@@ -161,12 +203,45 @@ def _error_of(r: GridRun, fallback: str) -> str:
 def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False,
            progress=print) -> list[Submitted]:
     """Start every run of ``runs`` with pending steps: one job array per launch configuration (local, slurm),
-    or one run after another in this process (debug; a failed run is reported and the next one runs)."""
+    or one run after another in this process (debug; a failed run is reported and the next one runs).
+
+    Every run's input files are checked first (:func:`check_inputs`). Planning and submitting hold the
+    grid's launch lock (``<grid>/.launch.lock``): two launches at once never both submit a run (the second
+    sees the first one's jobs as active)."""
+    for r in runs:
+        check_inputs(r)
+    inline: list[GridRun] = []
+    if dry_run:  # writes nothing, not even the grid folder
+        return list(_launch(runs, grid_dir, steps, True, progress, inline).values())
+    with FolderLock(Path(grid_dir) / ".launch.lock", f"grid folder {grid_dir}").hold("launch", wait_s=120):
+        out = _launch(runs, grid_dir, steps, dry_run, progress, inline)
+    for r in inline:  # debug runs execute here, after the launch lock is released (their own locks stay)
+        progress(f"  running {Path(r.folder).name} here")
+        try:
+            RunJob()(to_dict(r.config), tuple(steps))
+        except Exception as e:  # noqa: BLE001 - reported; the other runs go on
+            out[id(r)].error = _error_of(r, f"{type(e).__name__}: {e}")
+        out[id(r)].ran = True
+    return list(out.values())
+
+
+def _process_start() -> str:
+    """This process's start time in clock ticks since boot (/proc/self/stat field 22; '' elsewhere): with the
+    pid it names the process, which a reused pid does not match."""
+    try:
+        return Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _launch(runs: list[GridRun], grid_dir: Path, steps, dry_run: bool, progress,
+            inline: list[GridRun]) -> dict[int, Submitted]:
+    """Plan and submit (under the launch lock); the debug runs are recorded and appended to ``inline``."""
     decided = plan(runs, steps)
     out = {id(r): Submitted(r, a) for r, a in decided}
     todo = [(r, a) for r, a in decided if a in ("submit", "resume")]
     if dry_run or not todo:
-        return list(out.values())
+        return out
     for r, _ in todo:
         RunDir(r.folder).claim(r.config)  # the folder exists, and belongs to this configuration, before the job
     groups: dict[str, list[GridRun]] = {}
@@ -176,13 +251,9 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
         launch_cfg = members[0].config.launch
         if launch_cfg.cluster == "debug":
             for r in members:
-                RunDir(r.folder).write_launch_record(f"inline-{os.getpid()}", "debug", steps, submitted=now())
-                progress(f"  running {Path(r.folder).name} here")
-                try:
-                    RunJob()(to_dict(r.config), tuple(steps))
-                except Exception as e:  # noqa: BLE001 - reported; the other runs go on
-                    out[id(r)].error = _error_of(r, f"{type(e).__name__}: {e}")
-                out[id(r)].ran = True
+                RunDir(r.folder).write_launch_record(f"inline-{os.getpid()}", "debug", steps, submitted=now(),
+                                                     process_start=_process_start())
+                inline.append(r)
             continue
         logs = grid_dir / ".submitit"
         submitted = now()  # before the jobs start: a failure they record is never older than this
@@ -208,7 +279,7 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
             RunDir(r.folder).write_launch_record(str(job.job_id), launch_cfg.cluster, steps, submitted,
                                                  logs / str(job.job_id))
             out[id(r)].job = job
-    return list(out.values())
+    return out
 
 
 def wait(submitted: list[Submitted], progress=print) -> list[tuple[GridRun, Optional[str]]]:

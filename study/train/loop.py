@@ -15,6 +15,14 @@ Three parts, each visible on its own:
 ``train.checkpoint_every`` steps and at the end; the run's status (:func:`_status`, one place) says running,
 finished, failed or interrupted.
 
+Faults (docs/design.md): rank 0 holds the run's writer lock (study/runs.py) for the whole training, so a
+second trainer of the same folder is refused, and a killed one (SIGKILL, the OOM killer) shows as
+interrupted. SIGTERM (what Slurm and ``scancel`` send before SIGKILL) and, inside a submitit job, its
+time-limit signal (USR2) are deferred to the next safe point, between optimiser steps: the state is saved,
+the run marked interrupted, then the process exits (for USR2 through submitit's own handler, which
+requeues the job). A non-finite loss stops the run as failed before anything of that step is saved
+(:class:`Diverged` names the step and the loss terms); the last good checkpoint stays.
+
 Resuming restores model, optimiser, lr schedule, gradient scaler, step, the random states of every process
 and the data order (the sampler and the augmentation are pure functions of seed, epoch and position), so on
 the CPU in deterministic mode a resumed run ends bitwise identical to an uninterrupted one.
@@ -22,7 +30,11 @@ the CPU in deterministic mode a resumed run ends bitwise identical to an uninter
 from __future__ import annotations
 
 import csv
+import math
+import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -219,6 +231,63 @@ def _row(tr: Trainer, epoch: int, result: StepResult, values: dict, started: flo
             **{k: v for k, v in values.items() if k not in ("loss", "grad_norm")}}
 
 
+class Diverged(UserError):
+    """A non-finite loss: the run stops as failed; its last good checkpoint is kept."""
+
+
+class Stopped(SystemExit):
+    """Raised at a safe point after a deferred signal (the state is saved and the status written)."""
+
+
+class _Signals:
+    """Defers SIGTERM (and, when someone already handles it, submitit's time-limit signal) to a safe point:
+    the handler only records the signal; :meth:`chain` later hands it to the handler it replaced."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        wanted = [signal.SIGTERM]
+        usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if usr is not None and callable(signal.getsignal(usr)):  # submitit's checkpoint-and-requeue handler
+            wanted.append(usr)
+        for sig in wanted:
+            self.previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def chain(self) -> None:
+        """Give the recorded signal to the handler it replaced (submitit's requeues and exits; its SIGTERM
+        handler only logs), then exit."""
+        signum = self.received
+        handler = self.previous.get(signum)
+        self.restore()
+        if callable(handler):
+            handler(signum, None)
+        raise Stopped(128 + signum)
+
+
+def _verdict(tr: Trainer, result: StepResult, values: Optional[dict], signals: _Signals) -> tuple[bool, bool]:
+    """(every loss term finite, a stop signal received), the same on every process. One process: from the
+    values rank 0 already read. Under DDP: one small all-reduce (MAX) and host read per step on each rank,
+    so that all ranks stop, or fail, at the same step (the checkpoint save is collective)."""
+    stop = signals.received is not None
+    if not tr.env.distributed:
+        return all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"), stop
+    flags = torch.stack([(~torch.isfinite(result.values)).any().float(),
+                         torch.tensor(float(stop), device=result.values.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop_any = flags.tolist()
+    return bad == 0, stop_any > 0
+
+
 def _status(tr: Trainer, state: str, **fields) -> None:
     """The one place that writes the run's status (rank 0 only)."""
     if tr.main:
@@ -229,6 +298,13 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
     """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder."""
     run = run or RunDir.for_config(cfg)
     env = ProcessEnv.from_env()
+    if env.rank != 0:  # rank 0 holds the run's lock for every process of the job
+        return _train(cfg, run, env)
+    with run.writing("train"):
+        return _train(cfg, run, env)
+
+
+def _train(cfg: Config, run: RunDir, env: ProcessEnv) -> RunDir:
     device = resolve_process_device(cfg.train.device)
     set_deterministic(cfg.train.deterministic, device)
     init_distributed(device, env)
@@ -240,7 +316,8 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
             print(f"study train: {run.path} is finished already; nothing to do")
         return run
     tr = setup(cfg, run, env, device)
-    if restore_state(tr) and tr.main:
+    saved = tr.step if restore_state(tr) else None  # the step of the last good checkpoint
+    if saved is not None and tr.main:
         print(f"study train: resuming {run.path} at step {tr.step} of {tr.total}")
 
     from tqdm import tqdm
@@ -251,6 +328,7 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
     _status(tr, "running", world_size=env.world_size)
     tr.model.train()
     started, row = time.perf_counter(), {}
+    signals = _Signals()
     try:
         for epoch, micro in batches(tr, tr.step):
             if tr.step >= tr.total:
@@ -262,16 +340,38 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
                 logger.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
                 bar.update(1)
-            if tr.step % cfg.train.checkpoint_every == 0 or tr.step == tr.total:
+            finite, stop = _verdict(tr, result, values, signals)
+            if not finite:  # nothing of this step is saved: last.pt stays the last good state
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in (values or {}).items())
+                kept = (f"its last good checkpoint {run.last_checkpoint} (step {saved}) is kept"
+                        if saved is not None else "no checkpoint was written yet")
+                raise Diverged(f"non-finite loss at step {tr.step} of {run.path} ({parts or 'on another rank'});"
+                               f" training stopped, {kept}. Lower train.lr (now {cfg.train.lr:g}) or "
+                               f"train.grad_clip, or check the data")
+            if tr.step % cfg.train.checkpoint_every == 0 or tr.step == tr.total or stop:
                 save_state(tr, final=tr.step == tr.total)
+                saved = tr.step
                 _status(tr, "running", world_size=env.world_size)
+            if stop and tr.step < tr.total:
+                name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+                _status(tr, "interrupted", reason=name, world_size=env.world_size)
+                if tr.main:
+                    print(f"study train: {name} received; {run.path} saved at step {tr.step} and marked "
+                          f"interrupted (launch again to resume)")
+                if signals.received is None:
+                    raise Stopped(1)
+                signals.chain()
+    except Stopped:
+        raise
     except Exception as e:
         _status(tr, "failed", error=f"{type(e).__name__}: {e}")
         raise
     except BaseException as e:  # SystemExit (a job's time limit or pre-emption, requeued) or Ctrl-C: resumable
-        _status(tr, "interrupted", reason=type(e).__name__)
+        got = signals.received  # submitit's handler, chained after our save, exits through SystemExit
+        _status(tr, "interrupted", reason=signal.Signals(got).name if got else type(e).__name__)
         raise
     finally:
+        signals.restore()
         bar.close()
         logger.close()
     if tr.main:

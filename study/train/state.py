@@ -9,7 +9,9 @@ its own RAM (about 13 GB per process for ViT-g).
 """
 from __future__ import annotations
 
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,8 +52,13 @@ def load_checkpoint(path: Path) -> dict:
     """``last.pt``, memory-mapped (tensors stay in the page cache, shared by every process of a node)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} cannot be read ({e}); remove it to train from the start") from None
+    except pickle.UnpicklingError as e:  # code inside: never loaded, and no advice to lift weights_only
+        raise UserError(f"checkpoint {path} holds Python objects besides tensors ({str(e).splitlines()[0]}); "
+                        f"it was not written by study train; remove it to train from the start") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is damaged ({path.stat().st_size} bytes: {first}); remove it to "
+                        f"train from the start") from None
 
 
 def restore_state(tr: "Trainer") -> bool:
