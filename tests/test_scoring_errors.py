@@ -154,7 +154,7 @@ def _bad_counts(rle: dict, how: str) -> str:
     if how == "char":
         return c[:3] + "~" + c[4:]
     if how == "short":  # runs cover fewer pixels than the image: rleIou then loops forever
-        runs = decode_counts(c)[:-1]  # pycocotools' own encoder writes the shortened runs
+        runs = decode_counts(c)[:-1].tolist()  # pycocotools' own encoder writes the shortened runs
         return mask_utils.frPyObjects({"counts": runs, "size": rle["size"]}, *rle["size"])["counts"].decode()
     raise AssertionError(how)
 
@@ -189,7 +189,7 @@ def test_rle_decoder_matches_pycocotools_on_real_masks(coco_mini):
         bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
         runs = np.diff(bounds).tolist()
         runs = [0] + runs if flat[0] else runs  # the first run is background, maybe empty
-        assert decode_counts(rle["counts"]) == runs
+        assert decode_counts(rle["counts"]).tolist() == runs
         check_segmentation(rle, *m.shape)  # accepted
         assert int(mask_utils.area(rle)) == int(m.sum())
     # and every single-character change of a real RLE is either refused or still a sound RLE pycocotools
