@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     config_flag(p, "--img-size", "bench.img_size", type=int,
                 help="square input size, a multiple of model.patch_size")
     config_flag(p, "--no-fps", "bench.fps", const=False, help="count parameters and GFLOPs only")
+    config_flag(p, "--counter", "bench.counter", type=str,
+                help="GFLOPs counter: fast (FakeTensors, no arithmetic; default) or fvcore (a real traced "
+                     "forward, the reference; same numbers)")
     config_flag(p, "--device", "bench.device", type=str, help="auto, cpu, cuda, cuda:1, ...")
     config_flag(p, "--precision", "bench.precision", type=str, help="auto, fp32, bf16 or fp16")
     config_flag(p, "--compile", "bench.compile", const=True, help="torch.compile the model before timing")

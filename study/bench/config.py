@@ -22,6 +22,9 @@ class BenchConfig:
     sizes: list[str] = field(default_factory=lambda: ["S", "B", "L", "g"])
     img_size: int = 640  # docs/paper.md section 6: COCO 640
     fps: bool = True  # measure speed (off: parameters and GFLOPs only)
+    # GFLOPs counter (study/bench/flops.py): "fast" runs the forward on FakeTensors (seconds, no arithmetic),
+    # "fvcore" traces a real forward with fvcore (the reference, minutes at ViT-g 1280); the same numbers.
+    counter: Literal["fast", "fvcore"] = "fast"
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     # The paper: mixed precision on the H100. "auto" = bf16 on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

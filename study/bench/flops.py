@@ -1,9 +1,12 @@
 """Parameters and GFLOPs with the paper's convention (docs/paper.md section 8).
 
 The convention: fvcore, one multiply-add counted as one FLOP, attention matmuls (QK^T and AV) counted, on the
-padded square input at batch 1. The counter knows nothing of any model: it traces ``model(images)`` with
-fvcore and adds handlers for the operators fvcore cannot see. A model may add its own through a
-``flop_handles()`` method (the baselines' deformable attention does).
+padded square input at batch 1. The counter knows nothing of any model: it applies fvcore's handles, plus
+handlers for the operators fvcore cannot see, to the operators of ``model(images)``. A model may add its own
+through a ``flop_handles()`` method (the baselines' deformable attention does). Two counters see those
+operators (``count_flops(counter=...)``, ``study bench --counter``): ``fast`` (default) runs the forward on
+FakeTensors, without arithmetic (study/bench/count_fake.py); ``fvcore`` traces a real forward with fvcore, the
+reference. They give the same numbers, per module and per operator (tests/test_flop_counters.py).
 
 Handlers added here (each counts multiply-adds):
 - ``aten::scaled_dot_product_attention``: fvcore skips the fused attention silently (132 GFLOPs missing for
@@ -22,6 +25,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from study.errors import UserError
 
 # fvcore itself ignores these (element-wise or data movement); anything else uncounted is reported.
 _ELEMENTWISE = {
@@ -83,17 +88,46 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = None) -> FlopCount:
-    """GFLOPs of one forward of ``model`` (eval mode) on a (1, 3, img_size, img_size) input."""
-    from fvcore.nn import FlopCountAnalysis
+COUNTERS = ("fast", "fvcore")  # the default first (study/bench/config.py: bench.counter)
 
-    was_training = model.training
-    model.eval()
+
+def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = None,
+                counter: str = "fast") -> FlopCount:
+    """GFLOPs of one forward of ``model`` (eval mode) on a (1, 3, img_size, img_size) input.
+
+    ``counter``: ``"fast"`` runs the forward on FakeTensors (study/bench/count_fake.py: no arithmetic, seconds
+    at any size, the same numbers), ``"fvcore"`` traces a real forward with fvcore (the reference; minutes at
+    ViT-g 1280). Both use the same handles; ``model`` may have meta parameters for ``"fast"`` only.
+    """
+    if counter not in COUNTERS:
+        raise UserError(f"bench.counter '{counter}' is not one of {', '.join(COUNTERS)}")
     handles = dict(DEFAULT_HANDLES)
     own = getattr(model, "flop_handles", None)
     if callable(own):
         handles.update(own())
     handles.update(extra_handles or {})
+    if counter == "fast":
+        from study.bench.count_fake import count_fake
+
+        counts, unsupported = count_fake(model, img_size, handles)
+        every_module = {name: sum(c.values()) for name, c in counts.items()}
+        total = every_module[""]
+        by_op = dict(counts[""])
+    else:
+        every_module, total, by_op, unsupported = _fvcore_trace(model, img_size, handles)
+    by_module = {k: v for k, v in every_module.items() if k and k.count(".") <= 1}
+    by_component = _by_component(model, every_module, total)
+    skipped = Counter({k: v for k, v in unsupported.items() if k not in _ELEMENTWISE})
+    return FlopCount(total, by_module, by_component, by_op, dict(skipped))
+
+
+def _fvcore_trace(model: nn.Module, img_size: int, handles: dict) -> tuple[dict[str, int], int, dict, Counter]:
+    """fvcore on a real forward: FLOPs per module (names relative to ``model``, "" = the model), the total, per
+    operator, and the operators fvcore saw without a handle (neither counted nor ignored)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     images = torch.rand(1, 3, img_size, img_size, device=device)
     try:
@@ -101,25 +135,24 @@ def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = No
             analysis = FlopCountAnalysis(_Flatten(model), images).set_op_handle(**handles)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
-            every_module = analysis.by_module()
-            by_module = {k.removeprefix("model."): v for k, v in every_module.items()
-                         if k.count(".") <= 2 and k not in ("", "model")}
-            by_component = _by_component(model, every_module, total)
+            traced = analysis.by_module()  # names under the _Flatten root: "model", "model.backbone", ...
+            every_module = {"": traced["model"]}
+            every_module.update({k.removeprefix("model."): v for k, v in traced.items() if k.startswith("model.")})
             by_op = dict(analysis.by_operator())
-            skipped = Counter({k: v for k, v in analysis.unsupported_ops().items() if k not in _ELEMENTWISE})
+            unsupported = Counter(analysis.unsupported_ops())
     finally:
         model.train(was_training)
-    return FlopCount(total, by_module, by_component, by_op, dict(skipped))
+    return every_module, total, by_op, unsupported
 
 
 def _by_component(model: nn.Module, every_module: dict[str, int], total: int) -> dict[str, int]:
-    """Sum fvcore's per-module counts over each component of ``model.components()`` (disjoint module lists);
-    what runs outside every listed module is "other"."""
+    """Sum the per-module counts (names relative to ``model``) over each component of ``model.components()``
+    (disjoint module lists); what runs outside every listed module is "other"."""
     components = getattr(model, "components", None)
     if not callable(components):
         return {}
     names = {id(m): name for name, m in model.named_modules()}
-    out = {part: sum(every_module.get(f"model.{names[id(m)]}", 0) for m in modules)
+    out = {part: sum(every_module.get(names[id(m)], 0) for m in modules)
            for part, modules in components().items()}
     out["other"] = total - sum(out.values())
     return out

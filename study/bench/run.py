@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from study.bench.count_fake import build_meta_model
 from study.bench.flops import count_flops, count_params
 from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
 from study.config import Config
@@ -39,13 +40,16 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
             mcfg = replace(cfg.model, variant=variant, size=size, img_size=b.img_size, checkpoint=None,
                            pretrained=None)
             torch.manual_seed(cfg.seed)
-            model = build_model(mcfg)
-            flops = count_flops(model, b.img_size)
+            if b.fps or b.counter == "fvcore":
+                model = build_model(mcfg)
+            else:  # counting only: no weights at all (parameters on the meta device, no storage, no init)
+                model = build_meta_model(lambda: build_model(mcfg))
+            flops = count_flops(model, b.img_size, counter=b.counter)
             row = {
                 "variant": variant, "size": size, "img_size": b.img_size,
                 "num_classes": mcfg.num_classes, "num_queries": mcfg.num_queries,
                 "params": count_params(model), "gflops": round(flops.gflops, 2),
-                "fps": None, "uncounted_ops": flops.uncounted,
+                "fps": None, "flop_counter": b.counter, "uncounted_ops": flops.uncounted,
                 "gflops_by_module": {k: round(v / 1e9, 3) for k, v in flops.by_module.items()},
                 "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
             }
@@ -110,6 +114,7 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
         lines.append("")
         lines.append("protocol: " + ", ".join(f"{k}={v}" for k, v in proto.items())
                      + f"; attention kernels: {timed[0]['attention_kernels']}")
+    counters = sorted({r.get("flop_counter", "fvcore") for r in rows})
     lines.append("GFLOPs: fvcore convention (1 multiply-add = 1 FLOP, attention matmuls counted, batch 1, "
-                 "padded square input); params: all trainable parameters.")
+                 f"padded square input; counter: {', '.join(counters)}); params: all trainable parameters.")
     return "\n".join(lines)
