@@ -366,3 +366,55 @@ def test_full_size_backbone_parameter_count_equals_huggingface(size, dim, depth,
         bb = ViTBackbone(f"vit_{size}_patch16_dinov3", 640)
     n_hf = sum(p.numel() for n, p in hf.named_parameters() if "mask_token" not in n)
     assert sum(p.numel() for p in bb.vit.parameters()) == n_hf
+
+
+# ---- the recipe's option and the baseline chain on DINOv3
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_dinov3"])  # DINOv2's layout and DINOv3's
+def test_query_blocks_without_layer_decay(backbone):
+    """llrd_l2_enabled: False (official DINOv3 configs): the L2 query blocks get the full lr; the blocks before
+    keep decay^(L-1-i), as in the default (paper) recipe where the query blocks decay too."""
+    model = EoMT(ViTBackbone(backbone, IMG), CLASSES, QUERIES, L2)
+    scale_of = {}
+    for decay_q in (True, False):
+        for g in model.param_groups(0.8, decay_query_blocks=decay_q):
+            for p in g.params:
+                scale_of[(decay_q, id(p))] = g.lr_scale
+    for i, block in enumerate(model.backbone.blocks):
+        p = next(block.parameters())
+        paper = 0.8 ** (DEPTH - 1 - i)
+        assert scale_of[(True, id(p))] == pytest.approx(paper)
+        assert scale_of[(False, id(p))] == pytest.approx(1.0 if i >= DEPTH - L2 else paper)
+
+
+@pytest.mark.parametrize("variant", ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale"])
+def test_table1_rows_0_to_3_train_on_dinov3(variant, one_thread):
+    """Rows 0-3 on the DINOv3 backbone (RoPE on the patch tokens, 4 registers, patch 16): the ViT-Adapter
+    injects into and extracts from the patch tokens only, so RoPE's rows stay aligned; every parameter gets a
+    gradient (DDP with find_unused_parameters=False)."""
+    from study.config import load_config
+    from study.models.build import build_model
+
+    cfg = load_config(None, [f"model.variant={variant}", "model.size=tiny", "model.backbone=tiny_dinov3",
+                             f"model.img_size={IMG}", "model.num_classes=3", "model.num_queries=5"]).model
+    model = build_model(cfg).train()
+    assert model.backbone.vit.rope is not None
+    sets = model(torch.rand(1, 3, IMG, IMG))
+    sum(s.mask_logits.sum() + s.class_logits.sum() for s in sets).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_load_checkpoint_dispatches_dinov3_layouts(tmp_path):
+    """study.models.checkpoint.load_checkpoint (model.checkpoint) takes EoMT-DINOv3 files in both layouts."""
+    from study.models.checkpoint import load_checkpoint
+
+    hf = hf_eomt()
+    torch.save(official_module(hf).state_dict(), tmp_path / "official.ckpt")
+    torch.save(hf.state_dict(), tmp_path / "hf.bin")
+    x = torch.rand(1, 3, IMG, IMG)
+    for name, layout in (("official.ckpt", "official"), ("hf.bin", "huggingface")):
+        model = ours(masked_inference=True)  # HF masks at inference: its P_mask is 1
+        assert load_checkpoint(model, tmp_path / name) == layout
+        _logits_equal(model, hf, x)

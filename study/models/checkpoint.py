@@ -129,9 +129,18 @@ def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return sd
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
-    """Load a whole-model checkpoint (any of the three layouts) into ``model``; returns the layout."""
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, delta_weights: bool = False) -> str:
+    """Load a whole-model checkpoint (any of the three layouts) into ``model``; returns the layout.
+    EoMT on DINOv3 (official or Hugging Face layout, ``delta_weights`` included) goes to study/models/dinov3.py."""
     sd = read_weights(path)
+    from study.models.dinov3 import detect_dinov3_layout, load_dinov3_checkpoint
+
+    dinov3 = detect_dinov3_layout(sd)
+    if dinov3 is not None:
+        return load_dinov3_checkpoint(model, sd, dinov3, path, delta_weights)
+    if delta_weights:
+        raise UserError(f"checkpoint {path}: delta weights are defined for EoMT-DINOv3 checkpoints only "
+                        "(official or Hugging Face layout)")
     layout = detect_layout(sd)
     sd = convert_state_dict(sd, layout, path)
     own = model.state_dict()

@@ -107,9 +107,11 @@ def _after_load(module: Segmenter, _incompatible_keys) -> None:
     module._set_host_flags(module.attn_mask_probs)
 
 
-def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix: str) -> list[ParamGroup]:
+def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix: str,
+                          full_lr_blocks: tuple[int, ...] = ()) -> list[ParamGroup]:
     """Layer-wise lr decay (docs/paper.md section 6): block i of L gets decay^(L-1-i); embeddings get block 0's;
-    the final norm and every parameter outside the backbone get the full lr."""
+    the final norm and every parameter outside the backbone get the full lr. Blocks in ``full_lr_blocks``
+    get the full lr too (the official DINOv3 recipe's ``llrd_l2_enabled: False``: no decay on the query blocks)."""
     groups: dict[tuple[float, bool], ParamGroup] = {}
     ids = backbone.layer_ids()
     depth = backbone.depth
@@ -118,7 +120,7 @@ def backbone_param_groups(model: nn.Module, backbone, layer_decay: float, prefix
             continue
         if name.startswith(prefix):
             layer = ids[name[len(prefix):]]
-            scale = layer_decay ** (depth - 1 - layer) if layer < depth else 1.0
+            scale = layer_decay ** (depth - 1 - layer) if layer < depth and layer not in full_lr_blocks else 1.0
             key = (scale, True)
         else:
             key = (1.0, False)

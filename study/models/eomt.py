@@ -87,8 +87,11 @@ class EoMT(Segmenter):
         sets.append(self.predict(x))
         return sets
 
-    def param_groups(self, layer_decay: float = 0.8) -> list[ParamGroup]:
-        return backbone_param_groups(self, self.backbone, layer_decay, prefix="backbone.vit.")
+    def param_groups(self, layer_decay: float = 0.8, decay_query_blocks: bool = True) -> list[ParamGroup]:
+        """``decay_query_blocks=False``: the L2 query blocks get the full lr, no layer-wise decay (the official
+        DINOv3 configs' ``llrd_l2_enabled: False``; the paper's DINOv2 recipe decays every block)."""
+        full = () if decay_query_blocks else tuple(range(self.first_query_block, self.backbone.depth))
+        return backbone_param_groups(self, self.backbone, layer_decay, prefix="backbone.vit.", full_lr_blocks=full)
 
     def components(self) -> dict[str, list[nn.Module]]:
         blocks = list(self.backbone.blocks)
