@@ -31,8 +31,9 @@ from PIL import Image
 from study.eval.pq import id_to_rgb, rgb_to_id
 from study.eval.pq_files import score_panoptic_files
 
-DEFAULT_SAMPLE = Path(os.environ.get("STUDY_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")) \
-    / "coco_panoptic_sample"
+# The sample folder: --sample, else $STUDY_DATA/coco_panoptic_sample (a COCO panoptic folder with
+# panoptic_examples.json, panoptic_coco_categories.json and the PNGs).
+DEFAULT_SAMPLE = Path(os.environ["STUDY_DATA"]) / "coco_panoptic_sample" if os.environ.get("STUDY_DATA") else None
 
 
 def _perturb(ids: np.ndarray, segs: list[dict], cats: list[int], rng: np.random.Generator):
@@ -101,10 +102,13 @@ def _diff(ours: dict, theirs: dict) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE, help="the coco_panoptic_sample folder")
+    ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE,
+                    help="a COCO panoptic sample folder (default: $STUDY_DATA/coco_panoptic_sample)")
     ap.add_argument("--copies", type=int, default=100, help="copies of each of the 2 sample images")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.sample is None or not (args.sample / "panoptic_examples.json").is_file():
+        ap.error(f"no COCO panoptic sample at {args.sample}: pass --sample DIR or set STUDY_DATA")
     from panopticapi import evaluation as pan  # the official evaluator (panopticapi-lite)
 
     cores = multiprocessing.cpu_count()
