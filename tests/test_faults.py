@@ -234,7 +234,9 @@ def _killed_in_checkpoint_write(tmp_path, synthetic_root, monkeypatch, cluster: 
         assert main(["launch", str(grid), "--cluster", "local"]) == 0
         proc = None
         _wait_for(mark.is_file, "the hanging checkpoint write")
-        pid = int(run.launch_record()["job_id"])
+        job = run.launch_record()["job_id"]
+        assert run.holder()["job_id"] == job  # the writer names its job (submitit's process runs it as a child)
+        pid = run.holder()["pid"]
     else:  # a plain `study train` into the run's folder
         cfg_file = tmp_path / "cfg.yaml"
         save_config(r.config, cfg_file)
@@ -259,6 +261,7 @@ def _killed_in_checkpoint_write(tmp_path, synthetic_root, monkeypatch, cluster: 
     if proc is not None:
         proc.wait()
     _wait_for(lambda: _gone(pid), "the killed process to end")
+    _wait_for(lambda: not job_active(run), "its job to end")
     assert run.status()["state"] == "running" and run_state(run, active=job_active) == "interrupted"
     assert tmp.exists()  # what the killed write left
 
