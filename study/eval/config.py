@@ -7,10 +7,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from study.errors import UserError
+
 
 @dataclass
 class EvalConfig:
+    # Images per forward of the padded protocol; crops per forward of the windowed one (our choice: the
+    # paper's inference setting does not depend on it, and neither do the scores).
     batch_size: int = 1
+    # DataLoader worker processes that read and decode the images (0: in the evaluating process).
+    num_workers: int = 0
+    # Post-process and score batch i in a thread of its own while the model runs batch i + 1.
+    overlap: bool = True
+    # Predictions waiting for post-processing at most (bounds the memory of the overlap).
+    queue_size: int = 2
+    # Queries upsampled to full size at once by the padded protocol (a multiple of 8: see
+    # study/eval/inference.py QUERY_CHUNK).
+    query_chunk: int = 32
     split: Optional[str] = None  # data split to score; None means data.val_split
     # Square input side of the padded protocol and crop side of the windowed protocol; None means
     # model.img_size (COCO 640, ADE20K semantic 512; docs/paper.md section 6).
@@ -33,16 +46,25 @@ class EvalConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16, fp16
 
     def validate(self) -> None:
+        def bad(key: str, what: str) -> UserError:
+            return UserError(f"eval.{key} {what}, got {getattr(self, key)!r}")
+
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise bad("batch_size", "must be >= 1")
+        if self.num_workers < 0:
+            raise bad("num_workers", "must be >= 0")
+        if self.queue_size < 1:
+            raise bad("queue_size", "must be >= 1")
+        if self.query_chunk < 1 or self.query_chunk % 8:
+            raise bad("query_chunk", "must be a positive multiple of 8 (see study/eval/inference.py QUERY_CHUNK)")
         if self.input_size is not None and self.input_size < 1:
-            raise ValueError("input_size must be positive")
+            raise bad("input_size", "must be positive")
         for name in ("score_threshold", "overlap_threshold", "mask_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise bad(name, "must be in [0, 1]")
         if self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
+            raise bad("top_k", "must be >= 1")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
+            raise bad("precision", "must be auto, fp32, bf16 or fp16")
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError("max_images must be >= 1")
+            raise bad("max_images", "must be >= 1")

@@ -2,10 +2,12 @@
 
 - Padded (panoptic, instance): resize the longer side to the input size S, zero-pad bottom/right to S x S,
   run, upsample the mask logits to S x S, crop the padding, resize to the original image (per image and a
-  chunk of queries at a time, which bounds the memory without changing the numbers).
+  chunk of queries at a time, which bounds the memory without changing the numbers; the post-processing
+  consumes the chunks, so one image's queries never exist at full size all at once).
 - Windowed (semantic): resize the shorter side to the crop size S, cut ceil(long / short) S x S crops with
   the overlap spread evenly, turn each crop's prediction into per-pixel class logits, average where crops
-  overlap, resize to the original image.
+  overlap, resize to the original image. One crop's queries are upsampled at a time (Q x S x S: the
+  per-pixel sum over queries keeps the summation order of the whole-set call only when it sees every query).
 
 Images arrive as the readers give them (uint8 (3, H, W)); the model sees floats in [0, 1]. Resizing is
 bilinear without antialiasing (``F.interpolate``), as in the official EoMT code. Only the last
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -66,24 +69,70 @@ def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, 
 
 
 # Queries upsampled at once to S x S in float32 by the padded protocol: with Q = 200 and S = 1280 all of them
-# would take 1.3 GB per image, a chunk of 32 about 210 MB (our choice). Bilinear resizing treats each query's
-# map on its own; a chunk that is a multiple of the CPU's vector width (8 or 16 floats) keeps even the rounding
-# of the whole-set call, and CUDA computes every element on its own (tests/test_eval_inference.py checks
-# equality).
+# would take 1.3 GB per image, a chunk of 32 about 210 MB (our choice; ``eval.query_chunk``). The post-processing
+# (study/eval/postprocess.py) consumes the chunks as they come, so no (Q, H, W) tensor is ever built.
+#
+# Why the chunk must be a multiple of 8: bilinear resizing treats each query's map on its own, but the CPU
+# kernel computes the maps of a call in groups of 8 planes with SIMD code (fused multiply-adds) and the planes
+# left over (Q mod 8) with scalar code, whose rounding differs by 1 ulp. Groups start at a call's first plane,
+# so chunks that start at multiples of 8 and hold a multiple of 8 queries (only the last chunk may hold fewer)
+# put every query in the same group, or the same leftover, as the whole-set call: bit-identical results, at any
+# thread count (tests/test_eval_inference.py). A chunk of 1 or 5 sends every query through the scalar path.
+# CUDA computes every element on its own, so any chunk is exact there.
 QUERY_CHUNK = 32
+QUERY_CHUNK_MULTIPLE = 8
+
+
+def iter_query_chunks(mask_logits: torch.Tensor, size: int, kept: tuple[int, int], out_hw: tuple[int, int],
+                      chunk: int = QUERY_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+    """One image's mask logits (Q, S/4, S/4) at the original resolution, ``chunk`` queries at a time:
+    (first query, (c, H, W) float32), each upsampled to S x S, the padding cropped away, resized to (H, W)."""
+    nh, nw = kept
+    for q in range(0, mask_logits.shape[0], chunk):
+        m = F.interpolate(mask_logits[None, q:q + chunk].float(), size=(size, size), mode="bilinear",
+                          align_corners=False)[:, :, :nh, :nw]  # (1, c, h, w): the padding cropped away
+        yield q, F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)[0]
 
 
 def _to_original(mask_logits: torch.Tensor, size: int, kept: tuple[int, int], out_hw: tuple[int, int],
                  chunk: int = QUERY_CHUNK) -> torch.Tensor:
-    """One image's mask logits (Q, S/4, S/4) -> (Q, H, W) float32: upsampled to S x S, the padding cropped
-    away, resized to the original image; ``chunk`` queries at a time."""
-    nh, nw = kept
+    """One image's mask logits (Q, S/4, S/4) -> (Q, H, W) float32 (every query at once: for small images)."""
     out = torch.empty(mask_logits.shape[0], *out_hw, device=mask_logits.device)
-    for q in range(0, mask_logits.shape[0], chunk):
-        m = F.interpolate(mask_logits[None, q:q + chunk].float(), size=(size, size), mode="bilinear",
-                          align_corners=False)[:, :, :nh, :nw]  # (1, c, h, w): the padding cropped away
-        out[q:q + chunk] = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)[0]
+    for q, m in iter_query_chunks(mask_logits, size, kept, out_hw, chunk):
+        out[q:q + m.shape[0]] = m
     return out
+
+
+@dataclass
+class PaddedPrediction:
+    """The model's last prediction set on a padded batch, before any upsampling: mask logits (B, Q, S/4, S/4)
+    and class logits (B, Q, C + 1) on the model's device, the resized (h, w) of each image inside the S x S
+    input, and each image's original (H, W)."""
+
+    mask_logits: torch.Tensor
+    class_logits: torch.Tensor
+    size: int
+    kept: list[tuple[int, int]]
+    out_hw: list[tuple[int, int]]
+
+    def chunks(self, i: int, chunk: int = QUERY_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+        """Image ``i``'s mask logits at its original resolution, a chunk of queries at a time."""
+        return iter_query_chunks(self.mask_logits[i], self.size, self.kept[i], self.out_hw[i], chunk)
+
+    def classes(self, i: int) -> torch.Tensor:
+        return self.class_logits[i].float()
+
+
+@torch.no_grad()
+def padded_forward(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
+                   device: str | torch.device = "cpu", precision: str = "fp32") -> PaddedPrediction:
+    """The padded protocol's model run on a batch of images (one forward); upsampling is left to the
+    consumer, image by image and chunk by chunk (:meth:`PaddedPrediction.chunks`)."""
+    batch, kept = pad_to_square(images, size)
+    with masking(model, masked):
+        pred = _final(model, batch.to(device), precision)
+    return PaddedPrediction(pred.mask_logits, pred.class_logits, size, kept,
+                            [tuple(img.shape[-2:]) for img in images])
 
 
 @torch.no_grad()
@@ -91,14 +140,11 @@ def iter_padded(model, images: list[torch.Tensor], size: int, masked: Optional[b
                 device: str | torch.device = "cpu", precision: str = "fp32",
                 chunk: int = QUERY_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Padded protocol on a batch of images, one image at a time: (mask logits (Q, H, W) at the original
-    resolution, class logits (Q, C + 1)). The model runs once on the batch; only one image's full-resolution
-    masks exist at a time."""
-    batch, kept = pad_to_square(images, size)
-    with masking(model, masked):
-        pred = _final(model, batch.to(device), precision)
-    for i, img in enumerate(images):
-        yield (_to_original(pred.mask_logits[i], size, kept[i], tuple(img.shape[-2:]), chunk),
-               pred.class_logits[i].float())
+    resolution, class logits (Q, C + 1)). Every query of one image at full size: the evaluation loop uses
+    :func:`padded_forward` and the chunked post-processing instead."""
+    pred = padded_forward(model, images, size, masked, device, precision)
+    for i in range(len(images)):
+        yield _to_original(pred.mask_logits[i], size, pred.kept[i], pred.out_hw[i], chunk), pred.classes(i)
 
 
 def run_padded(model, images: list[torch.Tensor], size: int, masked: Optional[bool] = None,
@@ -128,33 +174,59 @@ def window_crops(image: torch.Tensor, size: int) -> tuple[torch.Tensor, list[int
     return crops, starts, (nh, nw)
 
 
+@dataclass
+class WindowedPrediction:
+    """The windowed protocol's model runs on a batch of images: each crop's last prediction set (mask logits
+    (Q, S/4, S/4), class logits (Q, C + 1)), in order, and each image's crops (starts, resized (h, w))."""
+
+    crops: list[tuple[torch.Tensor, torch.Tensor]]
+    windows: list[tuple[list[int], tuple[int, int]]]
+    size: int
+    out_hw: list[tuple[int, int]]
+
+
 @torch.no_grad()
+def windowed_forward(model, images: list[torch.Tensor], size: int, batch_size: int = 1,
+                     masked: Optional[bool] = None, device: str | torch.device = "cpu",
+                     precision: str = "fp32") -> WindowedPrediction:
+    """The windowed protocol's model runs: every crop of ``images``, ``batch_size`` crops per forward."""
+    windows = [window_crops(img, size) for img in images]
+    crops = torch.cat([c for c, _, _ in windows])  # (N, 3, S, S) over all images
+    out = []
+    with masking(model, masked):
+        for i in range(0, len(crops), batch_size):
+            pred = _final(model, crops[i:i + batch_size].to(device), precision)
+            out.extend(zip(pred.mask_logits, pred.class_logits))
+    return WindowedPrediction(out, [(starts, hw) for _, starts, hw in windows], size,
+                              [tuple(img.shape[-2:]) for img in images])
+
+
+def iter_windowed(pred: WindowedPrediction) -> Iterator[torch.Tensor]:
+    """Per image, per-pixel class logits (C, H, W) at the original resolution: each crop's masks upsampled to
+    S x S (one crop's at a time), turned into class logits, averaged where crops overlap, resized."""
+    size, k = pred.size, 0
+    for (starts, (nh, nw)), out_hw in zip(pred.windows, pred.out_hw):
+        total = count = None
+        for s in starts:
+            m, c = pred.crops[k]
+            m = F.interpolate(m[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+            logits = semantic_logits(m, c)  # (C, S, S)
+            if total is None:
+                total = torch.zeros(logits.shape[0], nh, nw, device=logits.device)
+                count = torch.zeros(1, nh, nw, device=logits.device)
+            if nh >= nw:
+                total[:, s:s + size, :] += logits
+                count[:, s:s + size, :] += 1
+            else:
+                total[:, :, s:s + size] += logits
+                count[:, :, s:s + size] += 1
+            k += 1
+        avg = (total / count)[None]  # (1, C, h, w): overlapping crops averaged
+        yield F.interpolate(avg, size=out_hw, mode="bilinear", align_corners=False)[0]
+
+
 def run_windowed(model, images: list[torch.Tensor], size: int, batch_size: int = 1,
                  masked: Optional[bool] = None, device: str | torch.device = "cpu",
                  precision: str = "fp32") -> list[torch.Tensor]:
     """Windowed protocol: per image, per-pixel class logits (C, H, W) at the original resolution."""
-    windows = [window_crops(img, size) for img in images]
-    crops = torch.cat([c for c, _, _ in windows])  # (N, 3, S, S) over all images
-    logits = []
-    with masking(model, masked):
-        for i in range(0, len(crops), batch_size):
-            pred = _final(model, crops[i:i + batch_size].to(device), precision)
-            for m, c in zip(pred.mask_logits, pred.class_logits):  # one crop's (Q, S, S) at a time
-                m = F.interpolate(m[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
-                logits.append(semantic_logits(m, c))  # (C, S, S)
-    out, k = [], 0
-    for img, (_, starts, (nh, nw)) in zip(images, windows):
-        num_classes = logits[k].shape[0]
-        total = torch.zeros(num_classes, nh, nw, device=logits[k].device)
-        count = torch.zeros(1, nh, nw, device=logits[k].device)
-        for s in starts:
-            if nh >= nw:
-                total[:, s:s + size, :] += logits[k]
-                count[:, s:s + size, :] += 1
-            else:
-                total[:, :, s:s + size] += logits[k]
-                count[:, :, s:s + size] += 1
-            k += 1
-        avg = (total / count)[None]  # (1, C, h, w): overlapping crops averaged
-        out.append(F.interpolate(avg, size=tuple(img.shape[-2:]), mode="bilinear", align_corners=False)[0])
-    return out
+    return list(iter_windowed(windowed_forward(model, images, size, batch_size, masked, device, precision)))

@@ -19,12 +19,15 @@ benchmark), and records the result in the run folder (study/runs.py) in one form
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from study.config import Config, to_dict
@@ -34,9 +37,9 @@ from study.errors import UserError
 from study.eval.coco_ap import encode_mask, evaluate_masks
 from study.eval.config import EvalConfig
 from study.eval.export import InstanceExporter, PanopticExporter, SemanticExporter
-from study.eval.inference import iter_padded, run_windowed
+from study.eval.inference import iter_windowed, padded_forward, windowed_forward
 from study.eval.miou import ConfusionMatrix
-from study.eval.postprocess import instance_topk, panoptic_merge
+from study.eval.postprocess import instance_topk_chunks, panoptic_merge_chunks
 from study.eval.pq import PQAccumulator
 from study.runs import RunDir, step_settings
 
@@ -109,8 +112,10 @@ def _official_instance_gt(path: Path, image_ids: list) -> dict:
 
 
 class TaskEvaluator:
-    """Scores one task: :meth:`process` runs the task's protocol on a batch of samples and accumulates the
-    scores, :meth:`summarise` returns the metrics. One subclass per task (``EVALUATORS``)."""
+    """Scores one task: :meth:`forward` runs the model of the task's protocol on a batch of samples,
+    :meth:`consume` post-processes that prediction and accumulates the scores (the evaluation loop runs it in
+    another thread, beside the next batch's forward), :meth:`summarise` returns the metrics. One subclass per
+    task (``EVALUATORS``)."""
 
     task: str
 
@@ -118,9 +123,17 @@ class TaskEvaluator:
         self.info, self.settings = info, settings
         self.categories = categories_of(info)
 
+    def forward(self, model, samples: list[Sample], input_size: int, masked: Optional[bool], device,
+                precision: str):
+        return padded_forward(model, [s.image for s in samples], input_size, masked, device, precision)
+
+    def consume(self, samples: list[Sample], pred) -> None:
+        raise NotImplementedError
+
     def process(self, model, samples: list[Sample], input_size: int, masked: Optional[bool],
                 device, precision: str) -> None:
-        raise NotImplementedError
+        """:meth:`forward` then :meth:`consume`."""
+        self.consume(samples, self.forward(model, samples, input_size, masked, device, precision))
 
     def summarise(self) -> dict:
         raise NotImplementedError
@@ -136,12 +149,11 @@ class PanopticEvaluator(TaskEvaluator):
         self.pq = PQAccumulator(self.categories)
         self.exporter = PanopticExporter(settings.export_dir) if settings.export_dir else None
 
-    def process(self, model, samples, input_size, masked, device, precision) -> None:
+    def consume(self, samples, pred) -> None:
         st, info = self.settings, self.info
-        for s, (masks, classes) in zip(samples, iter_padded(model, [s.image for s in samples], input_size,
-                                                            masked, device, precision)):
-            r = panoptic_merge(masks, classes, info.is_thing, st.score_threshold, st.overlap_threshold,
-                               st.mask_threshold)
+        for i, s in enumerate(samples):
+            r = panoptic_merge_chunks(pred.chunks(i, st.query_chunk), pred.classes(i), pred.out_hw[i],
+                                      info.is_thing, st.score_threshold, st.overlap_threshold, st.mask_threshold)
             segs = [{"id": g["id"], "category_id": int(info.category_ids[g["label"]]), "iscrowd": 0,
                      "isthing": int(g["isthing"])} for g in r.segments]
             ids = r.ids.cpu().numpy()
@@ -170,10 +182,10 @@ class InstanceEvaluator(TaskEvaluator):
         self.image_ids: list = []
         self.exporter = InstanceExporter(settings.export_dir) if settings.export_dir else None
 
-    def process(self, model, samples, input_size, masked, device, precision) -> None:
-        for s, (masks, classes) in zip(samples, iter_padded(model, [s.image for s in samples], input_size,
-                                                            masked, device, precision)):
-            r = instance_topk(masks, classes, self.settings.top_k)
+    def consume(self, samples, pred) -> None:
+        st = self.settings
+        for i, s in enumerate(samples):
+            r = instance_topk_chunks(pred.chunks(i, st.query_chunk), pred.classes(i), pred.out_hw[i], st.top_k)
             res = InstanceExporter.to_results(s.image_id, r.masks.cpu().numpy(),
                                               [self.info.category_ids[c] for c in r.labels.tolist()],
                                               r.scores.tolist())
@@ -205,9 +217,12 @@ class SemanticEvaluator(TaskEvaluator):
         self.cm = ConfusionMatrix(info.num_classes, info.ignore_index)
         self.exporter = SemanticExporter(settings.export_dir) if settings.export_dir else None
 
-    def process(self, model, samples, input_size, masked, device, precision) -> None:
-        for s, logits in zip(samples, run_windowed(model, [s.image for s in samples], input_size,
-                                                   self.settings.batch_size, masked, device, precision)):
+    def forward(self, model, samples, input_size, masked, device, precision):
+        return windowed_forward(model, [s.image for s in samples], input_size, self.settings.batch_size, masked,
+                                device, precision)
+
+    def consume(self, samples, pred) -> None:
+        for s, logits in zip(samples, iter_windowed(pred)):
             pred = logits.argmax(0).cpu().numpy()  # (H, W) contiguous classes
             self.cm.add(semantic_ground_truth(s, self.info.ignore_index), pred, image=_image_name(s))
             if self.exporter:
@@ -245,16 +260,77 @@ def evaluate(model, dataset, task: str, settings: EvalConfig, input_size: int, p
     n = len(dataset) if settings.max_images is None else min(len(dataset), settings.max_images)
     evaluator = EVALUATORS[task](info, settings)
     bar = tqdm(total=n, desc=f"eval {task}", unit="img", disable=not progress)
-    for start in range(0, n, settings.batch_size):
-        samples = [dataset[i] for i in range(start, min(n, start + settings.batch_size))]
-        evaluator.process(model, samples, input_size, masked, device, precision)
-        bar.update(len(samples))
+    batches = _batches(dataset, n, settings)
+    if settings.overlap:
+        _overlapped(evaluator, batches, bar, model, input_size, masked, device, precision)
+    else:
+        for samples in batches:
+            evaluator.process(model, samples, input_size, masked, device, precision)
+            bar.update(len(samples))
     bar.close()
     out: dict = {"task": task, "dataset": info.name, "num_images": n, "input_size": input_size,
                  "device": str(device), "precision": precision}
     out.update(evaluator.summarise())
     out["categories"] = evaluator.categories  # dataset ids, names, thing flags: what per_class is keyed by
     return out
+
+
+def _as_list(samples: list[Sample]) -> list[Sample]:
+    return samples
+
+
+def _batches(dataset, n: int, settings: EvalConfig):
+    """The first ``n`` samples in order, ``eval.batch_size`` at a time; with ``eval.num_workers`` > 0 a
+    DataLoader's worker processes read and decode them."""
+    if settings.num_workers == 0:
+        for start in range(0, n, settings.batch_size):
+            yield [dataset[i] for i in range(start, min(n, start + settings.batch_size))]
+        return
+    subset = dataset if n == len(dataset) else torch.utils.data.Subset(dataset, range(n))
+    yield from torch.utils.data.DataLoader(subset, batch_size=settings.batch_size, shuffle=False,
+                                           num_workers=settings.num_workers, collate_fn=_as_list,
+                                           prefetch_factor=2)
+
+
+_DONE = object()
+
+
+def _overlapped(evaluator: TaskEvaluator, batches, bar, model, input_size, masked, device, precision) -> None:
+    """Batch i's post-processing and scoring (:meth:`TaskEvaluator.consume`, in a thread of its own, in order)
+    run while the model runs batch i + 1: torch releases the GIL inside its operations. The queue holds at
+    most ``eval.queue_size`` predictions; an error in either thread stops both and is raised here with its
+    own traceback."""
+    todo: queue.Queue = queue.Queue(maxsize=evaluator.settings.queue_size)
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def consumer() -> None:
+        while True:
+            item = todo.get()
+            if item is _DONE:
+                return
+            if failed:
+                continue  # drain, so that the producer never blocks
+            try:
+                with torch.no_grad():
+                    evaluator.consume(*item)
+                bar.update(len(item[0]))
+            except BaseException as e:  # re-raised in the calling thread below
+                failed.append(e)
+                stop.set()
+
+    thread = threading.Thread(target=consumer, name="eval-consume", daemon=True)
+    thread.start()
+    try:
+        for samples in batches:
+            if stop.is_set():
+                break
+            todo.put((samples, evaluator.forward(model, samples, input_size, masked, device, precision)))
+    finally:
+        todo.put(_DONE)
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 def run_weights(cfg: Config, weights: str | Path | None = None) -> Path:
