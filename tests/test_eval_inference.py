@@ -245,3 +245,109 @@ def test_windowed_per_crop_upsampling_equals_the_whole_batch():
         count[:, :, s:s + 20] += 1
     ref = F.interpolate((total / count)[None], size=(40, 100), mode="bilinear", align_corners=False)[0]
     assert torch.equal(out[0], ref)
+
+
+# ------------------------------------------------- post-processing a chunk of queries at a time (issue 16)
+
+
+def _former_panoptic_merge(mask_logits, class_logits, is_thing, score_threshold, overlap_threshold, mask_threshold):
+    """The merge as it was on every query's full-size masks at once (git history of postprocess.py)."""
+    num_classes = class_logits.shape[-1] - 1
+    scores, labels = F.softmax(class_logits.float(), dim=-1).max(-1)
+    keep = (labels != num_classes) & (scores > score_threshold)
+    ids = torch.zeros(mask_logits.shape[-2:], dtype=torch.int64)
+    segments = []
+    if not bool(keep.any()):
+        return ids, segments
+    scores, labels = scores[keep], labels[keep]
+    probs = mask_logits[keep].float().sigmoid()
+    winner = (scores[:, None, None] * probs).argmax(0)
+    stuff_ids = {}
+    for k in range(len(labels)):
+        label = int(labels[k])
+        won = winner == k
+        won_area = int(won.sum())
+        above = probs[k] >= mask_threshold
+        above_area = int(above.sum())
+        mask = won & above
+        if won_area == 0 or above_area == 0 or not bool(mask.any()):
+            continue
+        if won_area / above_area < overlap_threshold:
+            continue
+        thing = bool(is_thing[label])
+        if not thing and label in stuff_ids:
+            ids[mask] = stuff_ids[label]
+            continue
+        seg_id = len(segments) + 1
+        if not thing:
+            stuff_ids[label] = seg_id
+        ids[mask] = seg_id
+        segments.append({"id": seg_id, "label": label, "isthing": thing, "score": float(scores[k])})
+    return ids, segments
+
+
+def _former_instance_topk(mask_logits, class_logits, top_k):
+    num_classes = class_logits.shape[-1] - 1
+    probs = F.softmax(class_logits.float(), dim=-1)[:, :num_classes]
+    top_scores, flat = probs.flatten().topk(min(top_k, probs.numel()), sorted=True)
+    logits = mask_logits[flat // num_classes].float()
+    masks = logits > 0
+    mask_prob = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    return masks, flat % num_classes, top_scores * mask_prob
+
+
+def _blobs(q, s, seed):
+    """Mask logits (Q, s, s) of round blobs of random centres and radii (so queries overlap partly), class
+    logits with confident classes (so most queries are kept)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(s).float(), torch.arange(s).float(), indexing="ij")
+    c = torch.rand(q, 2, generator=g) * s
+    r = 1 + torch.rand(q, generator=g) * s / 5
+    d = ((yy - c[:, :1, None]) ** 2 + (xx - c[:, 1:, None]) ** 2).sqrt()
+    masks = (r[:, None, None] - d) * (0.5 + torch.rand(q, 1, 1, generator=g)) + torch.randn(q, s, s, generator=g) * 0.3
+    classes = torch.randn(q, 8, generator=g)
+    classes[torch.arange(q), torch.randint(0, 7, (q,), generator=g)] += 6
+    return masks, classes
+
+
+@pytest.mark.parametrize("queries,chunk,threads", [(200, 32, 2), (37, 8, 2), (61, 32, 1), (100, 1000, 2)])
+def test_chunked_postprocessing_equals_the_whole_query_set(queries, chunk, threads):
+    """Panoptic merge and instance top-k reading (c, H, W) chunks give exactly the former results on every
+    query's (Q, H, W) masks, upsampled by the former whole-batch path."""
+    from study.eval.inference import iter_query_chunks
+    from study.eval.postprocess import instance_topk_chunks, panoptic_merge_chunks
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        low, classes = _blobs(queries, 24, seed=queries)
+        images = [_ramp(75, 90)]
+        kept = pad_to_square(images, 96)[1][0]
+        full = _whole_batch_padded(PredictionSet(low[None], classes[None]), images, 96)[0]
+        is_thing = [True, True, True, False, False, False, True]
+        placed = 0
+        for st, ot in ((0.8, 0.8), (0.3, 0.1)):
+            ids, segs = _former_panoptic_merge(full, classes, is_thing, st, ot, 0.5)
+            got = panoptic_merge_chunks(iter_query_chunks(low, 96, kept, (75, 90), chunk), classes, (75, 90),
+                                        is_thing, st, ot, 0.5)
+            assert torch.equal(got.ids, ids) and got.segments == segs
+            placed += len(segs)
+        assert placed >= 3  # a real merge: segments placed (and, with this many queries, others dropped)
+        masks, labels, scores = _former_instance_topk(full, classes, 100)
+        got = instance_topk_chunks(iter_query_chunks(low, 96, kept, (75, 90), chunk), classes, (75, 90), 100)
+        assert torch.equal(got.masks, masks) and torch.equal(got.labels, labels) and torch.equal(got.scores, scores)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_chunks_not_a_multiple_of_8_round_differently():
+    """Why eval.query_chunk is a multiple of 8: a chunk of 5 sends every map through the CPU kernel's scalar
+    path, which rounds differently from the 8-plane SIMD groups of the whole-set call (on a CPU where the
+    whole-set call uses them; CUDA has no such groups)."""
+    from study.eval.inference import _to_original
+
+    low = torch.randn(40, 16, 16) * 4
+    whole = _to_original(low, 64, (48, 64), (37, 50), chunk=1000)
+    assert torch.equal(_to_original(low, 64, (48, 64), (37, 50), chunk=8), whole)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert not torch.equal(_to_original(low, 64, (48, 64), (37, 50), chunk=5), whole)
