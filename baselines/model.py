@@ -28,12 +28,15 @@ class BaselineSegmenter(Segmenter):
         num_classes, num_queries: C and K.
         masked_attention: masked cross-attention in training (and all 10 prediction sets supervised).
         masked_inference: keep it at inference (Mask2Former always does; the default of rows 0-3).
+        mask_annealing: the mask setting's annealing in training (None: the trainer's rule;
+            study/models/contract.py). Table C's settings are ``model.mask_setting`` (study/models/config.py).
     """
 
     def __init__(self, backbone: ViTBackbone, neck: nn.Module, pixel_decoder: nn.Module,
                  decoder: MaskedAttentionDecoder, num_classes: int, num_queries: int, masked_attention: bool = True,
-                 masked_inference: bool = True):
-        super().__init__(num_classes, num_queries, len(decoder.layers), masked_attention, masked_inference)
+                 masked_inference: bool = True, mask_annealing: bool | None = None):
+        super().__init__(num_classes, num_queries, len(decoder.layers), masked_attention, masked_inference,
+                         mask_annealing)
         self.backbone = backbone
         if isinstance(neck, ViTAdapter):
             self.adapter = neck

@@ -97,10 +97,11 @@ def build_variant(variant: ChainRow | str, cfg: ModelConfig) -> BaselineSegmente
         head = LevelProjection(dim, opts.hidden_dim, v.decoder_strides)
     decoder = MaskedAttentionDecoder(opts.hidden_dim, opts.decoder_heads, opts.decoder_ffn, opts.decoder_layers,
                                      len(v.decoder_strides), cfg.num_queries, cfg.num_classes)
-    # Mask2Former keeps masked attention at inference: rows 0-3 default to it (paper Table 1 was measured so).
-    masked_inference = True if cfg.masked_inference is None else cfg.masked_inference
-    return BaselineSegmenter(backbone, neck, head, decoder, cfg.num_classes, cfg.num_queries, cfg.masked_attention,
-                             masked_inference)
+    # Mask2Former keeps masked attention at inference: rows 0-3 default to it (paper Table 1 was measured so);
+    # model.mask_setting gives Table C's other settings (study/models/config.py).
+    m = cfg.masking(True)
+    return BaselineSegmenter(backbone, neck, head, decoder, cfg.num_classes, cfg.num_queries, m.attention,
+                             m.inference, m.annealing)
 
 
 def _builder(name: str) -> Callable[[ModelConfig], Segmenter]:

@@ -93,10 +93,15 @@ UNMASKED_AT_INFERENCE = ("eomt",)
 
 def resolve(keys: dict) -> dict:
     """Fill the defaults that depend on other keys, as the model builder and trainer do: L2 and the DINOv2
-    backbone from the size (docs/paper.md section 5), masked inference from the variant, mask annealing from
-    masked inference (study/train/config.py); with masked attention off neither masking nor annealing is
-    left."""
+    backbone from the size (docs/paper.md section 5), and the mask setting (study/models/config.py
+    ``MASK_SETTINGS``, Tables 7 and C): ``model.mask_setting`` when given, else masked attention, masked
+    inference (the variant's default when unset) and mask annealing (study/train/config.py: annealed exactly
+    when not masked at inference, when unset). The result holds all four keys resolved, ``model.mask_setting``
+    named after the three others ('custom' for a combination without a name), so that a run configured by
+    name and one configured key by key compare equal. ``eomt_masked`` is EoMT with masked inference by
+    default: it resolves to ``eomt`` with the setting ``masked``."""
     from study.models.backbone import SIZES
+    from study.models.config import MASK_SETTINGS, Masking, mask_setting_name
 
     out = dict(keys)
     spec = SIZES.get(out.get("model.size"))
@@ -104,13 +109,23 @@ def resolve(keys: dict) -> dict:
         out["model.num_query_blocks"] = spec.query_blocks
     if "model.backbone" in out and out["model.backbone"] is None and spec is not None:
         out["model.backbone"] = spec.backbone
-    if "model.masked_inference" in out and out["model.masked_inference"] is None:
-        out["model.masked_inference"] = out.get("model.variant") not in UNMASKED_AT_INFERENCE
-    if "train.mask_annealing" in out and out["train.mask_annealing"] is None:
-        out["train.mask_annealing"] = not out.get("model.masked_inference", False)
-    if out.get("model.masked_attention") is False:
-        out["model.masked_inference"] = False
-        out["train.mask_annealing"] = False
+    masking_keys = ("model.mask_setting", "model.masked_attention", "model.masked_inference", "train.mask_annealing")
+    if any(k in out for k in masking_keys):
+        setting = out.get("model.mask_setting")
+        if setting:
+            m = MASK_SETTINGS[setting]
+        elif out.get("model.masked_attention") is False:
+            m = MASK_SETTINGS["unmasked"]
+        else:
+            inference = out.get("model.masked_inference")
+            if inference is None:
+                inference = out.get("model.variant") not in UNMASKED_AT_INFERENCE
+            annealing = out.get("train.mask_annealing")
+            m = Masking(True, inference, (not inference) if annealing is None else annealing)
+        resolved = dict(zip(masking_keys, (mask_setting_name(m) or "custom", m.attention, m.inference, m.annealing)))
+        out.update({k: v for k, v in resolved.items() if k in out})
+    if out.get("model.variant") == "eomt_masked":
+        out["model.variant"] = "eomt"
     return out
 
 

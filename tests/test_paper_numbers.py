@@ -64,3 +64,31 @@ def test_lookup_resolves_defaults_like_the_builder():
     assert pn.paper_numbers("eomt", "tiny", 128) is None and pn.lookup({"data.dataset": "synthetic"}) is None
     with pytest.raises(UserError, match="unknown table 'Z'"):
         pn.paper_table("Z")
+
+
+@pytest.mark.parametrize("setting,variant,table,pq", [
+    ("masked", "eomt", "7", 56.2), ("masked_train_only", "eomt", "7", 27.4), ("unmasked", "eomt", "7", 53.2),
+    ("annealed", "eomt", "7", 56.0), ("masked", "vit_adapter_m2f", "C", 57.1),
+    ("unmasked", "vit_adapter_m2f", "C", 54.0), ("annealed", "vit_adapter_m2f", "C", 56.8)])
+def test_table7_and_C_rows_are_the_named_mask_settings(setting, variant, table, pq):
+    coco = {"data.dataset": "coco_panoptic", "model.variant": variant}
+    named = pn.lookup({**coco, "model.mask_setting": setting}, table)
+    assert named["PQ"] == pq
+    # the same row as the keys the setting stands for (study/models/config.py MASK_SETTINGS)
+    from study.models.config import MASK_SETTINGS
+
+    m = MASK_SETTINGS[setting]
+    keyed = {**coco, "model.masked_attention": m.attention, "train.mask_annealing": m.annealing}
+    if m.attention:
+        keyed["model.masked_inference"] = m.inference
+    assert pn.lookup(keyed, table)["row"] == named["row"]
+    assert pn.run_keys({**coco, "model.mask_setting": setting})["model.mask_setting"] == setting
+
+
+def test_eomt_masked_is_eomt_with_the_masked_setting():
+    coco = {"data.dataset": "coco_panoptic"}
+    assert pn.run_keys({**coco, "model.variant": "eomt_masked"}) == \
+        pn.run_keys({**coco, "model.variant": "eomt", "model.mask_setting": "masked"})
+    assert pn.lookup({**coco, "model.variant": "eomt_masked"}, "1")["row"] == "w/o Transformer decoder"
+    assert pn.run_keys({**coco, "model.masked_inference": True, "train.mask_annealing": True})[
+        "model.mask_setting"] == "custom"

@@ -171,9 +171,9 @@ def _eomt_builder(masked_inference_default: bool) -> Callable[[ModelConfig], Seg
         spec = check_size(cfg.size)
         backbone = build_backbone(cfg.size, cfg.backbone, cfg.img_size, cfg.patch_size, cfg.pretrained,
                                   cfg.drop_path)
-        masked = masked_inference_default if cfg.masked_inference is None else cfg.masked_inference
+        m = cfg.masking(masked_inference_default)  # model.mask_setting, or the variant's default
         return EoMT(backbone, cfg.num_classes, cfg.num_queries, cfg.num_query_blocks or spec.query_blocks,
-                    cfg.masked_attention, masked)
+                    m.attention, m.inference, m.annealing)
 
     build.__name__ = build.__qualname__ = f"build_eomt_masked_inference_{masked_inference_default}"
     return build

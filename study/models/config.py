@@ -2,11 +2,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 # ViT sizes: S, B, L, g (DINOv2 with registers), or "tiny" (a 4-block, 64-wide ViT for tests and demos); the
 # widths and depths are in study/models/backbone.py.
 SizeName = Literal["tiny", "S", "B", "L", "g"]
+
+
+class Masking(NamedTuple):
+    """How a model uses masked attention: in training, at inference, and whether training anneals it away."""
+
+    attention: bool  # masked attention in training (and every intermediate prediction set supervised)
+    inference: bool  # masked attention kept at inference
+    annealing: Optional[bool]  # P_mask annealed 1 -> 0 in training; None: the trainer's rule (study/train/config.py)
+
+
+# ``model.mask_setting``: the training settings of Table 7 (EoMT-L) and Table C (EoMT-L and ViT-Adapter-L + M2F),
+# docs/paper.md section 4, named once so that every variant (EoMT and Table 1 rows 0-3) accepts them. The
+# comment names the row it reproduces, labelled as in docs/tables.md and study/paper_numbers.csv
+# ("masking in training / masking at inference").
+MaskSettingName = Literal["masked", "masked_train_only", "unmasked", "annealed"]
+MASK_SETTINGS: dict[str, Masking] = {
+    # Table 7 and Table C "Masking / Masking": masked in training and at inference, P_mask = 1 throughout
+    # (EoMT: Table 1 row 4, eomt_masked; ViT-Adapter + M2F: Mask2Former as published, rows 0-3's default).
+    "masked": Masking(attention=True, inference=True, annealing=False),
+    # Table 7 "Masking / w/o Masking": masked in training without annealing, masking removed at inference.
+    "masked_train_only": Masking(attention=True, inference=False, annealing=False),
+    # Table 7 and Table C "w/o Masking / w/o Masking": never masked. No intermediate prediction sets are made,
+    # so none is supervised: the loss sees the final set only.
+    "unmasked": Masking(attention=False, inference=False, annealing=False),
+    # Table 7 and Table C "Mask annealing / w/o Masking": masked, P_mask annealed to 0 during training (the
+    # sixths rule, study/train/schedules.py), no masking at inference (EoMT: Table 1 row 5, eomt).
+    "annealed": Masking(attention=True, inference=False, annealing=True),
+}
+
+
+def mask_setting_name(m: Masking) -> Optional[str]:
+    """The name of a resolved :class:`Masking` (annealing True/False, never None), or None if it has none."""
+    if not m.attention:
+        return "unmasked"
+    for name, s in MASK_SETTINGS.items():
+        if s == m:
+            return name
+    return None
 
 
 @dataclass
@@ -25,8 +63,12 @@ class ModelConfig:
     num_queries: int = 200  # K, docs/paper.md section 5: 200 panoptic / instance, 100 semantic
     # L2, blocks that see the queries; None takes the paper's 3/3/4/5 for S/B/L/g (docs/paper.md section 5).
     num_query_blocks: Optional[int] = None
-    # Masked attention in training (Table 7 "never masked" sets this False: one prediction set, no
-    # intermediate supervision).
+    # The mask setting of Tables 7 and C by name (MASK_SETTINGS above: masked, masked_train_only, unmasked,
+    # annealed); it decides masked_attention, masked_inference and the annealing together, for every variant.
+    # None: those come from the two keys below and train.mask_annealing (the variant's own default).
+    mask_setting: Optional[MaskSettingName] = None
+    # Masked attention in training (False: one prediction set, no intermediate supervision; Table 7 "never
+    # masked" is mask_setting: unmasked).
     masked_attention: bool = True
     # Keep masked attention on at inference (Table 1 row 4). None: the variant decides (eomt_masked: on).
     masked_inference: Optional[bool] = None
@@ -53,3 +95,23 @@ class ModelConfig:
             raise ValueError(f"num_query_blocks must be >= 1 (or unset), got {self.num_query_blocks}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.mask_setting is not None:
+            m = MASK_SETTINGS[self.mask_setting]
+            if self.masked_inference is not None and self.masked_inference != m.inference:
+                raise ValueError(f"mask_setting '{self.mask_setting}' has masked inference {m.inference} but "
+                                 f"masked_inference is {self.masked_inference}; leave model.masked_inference unset")
+            if not self.masked_attention and m.attention:
+                raise ValueError(f"mask_setting '{self.mask_setting}' trains with masked attention but "
+                                 "masked_attention is false; use mask_setting 'unmasked' or leave "
+                                 "model.masked_attention unset")
+
+    def masking(self, variant_masks_at_inference: bool) -> Masking:
+        """The resolved setting: ``mask_setting`` if given, else the two keys with the variant's default for
+        masked inference (annealing then None: the trainer's rule, study/train/schedules.py). Without masked
+        attention in training nothing is masked at inference and nothing annealed."""
+        if self.mask_setting is not None:
+            return MASK_SETTINGS[self.mask_setting]
+        if not self.masked_attention:
+            return MASK_SETTINGS["unmasked"]
+        inference = variant_masks_at_inference if self.masked_inference is None else self.masked_inference
+        return Masking(True, inference, None)

@@ -8,14 +8,16 @@
   step with the buffer (P_mask > 0, P_mask < 1) and compares with the buffer on the device, so it never reads
   the buffer back (no host sync per masked layer, no graph break under ``torch.compile``; a compiled model
   recompiles only when a flag flips, at most twice per layer over the annealing).
-  ``masked_inference`` keeps masked attention on at inference (Table 1 row 4).
+  ``masked_inference`` keeps masked attention on at inference (Table 1 row 4). ``mask_annealing`` is what
+  the model's mask setting (``model.mask_setting``, study/models/config.py) says about annealing in training:
+  True / False, or None when the trainer's rule decides (study/train/schedules.py ``build_mask_annealing``).
 - ``param_groups()`` tells the optimiser which parameters are backbone (and at which depth) and which are new.
 - ``components()`` names the sub-modules whose time the benchmark breaks down.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -42,12 +44,13 @@ class Segmenter(nn.Module):
     masked_inference: bool
 
     def __init__(self, num_classes: int, num_queries: int, num_masked_layers: int, masked_attention: bool,
-                 masked_inference: bool):
+                 masked_inference: bool, mask_annealing: Optional[bool] = None):
         super().__init__()
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.masked_attention = masked_attention
         self.masked_inference = masked_inference
+        self.mask_annealing = mask_annealing
         # P_mask per masked layer (docs/paper.md section 6); 1 = every query's mask applied.
         self.register_buffer("attn_mask_probs", torch.ones(num_masked_layers))
         self._set_host_flags(self.attn_mask_probs)

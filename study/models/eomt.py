@@ -41,13 +41,16 @@ class EoMT(Segmenter):
         num_query_blocks: L2, the last blocks that process the queries.
         masked_attention: train with masked attention (and L2 + 1 supervised prediction sets).
         masked_inference: keep masked attention at inference (Table 1 row 4); off = row 5.
+        mask_annealing: the mask setting's annealing in training (None: the trainer's rule; contract.py).
     """
 
     def __init__(self, backbone: ViTBackbone, num_classes: int, num_queries: int, num_query_blocks: int,
-                 masked_attention: bool = True, masked_inference: bool = False):
+                 masked_attention: bool = True, masked_inference: bool = False,
+                 mask_annealing: bool | None = None):
         if not 1 <= num_query_blocks <= backbone.depth:
             raise ValueError(f"num_query_blocks (L2) must be in 1..{backbone.depth}, got {num_query_blocks}")
-        super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference)
+        super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference,
+                         mask_annealing)
         self.backbone = backbone
         self.num_query_blocks = num_query_blocks
         self.q = nn.Embedding(num_queries, backbone.embed_dim)  # no positional embedding (docs/paper.md section 5)

@@ -56,7 +56,8 @@ class TrainConfig:
     # On: P_mask annealed to 0 (Table 1 row 5, EoMT). Off: P_mask stays 1, masked attention throughout
     # training (rows 0-4, which keep masking at inference). None: annealed exactly when the model does not
     # keep masked attention at inference (so eomt anneals, eomt_masked and the baselines do not; Table C's
-    # annealed baseline is mask_annealing=true with masked_inference=false).
+    # annealed baseline is mask_annealing=true with masked_inference=false). model.mask_setting (Tables 7 and C
+    # by name, study/models/config.py) decides this for the model it sets; leave this key null then.
     mask_annealing: Optional[bool] = None
     mask_annealing_starts: Optional[list[int]] = None
     mask_annealing_ends: Optional[list[int]] = None

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from study.errors import UserError
 from study.train.config import TrainConfig
 
 _DEFAULTS = TrainConfig()  # the paper's numbers live once, in TrainConfig
@@ -123,33 +124,61 @@ def mask_annealing_probs(step: int, total_steps: int, num_layers: int,
 class MaskAnnealing:
     """The annealing of one run: fixed windows and power; ``probs(step)`` and ``apply(model, step)``."""
 
-    def __init__(self, windows: Sequence[tuple[int, int]], power: float = _DEFAULTS.poly_power):
+    def __init__(self, windows: Sequence[tuple[int, int]], power: float = _DEFAULTS.poly_power,
+                 explicit: bool = False):
         self.windows = [(int(s), int(e)) for s, e in windows]
         self.power = power
+        self.explicit = explicit  # train.mask_annealing was set to true (not the default rule)
 
     def probs(self, step: int) -> list[float]:
         return [mask_prob(step, s, e, self.power) for s, e in self.windows]
 
     def apply(self, model, step: int) -> list[float]:
-        """Set ``model.attn_mask_probs`` for the forward pass of optimiser step ``step``."""
-        probs = self.probs(step)
+        """Set ``model.attn_mask_probs`` for the forward pass of optimiser step ``step``.
+
+        A model whose mask setting says "not annealed" (``model.mask_annealing is False``, e.g. Table 7's
+        ``masked_train_only``) keeps P_mask = 1: its setting decides, also when the schedule was built without
+        it (``build_mask_annealing(..., model_annealing=None)``); with ``train.mask_annealing: true`` set as
+        well the two contradict, a UserError."""
+        if getattr(model, "mask_annealing", None) is False:
+            _check_agree(True if self.explicit else None, False)
+            probs = [1.0] * len(self.windows)
+        else:
+            probs = self.probs(step)
         model.set_mask_probs(probs)
         return probs
 
 
+def _check_agree(train_setting: Optional[bool], model_annealing: Optional[bool]) -> None:
+    if train_setting is not None and model_annealing is not None and train_setting != model_annealing:
+        raise UserError(f"train.mask_annealing={str(train_setting).lower()} contradicts model.mask_setting, "
+                        f"which {'anneals' if model_annealing else 'does not anneal'} the masks; leave "
+                        "train.mask_annealing unset (null)")
+
+
 def build_mask_annealing(cfg: TrainConfig, total_steps: int, num_layers: int,
-                         masked_inference: bool = False) -> Optional[MaskAnnealing]:
+                         masked_inference: bool = False,
+                         model_annealing: Optional[bool] = None) -> Optional[MaskAnnealing]:
     """The annealing a :class:`TrainConfig` describes for a model with ``num_layers`` masked layers.
 
-    None when annealing is off (masks stay on, P_mask = 1) or the model has no masked layer. With
-    ``cfg.mask_annealing`` unset, a model that keeps masked attention at inference is not annealed.
+    None when annealing is off (masks stay on, P_mask = 1) or the model has no masked layer. Who decides:
+    ``model_annealing`` (the model's ``mask_annealing``, from ``model.mask_setting``) when not None, else
+    ``cfg.mask_annealing``, else the rule that a model keeping masked attention at inference is not annealed.
+    ``cfg.mask_annealing`` contradicting ``model_annealing`` is a UserError.
     """
-    enabled = cfg.mask_annealing if cfg.mask_annealing is not None else not masked_inference
+    _check_agree(cfg.mask_annealing, model_annealing)
+    if model_annealing is not None:
+        enabled = model_annealing
+    elif cfg.mask_annealing is not None:
+        enabled = cfg.mask_annealing
+    else:
+        enabled = not masked_inference
     if not enabled or num_layers == 0:
         return None
+    explicit = bool(cfg.mask_annealing)
     if cfg.mask_annealing_starts is None:
-        return MaskAnnealing(annealing_windows(total_steps, num_layers), cfg.poly_power)
+        return MaskAnnealing(annealing_windows(total_steps, num_layers), cfg.poly_power, explicit)
     if len(cfg.mask_annealing_starts) != num_layers:
-        raise ValueError(f"train.mask_annealing_starts/ends give {len(cfg.mask_annealing_starts)} windows but "
-                         f"the model has {num_layers} masked layers; give one per layer or leave them null")
-    return MaskAnnealing(list(zip(cfg.mask_annealing_starts, cfg.mask_annealing_ends)), cfg.poly_power)
+        raise UserError(f"train.mask_annealing_starts/ends give {len(cfg.mask_annealing_starts)} windows but "
+                        f"the model has {num_layers} masked layers; give one per layer or leave them null")
+    return MaskAnnealing(list(zip(cfg.mask_annealing_starts, cfg.mask_annealing_ends)), cfg.poly_power, explicit)
