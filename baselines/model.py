@@ -85,8 +85,12 @@ class BaselineSegmenter(Segmenter):
         """
         return convert_sync_batchnorm(self) if device.type == "cuda" else self
 
-    def param_groups(self, layer_decay: float = 0.8) -> list[ParamGroup]:
-        """Layer-wise decay on the ViT (same prefix logic as EoMT); adapter, pyramid and decoders are new."""
+    def param_groups(self, layer_decay: float = 0.8, decay_query_blocks: bool = True) -> list[ParamGroup]:
+        """Layer-wise decay on the ViT (same prefix logic as EoMT); adapter, pyramid and decoders are new.
+
+        ``decay_query_blocks`` (``train.layer_decay_query_blocks``) is accepted so that one recipe fits every
+        variant; the baselines' queries live in the Mask2Former decoder, which always has the full lr, and
+        every ViT block is decayed either way."""
         return backbone_param_groups(self, self.backbone, layer_decay, prefix="backbone.vit.")
 
     def components(self) -> dict[str, list[nn.Module]]:

@@ -293,10 +293,9 @@ def test_official_absolute_checkpoint(tmp_path, one_thread):
     _logits_equal(model, hf, torch.rand(1, 3, IMG, IMG))
 
 
-def test_official_delta_checkpoint(tmp_path, one_thread):
-    """delta_weights: the file holds trained - base; the base is the pretrained backbone under
-    network.encoder. (a separate Hugging Face backbone file), zero for every other parameter, and the buffer
-    attn_mask_probs' initial value 1 (training/lightning_module.py: _zero_init_outside_encoder, _add_state_dicts)."""
+def write_official_delta(tmp_path):
+    """An official-layout delta checkpoint (tmp_path/delta.bin) of a trained EoMT-DINOv3 and its pretrained
+    backbone file in Hugging Face's layout; returns the trained model (Hugging Face's) and the backbone file."""
     hf = hf_eomt()
     hf.attn_mask_probs.zero_()  # annealed to 0 at the end of training
     trained = official_module(hf).state_dict()
@@ -317,7 +316,14 @@ def test_official_delta_checkpoint(tmp_path, one_thread):
         else:
             delta[k] = v  # criterion.empty_weight: not loaded
     torch.save(delta, tmp_path / "delta.bin")
-    backbone_file = tmp_path / "dinov3" / "model.safetensors"
+    return hf, tmp_path / "dinov3" / "model.safetensors"
+
+
+def test_official_delta_checkpoint(tmp_path, one_thread):
+    """delta_weights: the file holds trained - base; the base is the pretrained backbone under
+    network.encoder. (a separate Hugging Face backbone file), zero for every other parameter, and the buffer
+    attn_mask_probs' initial value 1 (training/lightning_module.py: _zero_init_outside_encoder, _add_state_dicts)."""
+    hf, backbone_file = write_official_delta(tmp_path)
     model = ours(masked_inference=False, pretrained=str(backbone_file))
     assert load_dinov3_checkpoint_file(model, tmp_path / "delta.bin", delta_weights=True) == "official"
     torch.testing.assert_close(model.attn_mask_probs, torch.zeros(L2))
@@ -418,3 +424,51 @@ def test_load_checkpoint_dispatches_dinov3_layouts(tmp_path):
         model = ours(masked_inference=True)  # HF masks at inference: its P_mask is 1
         assert load_checkpoint(model, tmp_path / name) == layout
         _logits_equal(model, hf, x)
+
+
+def test_model_delta_weights_reach_the_loader(tmp_path, one_thread):
+    """model.delta_weights: build_model -> load_checkpoint(..., delta_weights=True), the base from
+    model.pretrained; without the key the same file loads as absolute weights (other logits)."""
+    from study.config import ConfigError, load_config
+    from study.models.build import build_model
+
+    hf, backbone_file = write_official_delta(tmp_path)
+    sets = ["model.variant=eomt", "model.size=tiny", "model.backbone=tiny_dinov3", f"model.img_size={IMG}",
+            f"model.num_classes={CLASSES}", f"model.num_queries={QUERIES}", f"model.num_query_blocks={L2}",
+            f"model.checkpoint={tmp_path / 'delta.bin'}", f"model.pretrained={backbone_file}"]
+    model = build_model(load_config(None, sets + ["model.delta_weights=true"]).model).eval()
+    x = torch.rand(1, 3, IMG, IMG)
+    _logits_equal(model, hf, x)
+    absolute = build_model(load_config(None, sets).model).eval()
+    with torch.no_grad():
+        assert not torch.allclose(absolute(x)[-1].mask_logits, model(x)[-1].mask_logits, atol=1e-3)
+    with pytest.raises(ConfigError, match="model.delta_weights.*model.checkpoint is not set"):
+        load_config(None, ["model.delta_weights=true"])
+
+
+def test_train_layer_decay_query_blocks_reaches_the_optimizer():
+    """train.layer_decay_query_blocks: false gives EoMT's query blocks the full lr through build_optimizer; the
+    baselines accept the key (their ViT blocks decay either way)."""
+    from study.models.build import build_model
+    from study.models.config import ModelConfig
+    from study.train.config import TrainConfig
+    from study.train.optim import build_optimizer
+
+    model = EoMT(ViTBackbone("tiny_dinov3", IMG), CLASSES, QUERIES, L2)
+    last = next(model.backbone.blocks[DEPTH - 1].parameters())
+    first_q = next(model.backbone.blocks[DEPTH - L2].parameters())
+    before = next(model.backbone.blocks[DEPTH - L2 - 1].parameters())
+
+    def lr_of(opt, p):
+        return next(g["lr"] for g in opt.param_groups if any(q is p for q in g["params"]))
+
+    paper = build_optimizer(model, TrainConfig())
+    dinov3 = build_optimizer(model, TrainConfig(layer_decay_query_blocks=False))
+    assert lr_of(paper, first_q) == pytest.approx(1e-4 * 0.8 ** (L2 - 1))
+    assert lr_of(dinov3, first_q) == lr_of(dinov3, last) == pytest.approx(1e-4)
+    assert lr_of(dinov3, before) == lr_of(paper, before) == pytest.approx(1e-4 * 0.8 ** L2)
+    row0 = build_model(ModelConfig(variant="vit_adapter_m2f", size="tiny", img_size=IMG, num_classes=3,
+                                   num_queries=5))
+    a = build_optimizer(row0, TrainConfig())
+    b = build_optimizer(row0, TrainConfig(layer_decay_query_blocks=False))
+    assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]

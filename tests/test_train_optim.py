@@ -54,7 +54,7 @@ class _Toy(nn.Module):
         self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
         self._groups = groups
 
-    def param_groups(self, layer_decay):
+    def param_groups(self, layer_decay, decay_query_blocks=True):
         return self._groups(self)
 
 

@@ -159,7 +159,7 @@ def build_model(cfg: ModelConfig) -> Segmenter:
     if cfg.checkpoint:
         from study.models.checkpoint import load_checkpoint
 
-        load_checkpoint(model, cfg.checkpoint)
+        load_checkpoint(model, cfg.checkpoint, delta_weights=cfg.delta_weights)
     return model
 
 

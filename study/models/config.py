@@ -74,6 +74,10 @@ class ModelConfig:
     masked_inference: Optional[bool] = None
     pretrained: Optional[str] = None  # local backbone weights (DINOv2 original or timm layout); never downloaded
     checkpoint: Optional[str] = None  # a whole-model checkpoint: ours, official EoMT, or Hugging Face EoMT
+    # The checkpoint holds differences to the pretrained backbone (the official DINOv3 configs' and released
+    # EoMT-DINOv3 checkpoints' ``delta_weights: True``; zero is the base outside the encoder): loading adds them
+    # to model.pretrained, which must then be given (study/models/dinov3.py).
+    delta_weights: bool = False
     drop_path: float = 0.0  # stochastic depth of the backbone; the paper is silent, the official configs use 0
     # Options of the baseline chain (ViT-Adapter, pyramid, pixel decoder, decoder): validated strictly when the
     # config is loaded, against the options the variant registered (baselines/config.py; see that file for the
@@ -95,6 +99,9 @@ class ModelConfig:
             raise ValueError(f"num_query_blocks must be >= 1 (or unset), got {self.num_query_blocks}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.delta_weights and not self.checkpoint:
+            raise ValueError("delta_weights is true but model.checkpoint is not set; delta weights describe a "
+                             "checkpoint file")
         if self.mask_setting is not None:
             m = MASK_SETTINGS[self.mask_setting]
             if self.masked_inference is not None and self.masked_inference != m.inference:

@@ -98,7 +98,8 @@ class Segmenter(nn.Module):
     def forward(self, images: torch.Tensor) -> list[PredictionSet]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def param_groups(self) -> list[ParamGroup]:  # pragma: no cover - abstract
+    def param_groups(self, layer_decay: float = 0.8, decay_query_blocks: bool = True
+                     ) -> list[ParamGroup]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def components(self) -> dict[str, list[nn.Module]]:  # pragma: no cover - abstract

@@ -29,6 +29,10 @@ class TrainConfig:
     lr: float = 1e-4  # docs/paper.md section 6
     weight_decay: float = 0.05  # docs/paper.md section 6: on all parameters
     layer_decay: float = 0.8  # docs/paper.md section 6: layer-wise lr decay, backbone block i gets 0.8^(L-1-i)
+    # Layer-wise decay on EoMT's last L2 blocks, the ones that see the queries (the paper's DINOv2 recipe: on).
+    # The official DINOv3 configs turn it off (``llrd_l2_enabled: False``: those blocks get the full lr); the
+    # baselines' queries are in their decoder, so for them this changes nothing.
+    layer_decay_query_blocks: bool = True
     # The paper is silent on Adam's betas and eps; the official code uses torch's AdamW defaults.
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

@@ -18,12 +18,14 @@ from study.models.contract import ParamGroup
 from study.train.config import TrainConfig
 
 
-def checked_param_groups(model: nn.Module, layer_decay: float) -> list[ParamGroup]:
+def checked_param_groups(model: nn.Module, layer_decay: float,
+                         decay_query_blocks: bool = True) -> list[ParamGroup]:
     """The model's groups, checked to hold every trainable parameter exactly once (and no frozen one).
 
     A parameter left out would silently never train; one listed twice would get two updates per step.
+    ``decay_query_blocks=False``: no layer-wise decay on EoMT's query blocks (``train.layer_decay_query_blocks``).
     """
-    groups = model.param_groups(layer_decay)
+    groups = model.param_groups(layer_decay, decay_query_blocks=decay_query_blocks)
     names = {id(p): n for n, p in model.named_parameters()}
     seen: dict[int, str] = {}
     for g in groups:
@@ -48,7 +50,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """
     groups = [dict(params=g.params, lr=cfg.lr * g.lr_scale, weight_decay=cfg.weight_decay, name=g.name,
                    lr_scale=g.lr_scale, backbone=g.backbone)
-              for g in checked_param_groups(model, cfg.layer_decay) if g.params]
+              for g in checked_param_groups(model, cfg.layer_decay, cfg.layer_decay_query_blocks) if g.params]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
 
