@@ -298,15 +298,15 @@ def train(cfg: Config, run: RunDir | None = None) -> RunDir:
     """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder."""
     run = run or RunDir.for_config(cfg)
     env = ProcessEnv.from_env()
-    if env.rank != 0:  # rank 0 holds the run's lock for every process of the job
-        return _train(cfg, run, env)
-    with run.writing("train"):
-        return _train(cfg, run, env)
-
-
-def _train(cfg: Config, run: RunDir, env: ProcessEnv) -> RunDir:
     device = resolve_process_device(cfg.train.device)
-    set_deterministic(cfg.train.deterministic, device)
+    set_deterministic(cfg.train.deterministic, device)  # refused settings fail before the folder exists
+    if env.rank != 0:  # rank 0 holds the run's lock for every process of the job
+        return _train(cfg, run, env, device)
+    with run.writing("train"):
+        return _train(cfg, run, env, device)
+
+
+def _train(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device) -> RunDir:
     init_distributed(device, env)
     check_distinct_devices(device, env)
     if env.rank == 0:
