@@ -1,8 +1,10 @@
 """Parameters and GFLOPs of the baseline chain against the paper (Table 1 at ViT-L 640, Table 3 and the 1280 row).
 
-Counted with the suite's counter (study/bench/flops.py: fvcore, one multiply-add = one FLOP, SDPA counted, the
-model's own handles for the deformable sampling), eval mode, batch 1, masked attention at inference (rows 0-3
-default; Mask2Former always masks). Full-size counting takes 10 s to 5 min per model on 2 CPU cores: slow tests.
+Counted with the suite's counter (study/bench/flops.py: fvcore's convention, one multiply-add = one FLOP, SDPA
+counted, the model's own handles for the deformable sampling; the fast counter on a meta-parameter model, equal to
+fvcore's trace per module, tests/test_flop_counters.py), eval mode, batch 1, masked attention at inference (rows
+0-3 default; Mask2Former always masks). Full sizes are slow tests: seconds each with the fast counter, but the
+row-1 explanation traces a real ViT-L with fvcore (minutes on 2 CPU cores).
 
 Measured (parameters exact; GFLOPs) vs the paper:
     row 0 vit_adapter_m2f      L 640   348,672,006  831.8    paper 349M  830
@@ -40,6 +42,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from study.bench.count_fake import build_meta_model
 from study.bench.flops import count_flops, count_params
 from study.models.build import build_model
 from study.models.config import ModelConfig
@@ -71,7 +74,7 @@ def _slow_unless_small(case):
 @pytest.mark.parametrize("variant,size,img,params,ours,paper_m,paper_g,tol", [_slow_unless_small(c) for c in CASES])
 def test_params_and_gflops(variant, size, img, params, ours, paper_m, paper_g, tol):
     torch.set_num_threads(2)
-    model = build_model(ModelConfig(variant=variant, size=size, img_size=img))
+    model = build_meta_model(lambda: build_model(ModelConfig(variant=variant, size=size, img_size=img)))
     n = count_params(model)
     assert n == params  # pinned: a change of the architecture shows here first
     assert abs(n / 1e6 - paper_m) <= tol * paper_m
@@ -95,7 +98,8 @@ COMPONENTS_L640 = [
 @pytest.mark.parametrize("variant,expected", COMPONENTS_L640)
 def test_gflops_by_component_L640(variant, expected):
     torch.set_num_threads(2)
-    split = count_flops(build_model(ModelConfig(variant=variant, size="L", img_size=640)), 640).by_component
+    model = build_meta_model(lambda: build_model(ModelConfig(variant=variant, size="L", img_size=640)))
+    split = count_flops(model, 640).by_component
     assert {k: round(v / 1e9, 1) for k, v in split.items() if k != "other"} == expected
     assert split["other"] < 0.2e9
 

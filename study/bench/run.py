@@ -71,6 +71,26 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
     return rows
 
 
+# The parameter and GFLOPs table at the real sizes (issue 10): EoMT S/B/L/g at 640 without and with masking, L and
+# g at 1280, Table 1 rows 0-3 at L 640, row 0 at S/B/g 640 and at L 1280. (variant, size, img_size) each.
+REAL_SIZE_TABLE = (
+    [(v, s, 640) for s in ("S", "B", "L", "g") for v in ("eomt", "eomt_masked")]
+    + [("eomt", s, 1280) for s in ("L", "g")]
+    + [(v, "L", 640) for v in ("vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale")]
+    + [("vit_adapter_m2f", s, 640) for s in ("S", "B", "g")] + [("vit_adapter_m2f", "L", 1280)]
+)
+
+
+def table_rows(cfg: Config, entries=REAL_SIZE_TABLE, progress=print) -> list[dict]:
+    """:func:`bench_rows` for explicit (variant, size, img_size) entries, in one process (``cfg.bench`` gives
+    everything else: counter, fps, ...)."""
+    rows = []
+    for variant, size, img in entries:
+        one = replace(cfg, bench=replace(cfg.bench, variants=[variant], sizes=[size], img_size=img))
+        rows += bench_rows(one, progress)
+    return rows
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
