@@ -32,6 +32,8 @@ class BaselineSegmenter(Segmenter):
             study/models/contract.py). Table C's settings are ``model.mask_setting`` (study/models/config.py).
     """
 
+    class_head_prefix = "decoder.class_head."  # model.reinit_class_head (study/models/checkpoint.py)
+
     def __init__(self, backbone: ViTBackbone, neck: nn.Module, pixel_decoder: nn.Module,
                  decoder: MaskedAttentionDecoder, num_classes: int, num_queries: int, masked_attention: bool = True,
                  masked_inference: bool = True, mask_annealing: bool | None = None):

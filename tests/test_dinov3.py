@@ -442,7 +442,7 @@ def test_model_delta_weights_reach_the_loader(tmp_path, one_thread):
     absolute = build_model(load_config(None, sets).model).eval()
     with torch.no_grad():
         assert not torch.allclose(absolute(x)[-1].mask_logits, model(x)[-1].mask_logits, atol=1e-3)
-    with pytest.raises(ConfigError, match="model.delta_weights.*model.checkpoint is not set"):
+    with pytest.raises(ConfigError, match=r"model.delta_weights.*model.checkpoint \(or model.init_from\) is not set"):
         load_config(None, ["model.delta_weights=true"])
 
 

@@ -5,7 +5,7 @@ from torch.utils.data import Dataset
 
 from study.errors import UserError
 
-from study.data.coco import CocoInstance, CocoPanoptic
+from study.data.coco import CocoInstance, CocoPanoptic, build_ade20k_panoptic
 from study.data.config import DataConfig
 from study.data.semantic import build_ade20k, build_cityscapes, build_list
 from study.data.source import require_root
@@ -15,6 +15,7 @@ from study.data.synthetic import ensure_synthetic
 DATASETS = {
     "coco_panoptic": ("panoptic",),
     "coco_instance": ("instance",),
+    "ade20k_panoptic": ("panoptic",),  # the COCO panoptic format (Table 4; study/data/coco.py)
     "ade20k": ("semantic",),
     "cityscapes": ("semantic",),
     "list": ("semantic",),
@@ -51,6 +52,8 @@ def build_dataset(data_cfg: DataConfig, split: str, task: str) -> Dataset:
     root = require_root(c.root, name)
     if name == "coco_panoptic":
         return CocoPanoptic(root, split, c.image_dir, c.ann_file, c.ann_dir, drop_empty=drop_empty)
+    if name == "ade20k_panoptic":
+        return build_ade20k_panoptic(root, split, c.image_dir, c.ann_file, c.ann_dir, drop_empty=drop_empty)
     if name == "coco_instance":
         return CocoInstance(root, split, c.image_dir, c.ann_file, drop_empty=drop_empty)
     if name == "ade20k":

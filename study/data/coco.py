@@ -295,3 +295,36 @@ def _sample(image, masks, labels, crowd, seg_ids, im) -> Sample:
         is_crowd=torch.tensor(crowd, dtype=torch.bool),
         image_id=im["id"], file_name=im["file_name"],
         segment_ids=torch.tensor(seg_ids, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------- ADE20K panoptic
+
+# ADE20K panoptic in the COCO panoptic format, as Mask2Former's conversion (datasets/prepare_ade20k_pan_seg.py)
+# writes it under ADEChallengeData2016/: ade20k_panoptic_{train,val}.json, the PNGs in ade20k_panoptic_{train,val}/
+# and the images in images/{training,validation}/. 150 categories: 100 things and 50 stuff; the stuff classes
+# by contiguous id (sorted category ids) are the official EoMT ADE20K panoptic configs' ``stuff_classes``.
+ADE_PANOPTIC_NUM_CLASSES = 150
+ADE_PANOPTIC_STUFF = (0, 1, 2, 3, 4, 5, 6, 9, 11, 13, 16, 17, 21, 25, 26, 28, 29, 34, 40, 46, 48, 51, 52, 54, 59, 60,
+                      61, 63, 68, 77, 79, 84, 91, 94, 96, 99, 100, 101, 105, 106, 109, 113, 114, 117, 122, 128, 131,
+                      140, 141, 145)
+ADE_PANOPTIC_SPLITS = {"train": ("train", "training"), "val": ("val", "validation")}
+
+
+def build_ade20k_panoptic(root: str | Path, split: str, image_dir: Optional[str] = None,
+                          ann_file: Optional[str] = None, ann_dir: Optional[str] = None,
+                          drop_empty: bool = False) -> CocoPanoptic:
+    """ADE20K panoptic through the COCO panoptic reader (``root`` is ADEChallengeData2016 or holds it); the
+    categories must be the conversion's 150, with the official 50 stuff classes (else a DataError naming the
+    JSON file)."""
+    root = Path(root)
+    base = root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    s, sub = ADE_PANOPTIC_SPLITS.get(split, (split, split))
+    ds = CocoPanoptic(base, split, fill(image_dir, sub, f"images/{sub}"), fill(ann_file, s, f"ade20k_panoptic_{s}.json"),
+                      fill(ann_dir, s, f"ade20k_panoptic_{s}"), drop_empty=drop_empty, name="ade20k_panoptic")
+    stuff = tuple(i for i, thing in enumerate(ds.info.is_thing) if not thing)
+    if ds.info.num_classes != ADE_PANOPTIC_NUM_CLASSES or stuff != ADE_PANOPTIC_STUFF:
+        raise DataError(f"{ds.json_where} lists {ds.info.num_classes} categories ({len(stuff)} stuff); ADE20K "
+                        f"panoptic in the standard Mask2Former conversion has {ADE_PANOPTIC_NUM_CLASSES}: 100 things "
+                        f"and 50 stuff (contiguous stuff ids {list(ADE_PANOPTIC_STUFF[:4])}...); convert the data "
+                        f"set with Mask2Former's datasets/prepare_ade20k_pan_seg.py")
+    return ds

@@ -6,12 +6,13 @@ from typing import Optional
 
 from study.errors import UserError
 
-DATASET_NAMES = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes", "list", "synthetic")
+DATASET_NAMES = ("coco_panoptic", "coco_instance", "ade20k_panoptic", "ade20k", "cityscapes", "list", "synthetic")
 
 
 @dataclass
 class DataConfig:
-    # Dataset format: coco_panoptic, coco_instance, ade20k, cityscapes, list (image/label list files, CamVid),
+    # Dataset format: coco_panoptic, coco_instance, ade20k_panoptic (COCO panoptic format, Mask2Former's
+    # conversion; Table 4), ade20k, cityscapes, list (image/label list files, CamVid),
     # or synthetic (the built-in procedural data set, generated on first use).
     dataset: str = "synthetic"
     root: Optional[str] = None  # dataset folder (or folder holding the official zip files)

@@ -25,7 +25,9 @@ BRIGHTNESS_DELTA = 32 / 255  # docs/paper.md section 6: brightness +-32/255
 CONTRAST_SATURATION_RANGE = (0.5, 1.5)  # docs/paper.md section 6: contrast and saturation 0.5-1.5
 HUE_DELTA = 18 / 360  # docs/paper.md section 6: hue +-18 degrees (torchvision measures hue in turns)
 JITTER_PROB = 0.5  # docs/paper.md section 6: each colour operation applied with p 0.5
-COLOR_JITTER_DATASETS = ("ade20k", "cityscapes")  # docs/paper.md section 6: colour jitter only for these
+# docs/paper.md section 6: colour jitter only for ADE20K and Cityscapes (ADE20K panoptic too, as the official
+# ADE20K panoptic data module's color_jitter_enabled=True; its scale range is COCO's, as below)
+COLOR_JITTER_DATASETS = ("ade20k", "ade20k_panoptic", "cityscapes")
 # docs/paper.md section 6: scale jitter of the crop size
 SCALE_RANGE_COCO = (0.1, 2.0)  # COCO panoptic and instance
 SCALE_RANGE_SEMANTIC = (0.5, 2.0)  # semantic data sets

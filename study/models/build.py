@@ -160,6 +160,10 @@ def build_model(cfg: ModelConfig) -> Segmenter:
         from study.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, cfg.checkpoint, delta_weights=cfg.delta_weights)
+    elif cfg.init_from:
+        from study.models.checkpoint import init_from_checkpoint
+
+        init_from_checkpoint(model, cfg.init_from, cfg.reinit_class_head, cfg.delta_weights)
     return model
 
 

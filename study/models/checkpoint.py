@@ -129,15 +129,18 @@ def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     return sd
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, delta_weights: bool = False) -> str:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, delta_weights: bool = False,
+                    keep_own: tuple[str, ...] = ()) -> str:
     """Load a whole-model checkpoint (any of the three layouts) into ``model``; returns the layout.
-    EoMT on DINOv3 (official or Hugging Face layout, ``delta_weights`` included) goes to study/models/dinov3.py."""
+    EoMT on DINOv3 (official or Hugging Face layout, ``delta_weights`` included) goes to study/models/dinov3.py.
+    ``keep_own``: key prefixes whose tensors stay as the model was built, whatever the file holds (or lacks) for
+    them (:func:`init_from_checkpoint`); every other key must fit, or the UserError names it."""
     sd = read_weights(path)
     from study.models.dinov3 import detect_dinov3_layout, load_dinov3_checkpoint
 
     dinov3 = detect_dinov3_layout(sd)
     if dinov3 is not None:
-        return load_dinov3_checkpoint(model, sd, dinov3, path, delta_weights)
+        return load_dinov3_checkpoint(model, sd, dinov3, path, delta_weights, keep_own=keep_own)
     if delta_weights:
         raise UserError(f"checkpoint {path}: delta weights are defined for EoMT-DINOv3 checkpoints only "
                         "(official or Hugging Face layout)")
@@ -148,9 +151,39 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, delta_weights: bo
     for k in ("backbone.pixel_mean", "backbone.pixel_std"):
         if k in own and k not in sd:
             sd[k] = own[k]
+    if keep_own:
+        sd = {k: v for k, v in sd.items() if not k.startswith(keep_own)}
+        sd.update({k: v for k, v in own.items() if k.startswith(keep_own)})
     problem = state_dict_mismatch(own, sd)
     if problem:
         raise UserError(f"checkpoint {path} ({layout} layout) does not fit the model: {problem}. "
                          "Check model.size, model.num_classes, model.num_queries and model.img_size.")
     model.load_state_dict(sd)
     return layout
+
+
+def init_from_checkpoint(model: nn.Module, source: str | os.PathLike, reinit_class_head: bool = False,
+                         delta_weights: bool = False) -> str:
+    """Start a run from another run's weights (``model.init_from``; Table 4's ADE20K runs from their COCO runs).
+
+    ``source`` is a weights file (any layout :func:`load_checkpoint` reads) or a run folder (its
+    ``checkpoints/model_final.pt``). The masking probabilities stay as built (a new training anneals anew).
+    ``reinit_class_head``: the class head (``model.class_head_prefix``) keeps its fresh initialisation, so the
+    new run may have other classes; any other mismatch fails naming the tensor."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoints" / "model_final.pt"
+        if not path.is_file():
+            raise UserError(f"model.init_from {source} is a folder without checkpoints/model_final.pt: is it a "
+                            "finished run? Give the run folder of a finished run or a weights file")
+    keep = ("attn_mask_probs",)
+    if reinit_class_head:
+        keep += (model.class_head_prefix,)
+    try:
+        return load_checkpoint(model, path, delta_weights, keep_own=keep)
+    except UserError as e:
+        hint = "" if reinit_class_head or "class_head" not in str(e) else \
+            " To start with other classes, set model.reinit_class_head: true."
+        raise UserError(f"model.init_from: {e}{hint}") from None

@@ -78,6 +78,12 @@ class ModelConfig:
     # EoMT-DINOv3 checkpoints' ``delta_weights: True``; zero is the base outside the encoder): loading adds them
     # to model.pretrained, which must then be given (study/models/dinov3.py).
     delta_weights: bool = False
+    # Start from another run's weights: a weights file (any layout model.checkpoint takes) or a run folder (its
+    # checkpoints/model_final.pt); Table 4's ADE20K runs start from their COCO runs. Unlike model.checkpoint it
+    # keeps this model's masking probabilities (a new training anneals anew), and with reinit_class_head its
+    # freshly initialised class head, so the new run may have other classes (COCO 133 -> ADE20K 150).
+    init_from: Optional[str] = None
+    reinit_class_head: bool = False
     drop_path: float = 0.0  # stochastic depth of the backbone; the paper is silent, the official configs use 0
     # Options of the baseline chain (ViT-Adapter, pyramid, pixel decoder, decoder): validated strictly when the
     # config is loaded, against the options the variant registered (baselines/config.py; see that file for the
@@ -99,9 +105,14 @@ class ModelConfig:
             raise ValueError(f"num_query_blocks must be >= 1 (or unset), got {self.num_query_blocks}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if self.delta_weights and not self.checkpoint:
-            raise ValueError("delta_weights is true but model.checkpoint is not set; delta weights describe a "
+        if self.delta_weights and not (self.checkpoint or self.init_from):
+            raise ValueError("delta_weights is true but model.checkpoint (or model.init_from) is not set; delta weights describe a "
                              "checkpoint file")
+        if self.init_from and self.checkpoint:
+            raise ValueError("init_from and model.checkpoint are both set; give one: model.checkpoint is a whole "
+                             "model, model.init_from the start of a new training")
+        if self.reinit_class_head and not self.init_from:
+            raise ValueError("reinit_class_head is true but model.init_from is not set")
         if self.mask_setting is not None:
             m = MASK_SETTINGS[self.mask_setting]
             if self.masked_inference is not None and self.masked_inference != m.inference:

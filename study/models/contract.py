@@ -42,6 +42,8 @@ class Segmenter(nn.Module):
     num_classes: int
     num_queries: int
     masked_inference: bool
+    # the state-dict prefix of the class head (model.reinit_class_head re-initialises it)
+    class_head_prefix: str = "head.class_head."
 
     def __init__(self, num_classes: int, num_queries: int, num_masked_layers: int, masked_attention: bool,
                  masked_inference: bool, mask_annealing: Optional[bool] = None):

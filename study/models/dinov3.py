@@ -210,16 +210,20 @@ def delta_base(model: nn.Module, backbone_file: str | os.PathLike | None, where)
 
 
 def load_dinov3_checkpoint(model: nn.Module, sd: dict, layout: str, where="<state dict>",
-                           delta_weights: bool = False, backbone_file: str | os.PathLike | None = None) -> str:
+                           delta_weights: bool = False, backbone_file: str | os.PathLike | None = None,
+                           keep_own: tuple[str, ...] = ()) -> str:
     """Load an EoMT-DINOv3 state dict (``layout`` from :func:`detect_dinov3_layout`) into our EoMT, strictly.
 
     ``delta_weights``: the file holds differences to the base of :func:`delta_base`; ``backbone_file`` defaults
-    to the file the backbone was built from (``model.pretrained``).
+    to the file the backbone was built from (``model.pretrained``). ``keep_own``: key prefixes of our model
+    whose tensors stay as built (a re-initialised class head; study/models/checkpoint.py).
     """
     from study.models.backbone import state_dict_mismatch
 
     sd = dinov3_checkpoint_to_ours(sd, layout, where)
     own = model.state_dict()
+    kept = {k: own[k] for k in own if k.startswith(keep_own)} if keep_own else {}
+    sd.update(kept)
     for k in ("backbone.pixel_mean", "backbone.pixel_std"):  # constants of the recipe; HF files have none
         if k in own and k not in sd:
             sd[k] = torch.zeros_like(own[k]) if delta_weights else own[k]
@@ -230,6 +234,7 @@ def load_dinov3_checkpoint(model: nn.Module, sd: dict, layout: str, where="<stat
     if delta_weights:
         base = delta_base(model, backbone_file if backbone_file is not None else model.backbone.pretrained, where)
         sd = {k: base[k] + v.to(base[k].dtype) for k, v in sd.items()}
+        sd.update(kept)
     model.load_state_dict(sd)
     return layout
 
