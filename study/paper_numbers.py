@@ -15,6 +15,9 @@ import pandas as pd
 from study.errors import UserError
 
 TABLES = ("1", "B", "2", "3", "4", "5", "6", "7", "C", "D", "9")
+# Reference rows from outside the paper, marked by a table id of their own so that nothing takes them for the
+# paper's: the official model zoo's EoMT-DINOv3 (tue-mps/eomt model_zoo/dinov3.md, the official DINOv3 recipe).
+REFERENCE_TABLES = ("zoo-dinov3",)
 METRICS = ("params_M", "GFLOPs", "FPS", "throughput", "PQ", "PQ_th", "PQ_st", "AP", "mIoU")
 ROW_ID = ("table", "group", "row")
 
@@ -41,9 +44,10 @@ def config_columns(data: pd.DataFrame | None = None) -> list[str]:
 
 
 def paper_table(table: str) -> pd.DataFrame:
-    """The rows of one table in the paper's order."""
-    if str(table) not in TABLES:
-        raise UserError(f"unknown table '{table}'; the paper's tables are {', '.join(TABLES)}")
+    """The rows of one table in the paper's order (or of a reference table, :data:`REFERENCE_TABLES`)."""
+    if str(table) not in TABLES + REFERENCE_TABLES:
+        raise UserError(f"unknown table '{table}'; the paper's tables are {', '.join(TABLES)} (reference rows: "
+                        f"{', '.join(REFERENCE_TABLES)})")
     return _read()[_read()["table"] == str(table)].reset_index(drop=True)
 
 
@@ -144,9 +148,11 @@ def run_keys(run: pd.Series | dict) -> dict:
 
 def lookup(config: dict, table: str | None = None) -> dict | None:
     """The published columns (and ``table``, ``group``, ``row``, ``note``) of the first row, of ``table`` or of
-    any table in :data:`TABLES` order, whose configuration is ``config`` (dotted keys; missing = default)."""
+    any table in :data:`TABLES` order (the paper's only: reference rows need ``table``), whose configuration is
+    ``config`` (dotted keys; missing = default)."""
     want = run_keys(config)
-    for _, r in (_read() if table is None else paper_table(table)).iterrows():
+    rows = _read()[_read()["table"].isin(TABLES)] if table is None else paper_table(table)
+    for _, r in rows.iterrows():
         if r["needs"] == "" and row_keys(r) == want:
             return {k: (None if k in METRICS and pd.isna(r[k]) else r[k])
                     for k in (*ROW_ID, *METRICS, "note")}
@@ -171,5 +177,5 @@ def check_config_keys() -> None:
         raise UserError(f"study/paper_numbers.csv: column(s) {unknown} are not configuration keys")
 
 
-__all__ = ["TABLES", "METRICS", "paper_rows", "paper_table", "config_columns", "row_keys", "run_keys", "lookup",
+__all__ = ["TABLES", "REFERENCE_TABLES", "METRICS", "paper_rows", "paper_table", "config_columns", "row_keys", "run_keys", "lookup",
            "paper_numbers", "resolve", "config_defaults", "check_config_keys"]

@@ -17,9 +17,9 @@ def test_every_line_has_every_column_and_rows_are_unique():
     assert widths == {len(lines[0].split(","))}  # a missing comma would shift every later column
     rows = pn.paper_rows()
     assert not rows.duplicated(list(pn.ROW_ID)).any()
-    assert sorted(rows["table"].unique()) == sorted(pn.TABLES)
+    assert sorted(rows["table"].unique()) == sorted(pn.TABLES + pn.REFERENCE_TABLES)
     # the rows the suite can configure are different models within each table
-    for t in pn.TABLES:
+    for t in pn.TABLES + pn.REFERENCE_TABLES:
         keys = [str(pn.row_keys(r)) for _, r in pn.paper_table(t).iterrows() if r["needs"] == ""]
         assert len(keys) == len(set(keys)), t
 
@@ -92,3 +92,17 @@ def test_eomt_masked_is_eomt_with_the_masked_setting():
     assert pn.lookup({**coco, "model.variant": "eomt_masked"}, "1")["row"] == "w/o Transformer decoder"
     assert pn.run_keys({**coco, "model.masked_inference": True, "train.mask_annealing": True})[
         "model.mask_setting"] == "custom"
+
+
+def test_dinov3_zoo_rows_are_reference_rows_not_the_papers():
+    """The official model zoo's EoMT-DINOv3 numbers (issue 13) are kept apart from the paper's tables."""
+    zoo = pn.paper_table("zoo-dinov3")
+    dinov3_l = {"data.dataset": "coco_panoptic", "model.backbone": "vit_large_patch16_dinov3"}
+    assert pn.lookup(dinov3_l, "zoo-dinov3")["PQ"] == 56.8
+    assert pn.lookup({**dinov3_l, "model.img_size": 1280}, "zoo-dinov3")["PQ"] == 58.9
+    assert pn.lookup({**dinov3_l, "model.size": "S", "model.backbone": "vit_small_patch16_dinov3"},
+                     "zoo-dinov3")["PQ"] == 47.2
+    assert pn.lookup(dinov3_l) is None  # never found as a paper number
+    assert all("not the paper" in n for n in zoo["note"])
+    assert sorted(zoo["PQ"].dropna()) == [47.2, 53.1, 56.8, 58.9]
+    assert sorted(zoo["AP"].dropna()) == [45.9, 49.9] and zoo["mIoU"].dropna().tolist() == [59.5]
