@@ -63,39 +63,39 @@ class _Value:
         return [_Value(t) for t in self.v]
 
 
-_CONV = {"conv1d": False, "conv2d": False, "conv3d": False,
+_CONV = {"conv1d": False, "conv2d": False, "conv3d": False,  # name -> transposed
          "conv_transpose1d": True, "conv_transpose2d": True, "conv_transpose3d": True}
-# Python dunders -> the ATen operator the tracer records (only names matter: these ops are never counted)
-_DUNDER = {"invert": "bitwise_not", "truediv": "div", "mod": "remainder", "neg": "neg", "abs": "abs",
-           "and": "__and__", "or": "__or__", "xor": "__xor__", "lshift": "__lshift__", "rshift": "__rshift__"}
-_NOT_OPS = {"__getitem__", "__setitem__", "tensor", "as_tensor", "__get__", "__set__"}  # constants, indexing
+# Python operator methods -> the ATen operator the tracer records. Only names matter here: none is ever counted
+# (``__matmul__`` is Tensor.matmul, ``__rmatmul__`` Python code that calls torch.matmul).
+_BINARY = {"add", "sub", "mul", "truediv", "div", "pow", "mod", "and", "or", "xor", "lshift", "rshift"}
+_RENAMED = {"invert": "bitwise_not", "truediv": "div", "mod": "remainder", "and": "__and__", "or": "__or__",
+            "xor": "__xor__", "lshift": "__lshift__", "rshift": "__rshift__"}
+_NOT_OPS = {"__getitem__", "__setitem__", "tensor", "as_tensor", "__get__", "__set__"}  # indexing, constants
 
 
 def _aten_name(func: Callable) -> str | None:
-    """The ATen operator the tracer records for a C-level torch call (None: indexing or a constant)."""
-    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        ns, _, name = func.name().partition("::") if isinstance(func, torch._ops.OpOverload) else \
-            (func._qualified_op_name.partition("::"))
-        return f"{ns}::{name.split('.')[0]}"
-    name = getattr(func, "__name__", None) or ""
-    if name in _NOT_OPS or not name:
+    """The operator the tracer records for a C-level torch call (None: indexing or a constant)."""
+    if isinstance(func, torch._ops.OpOverload):
+        return func._schema.name  # "namespace::op", e.g. a compiled kernel's
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return func._qualified_op_name
+    name = getattr(func, "__name__", None)
+    if not name or name in _NOT_OPS:
         return None
     if name in _CONV:
         return "aten::_convolution"
     if name.startswith("__") and name.endswith("__"):
-        core = name[2:-2]
-        inplace = core.startswith("i") and core[1:] in _DUNDER.keys() | {"add", "sub", "mul", "div", "truediv",
-                                                                         "pow", "mod"}
-        reflected = core.startswith("r") and core[1:] in _DUNDER.keys() | {"add", "sub", "mul", "pow",
-                                                                           "truediv", "matmul"}
-        core = core[1:] if inplace or reflected else core
-        base = _DUNDER.get(core, core)
-        return f"aten::{base}{'_' if inplace else ''}"
+        core, suffix = name[2:-2], ""
+        if core[:1] in ("r", "i") and core[1:] in _BINARY:  # reflected (x.__radd__) or in place (x.__iadd__)
+            core, suffix = core[1:], ("_" if core[0] == "i" else "")
+        return f"aten::{_RENAMED.get(core, core)}{suffix}"
     return f"aten::{name}"
 
 
 def _jit_inputs(func: Callable, name: str, args: tuple, kwargs: dict) -> list[_Value]:
-    """The traced node's inputs, in the order of the ATen schema fvcore's handles index into."""
+    """The traced node's inputs, in the order of the ATen schema that fvcore's handles index into: a C-level
+    call's positional arguments are in that order already (torch's Python wrappers pass them positionally);
+    keyword arguments follow. A convolution is rebuilt as ``aten::_convolution``'s 13 inputs."""
     if name == "aten::_convolution":
         # aten::_convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
         # benchmark, deterministic, cudnn_enabled, allow_tf32)
@@ -110,11 +110,7 @@ def _jit_inputs(func: Callable, name: str, args: tuple, kwargs: dict) -> list[_V
     return [_Value(a) for a in (*args, *kwargs.values())]
 
 
-class _Unhooked:
-    """Marks a Python function already being entered (its re-dispatch runs it as is)."""
-
-
-class FlopCounterMode(TorchFunctionMode):
+class FvcoreCountMode(TorchFunctionMode):
     """Counts fvcore-convention FLOPs of the torch calls made while active (see the module docstring).
 
     ``handles``: ATen name (``"aten::linear"``) -> fvcore handle. ``names``: id(module) -> its canonical name.
@@ -130,7 +126,6 @@ class FlopCounterMode(TorchFunctionMode):
         self.unsupported: Counter = Counter()
         self._scopes: list[str] = [""]
         self._entering: Any = None
-        self._copies: dict[int, Callable] = {}
 
     # ------------------------------------------------------------------ module scopes (fvcore's scope hooks)
     def push(self, module: nn.Module, _inputs: Any) -> None:
@@ -171,18 +166,21 @@ class FlopCounterMode(TorchFunctionMode):
     def _enter(self, func: types.FunctionType, args: tuple, kwargs: dict):
         """Run a torch function written in Python with this mode active inside it, as the tracer sees its C
         calls: a copy of it whose torch-function checks answer False (the mode is re-entered instead)."""
-        copy_ = self._copies.get(id(func))
+        copy_ = _ENTERABLE.get(func)
         if copy_ is None:
-            glob = dict(func.__globals__)
+            glob = dict(func.__globals__)  # torch's own module globals, taken once
             for k in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
                 if k in glob:
                     glob[k] = _false
             copy_ = types.FunctionType(func.__code__, glob, func.__name__, func.__defaults__, func.__closure__)
             copy_.__kwdefaults__ = func.__kwdefaults__
-            self._copies[id(func)] = copy_
+            _ENTERABLE[func] = copy_
         self._entering = func
         with self:
             return copy_(*args, **kwargs)
+
+
+_ENTERABLE: dict[Callable, Callable] = {}  # torch function written in Python -> its enterable copy
 
 
 def _false(*_args, **_kwargs) -> bool:
@@ -251,7 +249,7 @@ def count_fake(model: nn.Module, img_size: int, handles: dict[str, Callable]) ->
     device = next(iter(p.device for p in twin.parameters()), torch.device("cpu"))
     with mode:
         images = torch.empty(1, 3, img_size, img_size, device=device)
-    counter = FlopCounterMode({**_DEFAULT_SUPPORTED_OPS, **handles}, canonical_names(twin), set(_IGNORED_OPS))
+    counter = FvcoreCountMode({**_DEFAULT_SUPPORTED_OPS, **handles}, canonical_names(twin), set(_IGNORED_OPS))
     pre = register_module_forward_pre_hook(counter.push)
     post = register_module_forward_hook(counter.pop)
     try:
