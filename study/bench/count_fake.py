@@ -19,7 +19,14 @@ dtypes and devices, no storage, no arithmetic) and sees the same operators at th
 The model is never run for real: its parameters and buffers are replaced by FakeTensors on a structural copy
 (:func:`fake_twin`), or the model is built with meta parameters in the first place (:func:`build_meta_model`).
 What cannot run on FakeTensors (a value read on the host in the forward) raises; the models of this suite read
-none (tests/test_host_syncs.py).
+none (tests/test_host_syncs.py). FakeTensors rather than plain meta tensors because they keep the device: the
+deformable attention opens ``torch.autocast(value.device.type)``, which has no "meta" form. Tensors the forward
+builds from Python values (``torch.linspace``, ``torch.tensor``) stay real; they are small.
+
+Where the two counters differ, fvcore is blind and says so (tests/test_flop_counters.py), and neither case occurs
+in the suite's models: an ``autograd.Function`` is one opaque ``prim::PythonOp`` to fvcore and transparent here;
+``nn.MultiheadAttention`` in eval takes its fused path under fvcore (uncounted ``aten::_native_multi_head_attention``)
+but not while a TorchFunctionMode is active, so here its projections and attention are counted.
 """
 from __future__ import annotations
 
