@@ -159,15 +159,17 @@ def lookup(config: dict, table: str | None = None) -> dict | None:
     return None
 
 
-def paper_numbers(variant: str, size: str, img_size: int, task: str = "panoptic") -> dict | None:
+def paper_numbers(variant: str, size: str, img_size: int, task: str = "panoptic",
+                  backbone: str | None = None) -> dict | None:
     """The published params, GFLOPs and FPS of a model in the paper's default setting of ``task`` (COCO
-    panoptic or instance at ``img_size``; semantic: Cityscapes at 1024, ADE20K at 512), or None."""
+    panoptic or instance at ``img_size``; semantic: Cityscapes at 1024, ADE20K at 512), or None. ``backbone``
+    (``model.backbone``; None = the size's DINOv2) must be the row's too: the paper has no DINOv3 row."""
     setting = {"panoptic": {"data.dataset": "coco_panoptic"},
                "instance": {"data.dataset": "coco_instance", "model.num_classes": 80}}.get(task)
     if setting is None:
         return None
     return lookup({"task": task, "model.variant": variant, "model.size": size, "model.img_size": img_size,
-                   **setting})
+                   "model.backbone": backbone, **setting})
 
 
 def check_config_keys() -> None:

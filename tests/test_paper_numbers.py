@@ -103,6 +103,8 @@ def test_dinov3_zoo_rows_are_reference_rows_not_the_papers():
     assert pn.lookup({**dinov3_l, "model.size": "S", "model.backbone": "vit_small_patch16_dinov3"},
                      "zoo-dinov3")["PQ"] == 47.2
     assert pn.lookup(dinov3_l) is None  # never found as a paper number
+    assert pn.paper_numbers("eomt", "L", 1280, backbone="vit_large_patch16_dinov3") is None
+    assert pn.paper_numbers("eomt", "L", 1280, backbone="vit_large_patch14_reg4_dinov2")["GFLOPs"] == 4146
     assert all("not the paper" in n for n in zoo["note"])
     assert sorted(zoo["PQ"].dropna()) == [47.2, 53.1, 56.8, 58.9]
     assert sorted(zoo["AP"].dropna()) == [45.9, 49.9] and zoo["mIoU"].dropna().tolist() == [59.5]
