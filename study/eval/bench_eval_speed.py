@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def _child(data: str, size: int, batch: int, workers: int, overlap: bool, task: str) -> dict:
+def _child(data: str, size: int, batch: int, workers: int, overlap: bool, task: str, max_images) -> dict:
     import warnings
 
     import torch
@@ -43,7 +43,7 @@ def _child(data: str, size: int, batch: int, workers: int, overlap: bool, task: 
     model = build_model(load_config(None, ["model.size=tiny", f"model.img_size={size}", "model.num_classes=80",
                                            "model.num_queries=200"]).model).eval()
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    kw = {"batch_size": batch, "num_workers": workers, "overlap": overlap}
+    kw = {"batch_size": batch, "num_workers": workers, "overlap": overlap, "max_images": max_images}
     settings = EvalConfig(**{k: v for k, v in kw.items() if k in fields})  # an older EvalConfig lacks some
     t0 = time.perf_counter()
     out = evaluate(model, ds, task, settings, size, progress=False)
@@ -60,11 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--task", default="instance")
+    p.add_argument("--max-images", type=int, help="the first this-many images only (default: all)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # batch workers overlap
     a = p.parse_args(argv)
     if a.child:
         b, w, o = a.child
-        print(json.dumps(_child(a.data, a.size, int(b), int(w), o == "1", a.task)))
+        print(json.dumps(_child(a.data, a.size, int(b), int(w), o == "1", a.task, a.max_images)))
         return 0
     variants = {"sequential": (None, (1, 0, 0)), "batched": (None, (a.batch_size, a.num_workers, 1))}
     if a.before_tree:
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
             if tree:
                 env["PYTHONPATH"] = str(Path(tree).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
             cmd = [sys.executable, "-m", "study.eval.bench_eval_speed", "--data", str(Path(a.data).resolve()), "--size", str(a.size),
-                   "--task", a.task, "--child", str(b), str(w), str(o)]
+                   "--task", a.task, *(["--max-images", str(a.max_images)] if a.max_images else []),
+                   "--child", str(b), str(w), str(o)]
             if tree:  # the older tree has no copy of this script: run this file's child by path
                 cmd[1:3] = [str(Path(__file__).resolve())]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree or None)
