@@ -47,6 +47,74 @@ def mask_setting_name(m: Masking) -> Optional[str]:
     return None
 
 
+class TokenMerging(NamedTuple):
+    """ALGM's settings, resolved for one ViT (study/models/algm.py applies them). Blocks are 0-based."""
+
+    local_block: int  # the block whose output (between attention and MLP) gets the local 2x2-window merge
+    global_block: Optional[int]  # the later block of the global bipartite merge; None = no global merge
+    local_threshold: float  # a window merges when its mean pairwise cosine similarity is >= this
+    global_threshold: Optional[float]  # None = ALGM's adaptive threshold; a number fixes it (> 1: no merge)
+    window: int  # the local window's side
+
+
+# ALGM's published settings per ViT size (Norouzi et al., CVPR 2024, tue-mps/algm-segmenter TRAINING.md, the
+# Segmenter + ALGM ADE20K commands; "--selected-layers" there is 1-based, here 0-based; the window is 2x2 in
+# every command). The EoMT paper (docs/paper.md section 4, Table 9) does not say which setting it used for
+# EoMT-L on Cityscapes; ALGM publishes no ViT-L Cityscapes setting, so L takes its ADE20K one.
+#   size: (local block, global block, local threshold)
+ALGM_DEFAULTS: dict[str, tuple[int, int, float]] = {
+    "S": (0, 4, 0.88),  # "--selected-layers 1 5 --threshold 0.88" (ViT-S, ADE20K)
+    "B": (0, 4, 0.94),  # "--selected-layers 1 5 --threshold 0.94" (ViT-B, ADE20K)
+    "L": (0, 6, 0.95),  # "--selected-layers 1 7 --threshold 0.95" (ViT-L, ADE20K)
+    # Our choices, not ALGM's: g has no published setting (L's is taken); the 4-block tiny ViT merges in its
+    # first two blocks (its queries join at block 2) with ALGM's ViT-Ti threshold ("--threshold 0.9").
+    "g": (0, 6, 0.95),
+    "tiny": (0, 1, 0.9),
+}
+
+
+@dataclass
+class TokenMergingConfig:
+    """``model.token_merging``: ALGM token merging in EoMT's forward at inference (Table 9; never in training)."""
+
+    enabled: bool = False
+    # 0-based blocks of the local and the global merge; None takes ALGM's default for model.size (ALGM_DEFAULTS).
+    local_block: Optional[int] = None
+    global_block: Optional[int] = None
+    global_merge: bool = True  # false: the local merge only
+    # The local merge's cosine-similarity threshold; None: ALGM's default for the size. Above 1 nothing merges.
+    threshold: Optional[float] = None
+    # The global merge's threshold; None: ALGM's adaptive one (mean + std / layer of the tokens' best-match
+    # similarity; study/models/algm.py). A number fixes it instead (our option; above 1 nothing merges).
+    global_threshold: Optional[float] = None
+    window: int = 2  # the local window's side (ALGM: --merging-window-size 2 2)
+
+    def validate(self) -> None:
+        if self.window < 2:
+            raise ValueError(f"window must be >= 2, got {self.window}")
+        for name in ("local_block", "global_block"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0 (or unset), got {v}")
+        if self.local_block is not None and self.global_block is not None and self.global_block <= self.local_block:
+            raise ValueError(f"global_block ({self.global_block}) must come after local_block ({self.local_block})")
+
+    def resolve(self, size: str) -> Optional[TokenMerging]:
+        """The settings for a ViT of ``size`` (None when merging is off)."""
+        if not self.enabled:
+            return None
+        local, glob, threshold = ALGM_DEFAULTS.get(size, ALGM_DEFAULTS["L"])
+        local = local if self.local_block is None else self.local_block
+        glob = glob if self.global_block is None else self.global_block
+        return TokenMerging(local, glob if self.global_merge else None,
+                            threshold if self.threshold is None else self.threshold, self.global_threshold,
+                            self.window)
+
+
+# The variants whose model is EoMT (study/models/build.py): the only ones token merging applies to.
+EOMT_VARIANTS = ("eomt", "eomt_masked")
+
+
 @dataclass
 class ModelConfig:
     # A name from the variant registry (`study variants` lists them): eomt, eomt_masked, and the baseline
@@ -89,6 +157,9 @@ class ModelConfig:
     # config is loaded, against the options the variant registered (baselines/config.py; see that file for the
     # keys). EoMT takes none.
     baseline: dict[str, Any] = field(default_factory=dict)
+    # ALGM token merging at inference (Table 9): TokenMergingConfig above; model.token_merging.enabled=true turns
+    # it on with ALGM's published setting for the size.
+    token_merging: TokenMergingConfig = field(default_factory=TokenMergingConfig)
 
     def validate(self) -> None:
         # Messages start with the field at fault: study.config names its dotted key and source from that.
@@ -113,6 +184,9 @@ class ModelConfig:
                              "model, model.init_from the start of a new training")
         if self.reinit_class_head and not self.init_from:
             raise ValueError("reinit_class_head is true but model.init_from is not set")
+        if self.token_merging.enabled and self.variant not in EOMT_VARIANTS:
+            raise ValueError(f"token_merging.enabled is true but model.variant '{self.variant}' is not EoMT; token "
+                             f"merging applies to {', '.join(EOMT_VARIANTS)}")
         if self.mask_setting is not None:
             m = MASK_SETTINGS[self.mask_setting]
             if self.masked_inference is not None and self.masked_inference != m.inference:

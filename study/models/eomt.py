@@ -4,6 +4,9 @@ Tokens flow through the ViT; at block L - L2 the K learnable queries are prepend
 patch tokens by the last L2 blocks. Before each of those blocks (when masked attention is on) the head
 predicts masks from the current tokens, and these masks restrict query -> patch attention in the block.
 The head runs once more on the final tokens.
+
+At inference the model may merge patch tokens with ALGM (Table 9; ``model.token_merging``, study/models/algm.py):
+the blocks after the merges run on fewer tokens, and every prediction unmerges them back to the grid first.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from study.models import algm
 from study.models.backbone import ViTBackbone
+from study.models.config import TokenMerging
 from study.models.contract import ParamGroup, PredictionSet, Segmenter, backbone_param_groups
 from study.models.heads import ScaleBlock, mask_mlp, num_upscale_blocks
 
@@ -42,11 +47,13 @@ class EoMT(Segmenter):
         masked_attention: train with masked attention (and L2 + 1 supervised prediction sets).
         masked_inference: keep masked attention at inference (Table 1 row 4); off = row 5.
         mask_annealing: the mask setting's annealing in training (None: the trainer's rule; contract.py).
+        token_merging: ALGM's settings (study/models/config.py ``TokenMergingConfig.resolve``), applied at
+            inference only; None = no merging. Settable later with :meth:`set_token_merging`.
     """
 
     def __init__(self, backbone: ViTBackbone, num_classes: int, num_queries: int, num_query_blocks: int,
                  masked_attention: bool = True, masked_inference: bool = False,
-                 mask_annealing: bool | None = None):
+                 mask_annealing: bool | None = None, token_merging: TokenMerging | None = None):
         if not 1 <= num_query_blocks <= backbone.depth:
             raise ValueError(f"num_query_blocks (L2) must be in 1..{backbone.depth}, got {num_query_blocks}")
         super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference,
@@ -55,39 +62,82 @@ class EoMT(Segmenter):
         self.num_query_blocks = num_query_blocks
         self.q = nn.Embedding(num_queries, backbone.embed_dim)  # no positional embedding (docs/paper.md section 5)
         self.head = EoMTHead(backbone.embed_dim, num_classes, backbone.patch_size)
+        self.token_merging: TokenMerging | None = None
+        # After a forward that merged: (block, patch tokens before, after) per merge, host integers (no sync of
+        # their own); the benchmark and the tests read it.
+        self.last_merges: list[tuple[int, int, int]] = []
+        self.set_token_merging(token_merging)
+
+    def set_token_merging(self, settings: TokenMerging | None) -> None:
+        """Turn ALGM token merging at inference on (its settings) or off (None); checked against the model."""
+        if settings is not None:
+            algm.check_settings(settings, self.backbone.depth, self.first_query_block, self.backbone.is_eva,
+                                self.backbone.blocks)
+        self.token_merging = settings
 
     @property
     def first_query_block(self) -> int:
         return self.backbone.depth - self.num_query_blocks
 
-    def predict(self, x: torch.Tensor) -> PredictionSet:
-        """Tokens (B, Q + prefix + patches, D) -> one prediction set, after the final LayerNorm."""
+    def predict(self, x: torch.Tensor, merged: algm.MergeState | None = None) -> PredictionSet:
+        """Tokens (B, Q + prefix + patches, D) -> one prediction set, after the final LayerNorm. ``merged``: the
+        patch tokens are merged (ALGM) and are first put back on the grid."""
         x = self.backbone.norm(x)
-        return self.head(x[:, : self.num_queries], self.backbone.patch_map(x, skip=self.num_queries))
+        if merged is None:
+            patches = self.backbone.patch_map(x, skip=self.num_queries)
+        else:
+            grid = algm.unmerge(x[:, self.num_queries + self.backbone.num_prefix_tokens:], merged)
+            patches = grid.transpose(1, 2).reshape(x.shape[0], -1, *self.backbone.grid_size)
+        return self.head(x[:, : self.num_queries], patches)
 
-    def attention_mask(self, pred: PredictionSet, num_tokens: int, layer: int) -> torch.Tensor:
-        """Bool (B, N, N), True = may attend; only query -> patch entries can be closed."""
+    def attention_mask(self, pred: PredictionSet, num_tokens: int, layer: int,
+                       merged: algm.MergeState | None = None) -> torch.Tensor:
+        """Bool (B, N, N), True = may attend; only query -> patch entries can be closed. ``merged``: the mask
+        logits are averaged over each merged token's patches first (study/models/algm.py)."""
         b, q = pred.mask_logits.shape[:2]
         grid = F.interpolate(pred.mask_logits, self.backbone.grid_size, mode="bilinear")  # (B, Q, h, w)
+        logits = grid.flatten(2) if merged is None else algm.pool_to_tokens(grid.flatten(2), merged)
         mask = torch.ones(b, num_tokens, num_tokens, dtype=torch.bool, device=grid.device)
         start = q + self.backbone.num_prefix_tokens
-        mask[:, :q, start:] = self.drop_query_masks(grid.flatten(2) > 0, layer)
+        mask[:, :q, start:] = self.drop_query_masks(logits > 0, layer)
         return mask
+
+    def _merge_fn(self, i: int):
+        """The merge of block ``i`` (a function of the patch tokens), or None if block ``i`` merges nothing."""
+        s = self.token_merging
+        if s is None or self.training:  # ALGM is applied at inference only (docs/paper.md section 4, Table 9)
+            return None
+        if i == s.local_block:
+            return lambda p: algm.local_targets(p, self.backbone.grid_size, s.local_threshold, s.window)
+        if i == s.global_block:
+            return lambda p: algm.global_targets(p, i + 1, s.global_threshold)  # ALGM's i is 1-based
+        return None
 
     def forward(self, images: torch.Tensor) -> list[PredictionSet]:
         x = self.backbone.embed(self.backbone.normalize(images))  # (B, prefix + patches, D)
         sets: list[PredictionSet] = []
         start = self.first_query_block
+        merged: algm.MergeState | None = None  # set once a merge has run (ALGM at inference)
+        self.last_merges = []
         for i in range(self.backbone.depth):
             attn_mask = None
             if i == start:  # prepend the queries: (B, Q + prefix + patches, D)
                 x = torch.cat([self.q.weight[None].expand(x.shape[0], -1, -1), x], dim=1)
             if i >= start and self.masking_active(i - start):
-                pred = self.predict(x)
+                pred = self.predict(x, merged)
                 sets.append(pred)
-                attn_mask = self.attention_mask(pred, x.shape[1], i - start)
-            x = self.backbone.run_block(i, x, attn_mask, extra_prefix=self.num_queries if i >= start else 0)
-        sets.append(self.predict(x))
+                attn_mask = self.attention_mask(pred, x.shape[1], i - start, merged)
+            merge = self._merge_fn(i)  # only before the queries join (algm.check_settings)
+            if merge is not None:
+                prefix = self.backbone.num_prefix_tokens
+                if merged is None:
+                    merged = algm.initial_state(x.shape[0], x.shape[1] - prefix, x.device, x.dtype)
+                before = x.shape[1] - prefix
+                x, merged = algm.merging_block(self.backbone.blocks[i], x, prefix, merged, merge)
+                self.last_merges.append((i, before, x.shape[1] - prefix))
+            else:
+                x = self.backbone.run_block(i, x, attn_mask, extra_prefix=self.num_queries if i >= start else 0)
+        sets.append(self.predict(x, merged))
         return sets
 
     def param_groups(self, layer_decay: float = 0.8, decay_query_blocks: bool = True) -> list[ParamGroup]:
