@@ -43,11 +43,13 @@ def load_results(path: str | Path):
     return collect(path)
 
 
-def write_all(results, out: str | Path, source: str = "") -> Path:
-    """Every table that has complete runs and every figure under ``out``; ``out``/index.md lists them, what
-    was not written and why, and the machine, precision and threads the times were taken with."""
+def write_all(results, out: str | Path, source: str = "", extra=()) -> Path:
+    """Every table that has complete runs and every figure under ``out``; ``out``/index.md shows them all
+    (each table's Markdown inline, each figure's PNG embedded, links to every format), says what was not
+    written and why, and names the machine, precision and threads the times were taken with. ``extra``:
+    (title, Markdown) sections put before the tables (``make study`` adds its count table there)."""
     from analysis.plots import all_figures
-    from analysis.tables import environment, reportable_tables, write_report
+    from analysis.tables import environment, reportable_tables, to_markdown, write_report
     from study.io import atomic_write_text
 
     out = Path(out)
@@ -56,22 +58,32 @@ def write_all(results, out: str | Path, source: str = "") -> Path:
     if not done:
         raise UserError(f"nothing to report in {source or 'the results'}: no complete run matches a row of any "
                         f"table ({reports['1']})")
-    lines = [f"# Results{f' of {source}' if source else ''}", ""]
     env = environment(results)
-    lines += ["Times taken on: " + ("; ".join(env) if env else "no time measured (bench.fps off)"), "",
-              "## Tables", ""]
+    written, skipped = all_figures(results, out)
+    lines = [f"# Results{f' of {source}' if source else ''}", "",
+             "Times taken on: " + ("; ".join(env) if env else "no time measured (bench.fps off)"), ""]
+    lines += ["Contents: " + ", ".join([title for title, _ in extra] + [f"Table {t}" for t in done]
+                                       + [f"{len(written)} figures"]), ""]
+    for title, body in extra:
+        lines += [f"## {title}", "", body.rstrip(), ""]
+    lines += ["## Tables", ""]
     for t, r in done.items():
         paths = write_report(r, out / f"table_{t}")
         lines.append(f"- Table {t}: " + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths)
                      + (f" ({len(r.missing)} rows or runs missing)" if r.missing else ""))
-    lines += ["", "Not written: " + ", ".join(f"Table {t}" for t in reports if t not in done) + " (no complete "
-              "run matches one of their rows)", "", "## Figures", ""]
-    written, skipped = all_figures(results, out)
+    not_done = [t for t in reports if t not in done]
+    if not_done:
+        lines += ["", "Not written: " + ", ".join(f"Table {t}" for t in not_done) + " (no complete run matches "
+                  "one of their rows)"]
+    for t, r in done.items():  # each table shown, one heading level down
+        lines += [""] + [("#" + line) if line.startswith("#") else line for line in to_markdown(r).splitlines()]
+    lines += ["", "## Figures", ""]
     lines += [f"- {title}: " + ", ".join(f"[{p.suffix[1:]}]({p.name})" for p in paths) for title, paths in written]
-    if written:
-        lines += ["", f"![{written[0][0]}]({written[0][1][0].name})"]
     if skipped:
         lines += ["", "Not drawn:"] + [f"- {s}" for s in skipped]
+    for title, paths in written:
+        png = next((p for p in paths if p.suffix == ".png"), paths[0])
+        lines += ["", f"### {title}", "", f"![{title}]({png.name})"]
     index = out / "index.md"
     atomic_write_text(index, "\n".join(lines) + "\n")
     return index

@@ -10,6 +10,7 @@ What each step writes into the run folder is described in study/runs.py (:class:
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import replace
 from typing import Iterable, Optional
 
@@ -28,33 +29,45 @@ def _untrained_model(cfg: Config):
 
 
 def _bench(cfg: Config) -> dict:
+    """Parameters, GFLOPs by component (``bench.counter``) and, with ``bench.fps``, the speed under the
+    protocol of study/bench/speed.py and (``bench.breakdown``) the milliseconds per component of one forward
+    (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on."""
     from study.bench.flops import count_flops, count_params
-    from study.bench.speed import SpeedProtocol, measure_fps
+    from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
 
     b = cfg.bench
     model = _untrained_model(cfg)  # FLOPs and speed do not depend on the weights
     img = cfg.model.img_size
-    flops = count_flops(model, img)
+    flops = count_flops(model, img, counter=b.counter)
     row = {"img_size": img, "params": count_params(model), "gflops": round(flops.gflops, 3),
            "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
-           "uncounted_ops": flops.uncounted}
+           "uncounted_ops": flops.uncounted, "flop_counter": b.counter}
     row["settings"] = step_settings("bench", to_dict(cfg))
     if b.fps:
-        row.update(measure_fps(model, img, SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters,
-                                                         b.scope)))
+        protocol = SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters, b.scope)
+        row.update(measure_fps(model, img, protocol))
+        if b.breakdown:
+            row["breakdown_ms"] = component_breakdown(model, img, protocol)
+    row["host"] = platform.node()
     return row
 
 
 def run_config(cfg: Config, steps: Iterable[str] = STEPS, run: RunDir | None = None,
-               progress: bool = True) -> RunDir:
+               progress: Optional[bool] = None) -> RunDir:
     """Run the ``steps`` of ``cfg`` that its folder has not finished; returns the folder.
+
+    ``progress``: bars for training and evaluation (study/train/loop.py :func:`progress_wanted`: None shows
+    them when stderr is a terminal or ``STUDY_PROGRESS=1``; a job's log gets none).
 
     Under torch.distributed (``WORLD_SIZE`` > 1) every process trains; only rank 0 evaluates and benchmarks.
     Rank 0 holds the run's writer lock throughout (:meth:`RunDir.writing`): a second job on the same folder is
     refused before it writes anything, failure.json included. An exception is recorded in ``failure.json``
     (step and message) and raised again.
     """
+    from study.train.loop import progress_wanted
+
     steps = check_steps(steps)
+    progress = progress_wanted(progress)
     run = run or RunDir.for_config(cfg)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -74,7 +87,7 @@ def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, prog
     try:
         if "train" in todo:
             step = "train"
-            train(cfg, run)
+            train(cfg, run, progress=progress)
         if rank != 0:
             return run
         if "eval" in todo:
@@ -133,7 +146,7 @@ class RunJob(submitit.helpers.Checkpointable):
     @staticmethod
     def run_one(config: dict, steps: tuple[str, ...]) -> str:
         cfg = build_dataclass(Config, config)
-        return str(run_config(cfg, steps, progress=False).path)
+        return str(run_config(cfg, steps).path)  # bars only in a terminal (a debug launch)
 
 
 class RunQueue(RunJob):

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -294,19 +295,33 @@ def _status(tr: Trainer, state: str, **fields) -> None:
         tr.run.write_status(state, step=tr.step, total_steps=tr.total, **fields)
 
 
-def train(cfg: Config, run: RunDir | None = None) -> RunDir:
-    """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder."""
+def progress_wanted(asked: Optional[bool] = None) -> bool:
+    """Whether to draw progress bars: ``asked`` when given, else ``STUDY_PROGRESS`` (1 or 0) when set, else
+    whether stderr, where tqdm draws, is a terminal (a job's log file gets no bar)."""
+    if asked is not None:
+        return bool(asked)
+    env = os.environ.get("STUDY_PROGRESS", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise UserError(f"STUDY_PROGRESS={env!r}: set it to 1 (bars) or 0 (none), or unset it")
+    return sys.stderr.isatty()
+
+
+def train(cfg: Config, run: RunDir | None = None, progress: Optional[bool] = None) -> RunDir:
+    """Train (or resume, or skip when finished) the run of ``cfg``; returns its folder. ``progress``: a bar
+    of the optimiser steps on rank 0 (None: :func:`progress_wanted` decides)."""
     run = run or RunDir.for_config(cfg)
     env = ProcessEnv.from_env()
     device = resolve_process_device(cfg.train.device)
     set_deterministic(cfg.train.deterministic, device)  # refused settings fail before the folder exists
     if env.rank != 0:  # rank 0 holds the run's lock for every process of the job
-        return _train(cfg, run, env, device)
+        return _train(cfg, run, env, device, False)
     with run.writing("train"):
-        return _train(cfg, run, env, device)
+        return _train(cfg, run, env, device, progress_wanted(progress))
 
 
-def _train(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device) -> RunDir:
+def _train(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device, progress: bool) -> RunDir:
     init_distributed(device, env)
     check_distinct_devices(device, env)
     if env.rank == 0:
@@ -323,7 +338,7 @@ def _train(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device) -> R
     from tqdm import tqdm
 
     logger = _Logger(run, tr.step, tr.main, cfg.train.tensorboard)
-    bar = tqdm(total=tr.total, initial=tr.step, disable=not tr.main, desc=f"train {run.path.name}",
+    bar = tqdm(total=tr.total, initial=tr.step, disable=not (tr.main and progress), desc=f"train {run.path.name}",
                dynamic_ncols=True)
     _status(tr, "running", world_size=env.world_size)
     tr.model.train()
