@@ -2,12 +2,17 @@
 
     python -m study.bench.train_budget camvid --minutes 5 [--variants eomt,vit_adapter_m2f] [--json PATH]
     python -m study.bench.train_budget synthetic --minutes 3
+    python -m study.bench.train_budget camvid --minutes 3 --variants eomt --token-merging [--json PATH]
 
 Each variant is first timed for a few steps; its number of steps is then set so that it trains for the
 same number of minutes (the lr schedule and mask annealing stay complete, over that many steps). The result
 is the score on the validation split (CamVid: mIoU with the windowed protocol at crop 240, i.e. images at
 240x320; synthetic: PQ) and the training throughput in images per second. This is a benchmark, not a test:
 it prints figures and asserts nothing.
+
+``--token-merging`` (EoMT variants): the trained model is then also evaluated and benchmarked with ALGM token
+merging at inference (Table 9; study/bench/merging.py: score, GFLOPs mean +- std over the validation crops, and
+interleaved FPS at batch 1 and 32, each without and with merging), printed as a table and added to the row.
 """
 from __future__ import annotations
 
@@ -71,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", help="data folder (CamVid: a CamVid folder with train.txt / val.txt)")
     p.add_argument("--out", help="folder for the runs (default: a temporary folder)")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--token-merging", action="store_true",
+                   help="EoMT variants: also evaluate and benchmark the trained model with ALGM token merging")
     args = p.parse_args(argv)
     if args.preset == "camvid" and not args.root:
         p.error("camvid needs --root (the CamVid folder with train.txt / val.txt)")
@@ -101,6 +108,12 @@ def main(argv=None) -> int:
                "gflops": round(count_flops(model, cfg.model.img_size).gflops, 3),
                "metric": "mIoU" if cfg.task == "semantic" else "PQ", "score": score,
                "baseline_options": cfg.model.baseline, "run": str(run.path)}
+        if args.token_merging and hasattr(model, "set_token_merging"):
+            from study.bench import merging
+
+            _, trained, _ = merging.load_run(run.path, run.final_weights, [])
+            row["token_merging"] = merging.compare(cfg, trained)
+            print(merging.table(row["token_merging"]), flush=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'variant':<20}{'steps':>7}{'minutes':>9}{'img/s':>8}{'params M':>10}{'GFLOPs':>8}  metric")

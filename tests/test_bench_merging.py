@@ -1,0 +1,43 @@
+"""study/bench/merging.py: per-image GFLOPs with ALGM token merging, and the interleaved FPS protocol."""
+from __future__ import annotations
+
+import torch
+
+from study.bench import merging
+from study.bench.flops import count_flops
+from study.models.build import build_model
+from study.models.config import ModelConfig, TokenMergingConfig
+
+
+def tiny():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(size="tiny", img_size=64, num_classes=5, num_queries=7)).eval()
+
+
+def crops():
+    flat = torch.zeros(3, 64, 64)
+    flat[0, :, 32:] = 1.0
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return [flat, noise, flat.clone()]
+
+
+def test_cost_counts_each_crop_with_its_own_token_counts():
+    model = tiny()
+    plain = count_flops(model, 64, counter="fvcore").total / 1e9
+    none = merging.cost(model, crops(), TokenMergingConfig(enabled=True, threshold=1.01,
+                                                           global_threshold=1.01).resolve("tiny"))
+    assert abs(none["gflops_plain"] - round(plain, 4)) < 1e-4
+    assert none["gflops_merged_mean"] == none["gflops_plain"] and none["gflops_merged_std"] == 0
+    some = merging.cost(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"))
+    assert some["gflops_merged_min"] < some["gflops_plain"]
+    assert some["tokens_after_merges"][0]["min"] < some["patch_tokens"] == 16
+    assert model.token_merging is None  # left as found
+
+
+def test_interleaved_fps_reports_both_arms():
+    model = tiny()
+    out = merging.interleaved_fps(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"), batch=2,
+                                  rounds=2, iters=1, device="cpu")
+    for arm in ("plain", "merged"):
+        assert out[f"fps_{arm}_min"] <= out[f"fps_{arm}"] <= out[f"fps_{arm}_max"]
+    assert out["batch"] == 2 and model.token_merging is None
