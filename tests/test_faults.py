@@ -164,6 +164,13 @@ def test_dry_run_checks_the_files_a_run_names(tmp_path, synthetic_root, capsys):
     path.write_text(yaml.safe_dump(tree))
     assert main(["launch", str(path), "--dry-run"]) == 2
     assert f"data.root {tmp_path / 'nowhere'} is not an existing folder" in capsys.readouterr().err
+    tree["data"]["root"] = str(synthetic_root)
+    tree["grid"] = {"runs": [{"model.init_from": str(tmp_path / "coco_run")}]}
+    path.write_text(yaml.safe_dump(tree))
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    assert f"model.init_from {tmp_path / 'coco_run'} is not an existing file or run folder" in capsys.readouterr().err
+    (tmp_path / "coco_run").mkdir()
+    assert main(["launch", str(path), "--dry-run"]) == 0
 
 
 # ------------------------------------------------------------------- SIGKILL during a checkpoint write

@@ -155,12 +155,14 @@ def _one_job_active(run: RunDir, job: dict) -> bool:
 
 
 def check_inputs(r: GridRun) -> None:
-    """The files a run names exist (``data.root``, ``model.pretrained``, ``model.checkpoint``): a missing one
-    fails here, at ``--dry-run`` or before submitting, not in a job hours later."""
+    """The files a run names exist (``data.root``, ``model.pretrained``, ``model.checkpoint``,
+    ``model.init_from``): a missing one fails here, at ``--dry-run`` or before submitting, not in a job hours
+    later. ``model.init_from`` may be a weights file or a run folder (whose final weights the run starts from)."""
     cfg = r.config
     named = [("data.root", cfg.data.root, Path.is_dir, "folder"),
              ("model.pretrained", cfg.model.pretrained, Path.is_file, "file"),
-             ("model.checkpoint", cfg.model.checkpoint, Path.is_file, "file")]
+             ("model.checkpoint", cfg.model.checkpoint, Path.is_file, "file"),
+             ("model.init_from", cfg.model.init_from, Path.exists, "file or run folder")]
     for key, value, exists, kind in named:
         if value and not exists(Path(value)):
             where = ", ".join(f"{k}={v}" for k, v in r.changes.items())
