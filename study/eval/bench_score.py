@@ -1,17 +1,25 @@
-"""Benchmark: ``study score panoptic`` against panopticapi's ``pq_compute`` on the same prediction files.
+"""Benchmark: ``study score panoptic`` against the PNG-decode floor and panopticapi, on the same files.
 
-    python -m study.eval.bench_score [--sample DIR] [--copies 100] [--repeats 3]
+    python -m study.eval.bench_score --sample DIR [--copies 100] [--repeats 5]
 
 Builds a panoptic data set of ``2 x copies`` images from the COCO panoptic sample (each copy of a ground
 truth PNG is its own image; each prediction is a different random perturbation: shifted, dropped,
 relabelled segments and random blocks), writes it in the official format, then times
 
-- panopticapi ``pq_compute`` as shipped (a ``multiprocessing.Pool`` of ``cpu_count()`` processes),
-- panopticapi's per-process worker ``pq_compute_single_core`` alone (one core, no pool),
-- ours with 1 thread and with ``cpu_count()`` threads,
+- the decode floor: every ground-truth and prediction PNG decoded to a numpy array
+  (``np.asarray(Image.open(path))``, what panopticapi does per PNG) and nothing else, on 1 thread, on
+  ``N`` threads and on ``N`` processes (``N`` = the cores this process may use), which also shows whether
+  Pillow's decoding scales in threads (it releases the GIL);
+- panopticapi ``pq_compute`` as shipped (a ``multiprocessing.Pool`` of ``cpu_count()`` processes) and its
+  per-process worker ``pq_compute_single_core`` alone (one core, no pool);
+- ours (:func:`study.eval.pq_files.score_panoptic_files`, what ``study score panoptic`` runs) with 1
+  thread and with ``N`` threads (``--workers 0``).
 
-checks that all give the same numbers (largest difference printed) and prints the times side by side.
-Everyone reads the same PNGs from the same (warm) page cache; the best of ``repeats`` runs is reported.
+The variants run interleaved, ``repeats`` rounds with the order rotated each round, so that a change in the
+machine's load touches all alike; the table gives medians with min-max and each time as a multiple of the
+decode floor on as many cores (1 thread for the single-core rows, the faster of N threads / N processes for
+the others). Every scorer must give the same numbers (largest difference printed). Everyone reads the same
+PNGs from the same (warm) page cache.
 """
 from __future__ import annotations
 
@@ -21,15 +29,17 @@ import io
 import json
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from study.eval.pq import id_to_rgb, rgb_to_id
-from study.eval.pq_files import score_panoptic_files
+from study.eval.pq_files import default_workers, score_panoptic_files
 
 # The sample folder: --sample, else $STUDY_DATA/coco_panoptic_sample (a COCO panoptic folder with
 # panoptic_examples.json, panoptic_coco_categories.json and the PNGs).
@@ -84,14 +94,26 @@ def build(sample: Path, out: Path, copies: int, seed: int = 0) -> tuple[Path, Pa
     return gt_json, gt_dir, pred_json, pred_dir
 
 
-def _best(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):  # panopticapi prints per core
-            result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
+def _decode(path: Path) -> int:
+    with Image.open(path) as im:
+        return np.asarray(im).size
+
+
+def _decode_all(paths: list[Path]) -> int:
+    return sum(_decode(p) for p in paths)
+
+
+def _interleaved(runs: dict, repeats: int) -> dict:
+    """name -> (list of seconds, last result); round r runs the variants rotated by r."""
+    names = list(runs)
+    out = {name: ([], None) for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # panopticapi prints per core
+                result = runs[name]()
+            out[name] = (out[name][0] + [time.perf_counter() - t0], result)
+    return out
 
 
 def _diff(ours: dict, theirs: dict) -> float:
@@ -105,13 +127,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE,
                     help="a COCO panoptic sample folder (default: $STUDY_DATA/coco_panoptic_sample)")
     ap.add_argument("--copies", type=int, default=100, help="copies of each of the 2 sample images")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians, min-max)")
     args = ap.parse_args(argv)
     if args.sample is None or not (args.sample / "panoptic_examples.json").is_file():
         ap.error(f"no COCO panoptic sample at {args.sample}: pass --sample DIR or set STUDY_DATA")
+    if args.copies < 1 or args.repeats < 1:
+        ap.error("--copies and --repeats must be >= 1")
     from panopticapi import evaluation as pan  # the official evaluator (panopticapi-lite)
 
-    cores = multiprocessing.cpu_count()
+    cores = multiprocessing.cpu_count()  # what pq_compute uses
+    n_ours = default_workers()  # what --workers 0 uses
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         gt_json, gt_dir, pred_json, pred_dir = build(args.sample, Path(tmp), args.copies)
         n = 2 * args.copies
@@ -119,6 +145,7 @@ def main(argv=None) -> int:
         preds = {a["image_id"]: a for a in json.loads(pred_json.read_text())["annotations"]}
         pairs = [(g, preds[g["image_id"]]) for g in gt["annotations"]]
         categories = {c["id"]: c for c in gt["categories"]}
+        pngs = [d / a["file_name"] for g, p in pairs for d, a in ((gt_dir, g), (pred_dir, p))]
 
         def single_core():
             stat = pan.pq_compute_single_core(0, pairs, str(gt_dir), str(pred_dir), categories)
@@ -126,26 +153,48 @@ def main(argv=None) -> int:
                     for name, t in (("All", None), ("Things", True), ("Stuff", False))} | {
                 "per_class": stat.pq_average(categories, None)[1]}
 
+        def floor_threads():
+            with ThreadPoolExecutor(n_ours) as pool:
+                return sum(pool.map(_decode, pngs))
+
+        def floor_processes():
+            with ProcessPoolExecutor(n_ours) as pool:
+                return sum(pool.map(_decode_all, [pngs[i::n_ours] for i in range(n_ours)]))
+
+        floor1, floor_t, floor_p = ("decode floor, 1 thread", f"decode floor, {n_ours} threads",
+                                    f"decode floor, {n_ours} processes")
+        official, official1 = f"panopticapi pq_compute ({cores} processes)", "panopticapi single core (no pool)"
+        ours1, ours_n = "ours, 1 thread", f"ours, {n_ours} threads (--workers 0)"
         runs = {
-            f"panopticapi pq_compute ({cores} processes)":
-                lambda: pan.pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir)),
-            "panopticapi single core (no pool)": single_core,
-            "ours, 1 thread": lambda: score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir, workers=1),
-            f"ours, {cores} threads": lambda: score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir,
-                                                                   workers=cores),
+            floor1: lambda: _decode_all(pngs),
+            floor_t: floor_threads,
+            floor_p: floor_processes,
+            official: lambda: pan.pq_compute(str(gt_json), str(pred_json), str(gt_dir), str(pred_dir)),
+            official1: single_core,
+            ours1: lambda: score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir, workers=1),
+            ours_n: lambda: score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir, workers=0),
         }
-        timed = {name: _best(fn, args.repeats) for name, fn in runs.items()}
-    ref = timed[f"panopticapi pq_compute ({cores} processes)"][1]
-    print(f"{n} images ({Path(args.sample).name} x {args.copies}, perturbed predictions), {cores} CPU cores, "
-          f"best of {args.repeats}")
-    print(f"{'scorer':40s} {'seconds':>8s} {'ms/image':>9s} {'PQ':>8s} {'max |diff|':>11s}")
-    for name, (sec, res) in timed.items():
-        print(f"{name:40s} {sec:8.3f} {1000 * sec / n:9.2f} {100 * res['All']['pq']:8.3f} {_diff(res, ref):11.2e}")
-    t_off = timed[f"panopticapi pq_compute ({cores} processes)"][0]
-    t_one = timed["panopticapi single core (no pool)"][0]
-    print(f"speed-up, ours {cores} threads vs pq_compute {cores} processes: "
-          f"{t_off / timed[f'ours, {cores} threads'][0]:.2f}x; ours 1 thread vs panopticapi single core: "
-          f"{t_one / timed['ours, 1 thread'][0]:.2f}x")
+        timed = _interleaved(runs, args.repeats)
+    load_after = os.getloadavg()
+    med = {name: statistics.median(t) for name, (t, _) in timed.items()}
+    floor_all = min(med[floor_t], med[floor_p])
+    base = {floor1: med[floor1], official1: med[floor1], ours1: med[floor1]}
+    ref = timed[official][1]
+    print(f"{n} images ({Path(args.sample).name} x {args.copies}, perturbed predictions; {2 * n} PNGs), "
+          f"{cores} CPU cores ({n_ours} usable), load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after; medians of {args.repeats} interleaved rounds")
+    print(f"{'scorer':40s} {'median s':>8s} {'min-max s':>13s} {'ms/image':>8s} {'x floor':>7s} {'PQ':>7s} "
+          f"{'max |diff|':>10s}")
+    for name, (times, res) in timed.items():
+        pq, diff = (f"{100 * res['All']['pq']:7.3f}", f"{_diff(res, ref):10.2e}") if isinstance(res, dict) \
+            else (f"{'':7s}", f"{'':10s}")
+        print(f"{name:40s} {med[name]:8.3f} {min(times):6.3f}-{max(times):6.3f} {1000 * med[name] / n:8.2f} "
+              f"{med[name] / base.get(name, floor_all):7.2f} {pq} {diff}")
+    print(f"x floor: against the decode floor on as many cores (1 thread: {med[floor1]:.3f} s; all cores: the "
+          f"faster of threads and processes, {floor_all:.3f} s)")
+    print(f"ours on all cores: {med[ours_n] / floor_all:.2f}x the decode floor, {med[official] / med[ours_n]:.2f}x "
+          f"faster than pq_compute; ours on 1 thread: {med[ours1] / med[floor1]:.2f}x the floor, "
+          f"{med[official1] / med[ours1]:.2f}x faster than panopticapi's single core")
     return 0
 
 

@@ -2,12 +2,13 @@
 
 Same inputs as panopticapi's ``pq_compute(gt_json, pred_json, gt_folder, pred_folder)`` and the same
 numbers (see :mod:`study.eval.pq`), with readable errors instead of panopticapi's bare ``KeyError`` /
-``Exception`` and optional threads instead of a process pool (PNG decoding and numpy release the GIL).
+``Exception`` and threads instead of a process pool (PNG decoding and numpy release the GIL).
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -81,15 +82,19 @@ def check_annotations(js: dict, where: str, what: str) -> list[dict]:
 
 
 def read_id_png(path: Path, image: str, what: str) -> np.ndarray:
-    """An id-encoded panoptic PNG -> (H, W) int64 ids; a missing or corrupt file names the image."""
+    """An id-encoded panoptic PNG -> (H, W) uint32 ids R + 256 G + 256^2 B; a missing or corrupt file names
+    the image. Pillow keeps RGB pixels as 4 bytes (RGBX), so the ids are that buffer read as little-endian
+    32-bit words with the fourth byte masked off: no (H, W, 3) array and no arithmetic per channel."""
     if not path.is_file():
         raise EvalInputError(f"image {image}: {what} PNG {path} does not exist")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (H, W, 3) uint8
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            words = np.frombuffer(im.tobytes("raw", "RGBX"), "<u4").reshape(im.height, im.width)
     except OSError as e:
         raise EvalInputError(f"image {image}: cannot read {what} PNG {path}: {e}") from None
-    return rgb_to_id(rgb)
+    return words & np.uint32(0xFFFFFF)
 
 
 def _image_name(ann: dict) -> str:
@@ -116,37 +121,73 @@ def pair_annotations(gt_json: dict, pred_json: dict, gt_where: str, pred_where: 
     return pairs
 
 
+def default_workers() -> int:
+    """The cores this process may use (``os.sched_getaffinity``, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def score_pairs(pairs: list[tuple[dict, dict]], categories: list[dict], gt_dir: Path, pred_dir: Path,
                 workers: int = 1) -> PQAccumulator:
-    """Accumulate PQ statistics over (GT annotation, prediction annotation) pairs read from the folders."""
+    """Accumulate PQ statistics over (GT annotation, prediction annotation) pairs read from the folders.
 
-    def one(pair_list) -> PQAccumulator:
+    ``workers`` threads (0: :func:`default_workers`) take the next image in turn, each into its own
+    accumulator, merged at the end. Threads suffice: Pillow's PNG decoding and numpy's passes release the GIL
+    (``python -m study.eval.bench_score`` measures threads against processes). On bad input the error of
+    the first bad image in the list is raised, as without threads, and the other threads stop early.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise EvalInputError(f"workers (--workers) must be an integer >= 0 (0: all cores), got {workers!r}")
+    workers = min(workers or default_workers(), max(1, len(pairs)))
+
+    def one(g: dict, p: dict, acc: PQAccumulator) -> None:
+        name = _image_name(g)
+        gt = read_id_png(gt_dir / g["file_name"], name, "ground-truth")
+        pred = read_id_png(pred_dir / p["file_name"], name, "prediction")
+        acc.add(gt, g["segments_info"], pred, p["segments_info"], image=name)
+
+    if workers == 1:
         acc = PQAccumulator(categories)
-        for g, p in pair_list:
-            name = _image_name(g)
-            gt = read_id_png(gt_dir / g["file_name"], name, "ground-truth")
-            pred = read_id_png(pred_dir / p["file_name"], name, "prediction")
-            acc.add(gt, g["segments_info"], pred, p["segments_info"], image=name)
+        for g, p in pairs:
+            one(g, p, acc)
         return acc
 
-    if workers <= 1 or len(pairs) < 2:
-        return one(pairs)
-    chunks = [pairs[i::workers] for i in range(workers)]
+    lock = threading.Lock()
+    order = iter(range(len(pairs)))
+    errors: dict[int, BaseException] = {}
+
+    def worker() -> PQAccumulator:
+        acc = PQAccumulator(categories)
+        while not errors:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                break
+            try:
+                one(*pairs[i], acc)
+            except BaseException as e:  # every earlier image was handed out already and finishes
+                errors[i] = e
+        return acc
+
     with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(one, chunks))
-    total = PQAccumulator(categories)
-    for part in parts:
+        parts = [f.result() for f in [pool.submit(worker) for _ in range(workers)]]
+    if errors:
+        raise errors[min(errors)]
+    total = parts[0]
+    for part in parts[1:]:
         total.merge(part)
     return total
 
 
 def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
                          gt_dir: Optional[str | os.PathLike] = None, pred_dir: Optional[str | os.PathLike] = None,
-                         workers: int = 1, categories_json: Optional[str | os.PathLike] = None) -> dict:
+                         workers: int = 0, categories_json: Optional[str | os.PathLike] = None) -> dict:
     """PQ of a COCO panoptic prediction (JSON + PNG folder) against the GT; folders default to the JSON
     path without ``.json`` (panopticapi's default). The categories come from the GT JSON, or from
     ``categories_json`` (a list, or a dict with ``categories``) when the GT keeps them in a separate file
-    (panopticapi's sample does). Returns :meth:`PQAccumulator.summary`."""
+    (panopticapi's sample does). ``workers``: threads, 0 = all cores. Returns :meth:`PQAccumulator.summary`."""
     gt = read_json(gt_json, "ground-truth JSON", dict)
     pred = read_json(pred_json, "prediction JSON", dict)
     gt_dir = Path(gt_dir) if gt_dir is not None else Path(str(gt_json)[:-len(".json")])
