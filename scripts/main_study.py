@@ -232,8 +232,13 @@ def _watch(submitted, labels: dict, poll_s: float) -> None:
             for i, s in enumerate(watched)}
     last: dict[int, str] = {}
     ended: set[int] = set()
+    summary_at = time.perf_counter()
     try:
         while len(ended) < len(watched):
+            if not _tty() and time.perf_counter() - summary_at > 30:  # a log: the steps every 30 s
+                summary_at = time.perf_counter()
+                _say("   steps: " + ", ".join(f"{labels[id(s)]} {bars[id(s)].n}/{bars[id(s)].total}"
+                                              for s in watched if id(s) not in ended))
             for s in watched:
                 if id(s) in ended:
                     continue
