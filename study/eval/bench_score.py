@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from study.eval.image_pool import default_workers
 from study.eval.pq import id_to_rgb, rgb_to_id
-from study.eval.pq_files import default_workers, score_panoptic_files
+from study.eval.pq_files import score_panoptic_files
 
 # The sample folder: --sample, else $STUDY_DATA/coco_panoptic_sample (a COCO panoptic folder with
 # panoptic_examples.json, panoptic_coco_categories.json and the PNGs).

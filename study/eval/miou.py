@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from study.eval.errors import EvalInputError, MissingPredictionError, SizeMismatchError, UnknownImageError
+from study.eval.image_pool import accumulate, check_workers
+from study.eval.pixel_runs import runs, weighted_counts
 
 LABEL_MAX = 65535  # the largest value of a 16-bit label PNG
 
@@ -43,12 +45,25 @@ class ConfusionMatrix:
 
     def add(self, gt: np.ndarray, pred: np.ndarray, image: str = "?") -> None:
         """gt, pred: (H, W) integer class maps (contiguous ids, ``ignore_index`` for void)."""
+        self.add_labels(gt, pred, image)
+
+    def add_labels(self, gt: np.ndarray, pred: np.ndarray, image: str = "?", gt_offset: Optional[int] = None,
+                   pred_offset: Optional[int] = None) -> None:
+        """:meth:`add` of (H, W) maps, where a map with an offset holds raw label values decoded as
+        :func:`decode_labels` does (None: already contiguous classes). The pixels are taken a run of equal
+        (GT, prediction) values at a time (:func:`study.eval.pixel_runs.runs`): decoding, checks and the
+        bincount see one value pair per run, weighted by its length."""
         if gt.shape != pred.shape:
             raise SizeMismatchError(f"image {image}: prediction is {pred.shape[-1]}x{pred.shape[-2]} (WxH), "
                                     f"ground truth is {gt.shape[-1]}x{gt.shape[-2]}")
+        gt, pred = gt.reshape(-1), pred.reshape(-1)
+        starts, lengths = runs(gt, pred)
+        gt, pred = gt[starts].astype(np.int64), pred[starts].astype(np.int64)
+        if gt_offset is not None:
+            gt = decode_labels(gt, gt_offset, self.ignore_index)
+        if pred_offset is not None:
+            pred = decode_labels(pred, pred_offset, self.ignore_index)
         c = self.num_classes
-        gt = gt.reshape(-1).astype(np.int64)
-        pred = pred.reshape(-1).astype(np.int64)
         valid = gt != self.ignore_index
         bad = valid & ((gt < 0) | (gt >= c))
         if bad.any():
@@ -60,7 +75,8 @@ class ConfusionMatrix:
             raise EvalInputError(f"image {image}: prediction holds value(s) {np.unique(pred[bad])[:5].tolist()}, "
                                  f"neither a class 0..{c - 1} nor the ignore index {self.ignore_index}")
         pred = np.where(none, c, pred)
-        self.matrix += np.bincount(gt[valid] * (c + 1) + pred[valid], minlength=c * (c + 1)).reshape(c, c + 1)
+        self.matrix += weighted_counts(gt[valid] * (c + 1) + pred[valid], lengths[valid],
+                                       c * (c + 1)).reshape(c, c + 1)
         self.num_images += 1
 
     def merge(self, other: "ConfusionMatrix") -> None:
@@ -128,16 +144,18 @@ def read_label_png(path: Path, image: str, what: str) -> np.ndarray:
 
 def score_semantic_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, num_classes: int,
                         ignore_index: int = 255, label_offset: int = 0, pred_label_offset: Optional[int] = None,
-                        suffix: str = ".png") -> dict:
+                        suffix: str = ".png", workers: int = 0) -> dict:
     """mIoU of label PNGs in ``pred_dir`` against those in ``gt_dir``, paired by relative path.
 
     Every GT file needs a prediction of the same relative path; a prediction without GT is an error too
     (it usually means the wrong folder). ``label_offset`` applies to both unless ``pred_label_offset`` is
-    given (ADE20K official files: 1 for both).
+    given (ADE20K official files: 1 for both). ``workers``: threads reading and scoring images, 0 = all
+    cores (:func:`study.eval.image_pool.accumulate`).
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     p_off = label_offset if pred_label_offset is None else pred_label_offset
     ConfusionMatrix(num_classes, ignore_index)  # checks num_classes
+    check_workers(workers)
     if not 0 <= ignore_index <= LABEL_MAX:
         raise EvalInputError(f"ignore_index (--ignore-index) {ignore_index} is not a label value 0..{LABEL_MAX}")
     for off, flag in ((label_offset, "--label-offset"), (p_off, "--pred-label-offset")):
@@ -160,12 +178,13 @@ def score_semantic_dirs(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike, 
     if extra:
         raise UnknownImageError(f"prediction {pred_dir / extra[0]} has no ground truth in {gt_dir} "
                                 f"({len(extra)} such file(s))")
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    for rel in gts:
+
+    def one(rel: Path, cm: ConfusionMatrix) -> None:
         name = str(rel)
-        gt = decode_labels(read_label_png(gt_dir / rel, name, "ground truth"), label_offset, ignore_index)
-        pred = decode_labels(read_label_png(pred_dir / rel, name, "prediction"), p_off, ignore_index)
-        cm.add(gt, pred, image=name)
+        cm.add_labels(read_label_png(gt_dir / rel, name, "ground truth"),
+                      read_label_png(pred_dir / rel, name, "prediction"), name, label_offset, p_off)
+
+    cm = accumulate(gts, one, lambda: ConfusionMatrix(num_classes, ignore_index), ConfusionMatrix.merge, workers)
     if cm.matrix.sum() == 0:
         raise EvalInputError(f"no ground-truth pixel in {gt_dir} is a class 0..{num_classes - 1} after "
                              f"--label-offset {label_offset} (all are the ignore index {ignore_index} or below the "

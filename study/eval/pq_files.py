@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from study.eval.errors import EvalInputError, MissingPredictionError, UnknownImageError
-from study.eval.pq import PQAccumulator, check_categories, rgb_to_id
+from study.eval.image_pool import accumulate
+from study.eval.pq import PQAccumulator, check_categories
 
 
 def read_json(path: str | os.PathLike, what: str, top: Optional[type | tuple] = None):
@@ -121,64 +120,19 @@ def pair_annotations(gt_json: dict, pred_json: dict, gt_where: str, pred_where: 
     return pairs
 
 
-def default_workers() -> int:
-    """The cores this process may use (``os.sched_getaffinity``, else ``os.cpu_count()``)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def score_pairs(pairs: list[tuple[dict, dict]], categories: list[dict], gt_dir: Path, pred_dir: Path,
                 workers: int = 1) -> PQAccumulator:
-    """Accumulate PQ statistics over (GT annotation, prediction annotation) pairs read from the folders.
+    """Accumulate PQ statistics over (GT annotation, prediction annotation) pairs read from the folders, in
+    ``workers`` threads (0: all cores; :func:`study.eval.image_pool.accumulate`)."""
 
-    ``workers`` threads (0: :func:`default_workers`) take the next image in turn, each into its own
-    accumulator, merged at the end. Threads suffice: Pillow's PNG decoding and numpy's passes release the GIL
-    (``python -m study.eval.bench_score`` measures threads against processes). On bad input the error of
-    the first bad image in the list is raised, as without threads, and the other threads stop early.
-    """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise EvalInputError(f"workers (--workers) must be an integer >= 0 (0: all cores), got {workers!r}")
-    workers = min(workers or default_workers(), max(1, len(pairs)))
-
-    def one(g: dict, p: dict, acc: PQAccumulator) -> None:
+    def one(pair: tuple[dict, dict], acc: PQAccumulator) -> None:
+        g, p = pair
         name = _image_name(g)
         gt = read_id_png(gt_dir / g["file_name"], name, "ground-truth")
         pred = read_id_png(pred_dir / p["file_name"], name, "prediction")
         acc.add(gt, g["segments_info"], pred, p["segments_info"], image=name)
 
-    if workers == 1:
-        acc = PQAccumulator(categories)
-        for g, p in pairs:
-            one(g, p, acc)
-        return acc
-
-    lock = threading.Lock()
-    order = iter(range(len(pairs)))
-    errors: dict[int, BaseException] = {}
-
-    def worker() -> PQAccumulator:
-        acc = PQAccumulator(categories)
-        while not errors:
-            with lock:
-                i = next(order, None)
-            if i is None:
-                break
-            try:
-                one(*pairs[i], acc)
-            except BaseException as e:  # every earlier image was handed out already and finishes
-                errors[i] = e
-        return acc
-
-    with ThreadPoolExecutor(workers) as pool:
-        parts = [f.result() for f in [pool.submit(worker) for _ in range(workers)]]
-    if errors:
-        raise errors[min(errors)]
-    total = parts[0]
-    for part in parts[1:]:
-        total.merge(part)
-    return total
+    return accumulate(pairs, one, lambda: PQAccumulator(categories), PQAccumulator.merge, workers)
 
 
 def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
