@@ -368,7 +368,9 @@ def evaluate_run(cfg: Config, weights: str | Path | None = None, run: RunDir | N
     weights = run_weights(cfg, weights)
     split = cfg.eval.split or cfg.data.val_split
     dataset = build_dataset(cfg.data, split, cfg.task)
-    model = build_model(replace(cfg.model, checkpoint=None, pretrained=None))  # the trained weights, below
+    # The trained weights, below, are the whole model: nothing else is loaded first (model.init_from, the start
+    # of the training, would be read and then overwritten, and fails where that file is gone).
+    model = build_model(replace(cfg.model, checkpoint=None, pretrained=None, init_from=None, reinit_class_head=False))
     load_checkpoint(model, weights)
     t0 = time.perf_counter()
     result = evaluate(model, dataset, cfg.task, cfg.eval, cfg.eval.input_size or cfg.model.img_size,
