@@ -26,8 +26,9 @@ What is merged, and when (facts of the original code unless marked "ours"):
 - Masked inference (Table 1 row 4, ours): the mask logits of each query are predicted on the unmerged grid as
   usual, averaged over each merged token's patches, and the attention mask opens where that average is > 0.
 
-Tokens keep their grid order through both merges (a merged group sits at its first member's place), so with
-nothing merged every tensor is the plain forward's, bit for bit (tests/test_algm.py).
+Tokens keep their grid order through both merges (a merged group sits at its first member's place); with
+nothing merged the tokens go on untouched, so every tensor is the plain forward's, bit for bit
+(tests/test_algm.py).
 
 Host syncs: the batch minimum r sets the number of tokens, so each merge reads one integer back from the device
 (two per forward). The plain EoMT forward reads none (tests/test_host_syncs.py, tests/test_algm.py).
@@ -164,8 +165,9 @@ def merging_block(block: nn.Module, x: torch.Tensor, num_prefix: int, state: Mer
     x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
     rep, removed = merge(patches)
-    patches, state = apply_targets(patches, state, rep, removed)
-    x = torch.cat([prefix, patches], dim=1)
+    if removed:  # nothing to merge (r = 0): the tokens go on as they are
+        patches, state = apply_targets(patches, state, rep, removed)
+        x = torch.cat([prefix, patches], dim=1)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, state
 

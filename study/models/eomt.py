@@ -74,6 +74,7 @@ class EoMT(Segmenter):
             algm.check_settings(settings, self.backbone.depth, self.first_query_block, self.backbone.is_eva,
                                 self.backbone.blocks)
         self.token_merging = settings
+        self.last_merges = []
 
     @property
     def first_query_block(self) -> int:
@@ -118,7 +119,8 @@ class EoMT(Segmenter):
         sets: list[PredictionSet] = []
         start = self.first_query_block
         merged: algm.MergeState | None = None  # set once a merge has run (ALGM at inference)
-        self.last_merges = []
+        if self.token_merging is not None and not self.training:  # the plain forward stays as it was
+            self.last_merges = []
         for i in range(self.backbone.depth):
             attn_mask = None
             if i == start:  # prepend the queries: (B, Q + prefix + patches, D)
