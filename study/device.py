@@ -195,3 +195,29 @@ def autocast(device: torch.device, precision: str):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """torch's intra-op CPU threads set to ``threads`` (None: every available core), restored afterwards.
+
+    Yields the number in force. A benchmark records it: the same model runs several times faster or slower
+    with another thread count, and other processes on the machine compete for the same cores.
+    """
+    n = available_cores() if threads is None else threads
+    if n < 1:
+        raise UserError(f"threads must be >= 1, got {n}")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(saved)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from study.bench import speed
+from study.errors import UserError
 from study.models.build import build_model
 from study.models.config import ModelConfig
 
@@ -107,3 +110,182 @@ def test_cudnn_benchmark_is_on_for_cuda_and_restored():
             assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+# ------------------------------------------------------------------ the interleaved protocol (issue 11 item 1)
+
+
+class FakeClock:
+    """Stands in for speed._clock: time advances only when a stand-in step says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _entries(durations: dict[str, list[float]], clock: FakeClock, log: list, protocol=None):
+    """Entries whose run(inputs) logs its label and advances the clock by the next of its durations (s)."""
+    protocol = (protocol or speed.SpeedProtocol(device="cpu", warmup=1, iters=4)).resolved()
+    out = []
+    for label, seq in durations.items():
+        it = iter(seq)
+
+        def run(inputs, label=label, it=it, last=seq[-1]):
+            log.append(label)
+            clock.now += next(it, last)
+
+        out.append(speed.Entry(label, run, None, protocol))
+    return out
+
+
+def test_rounds_interleave_every_row_with_a_rotating_start(monkeypatch):
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(speed, "_clock", clock)
+    entries = _entries({"a": [0.01], "b": [0.01], "c": [0.01]}, clock, log)
+    times, _ = speed.time_rounds(entries, torch.device("cpu"), warmup=1, iters=4)
+    assert log[:3] == ["a", "b", "c"]  # the warm-up round
+    rounds = [log[3 + 3 * r: 6 + 3 * r] for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert [len(t) for t in times] == [4, 4, 4] and times[0] == pytest.approx([0.01] * 4)
+
+
+def test_min_time_adds_rounds_until_every_row_has_it(monkeypatch):
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(speed, "_clock", clock)
+    entries = _entries({"fast": [1 / 64], "slow": [1 / 8]}, clock, log)
+    times, _ = speed.time_rounds(entries, torch.device("cpu"), warmup=0, iters=2, min_time=0.5)
+    # the fast row needs 32 iterations of 1/64 s; the slow one comes along in the same rounds
+    assert len(times[0]) == len(times[1]) == 32
+
+
+def test_median_statistics_ignore_an_outlier_and_fps_counts_the_batch():
+    times = [0.010] * 19 + [1.0]
+    s = speed.summarize(times, batch=2)
+    assert s["ms_median"] == pytest.approx(10.0) and s["fps"] == pytest.approx(200.0)  # 2 images / 10 ms
+    assert s["ms_mean"] == pytest.approx((19 * 10 + 1000) / 20) and s["n_iters"] == 20
+    assert s["ms_p5"] == pytest.approx(10.0) and 10.0 < s["ms_p95"] < 1000.0
+
+
+def test_ratios_with_intervals_and_a_warning_naming_rows_that_cannot_be_ranked():
+    rng = torch.Generator().manual_seed(0)
+    noisy = (0.01 * (1 + 0.5 * torch.rand(40, generator=rng))).tolist()
+    times = [[0.01] * 40, [0.02] * 40, noisy]
+    ratios = speed.speed_ratios(times, reference=0)
+    assert ratios[1] == {"ratio": pytest.approx(0.5), "ci_low": pytest.approx(0.5), "ci_high": pytest.approx(0.5)}
+    assert ratios[2]["ci_low"] < ratios[2]["ratio"] < ratios[2]["ci_high"] < 1.0
+    assert speed.unrankable(times, ["a", "b", "c"]) == []  # every pair is apart
+    same_law = (0.01 * (1 + 0.5 * torch.rand(40, generator=rng))).tolist()  # another draw of noisy's law
+    pairs = speed.unrankable([[0.01] * 40, noisy, same_law], ["a", "noisy", "near"])
+    assert len(pairs) == 1 and {pairs[0][0], pairs[0][1]} == {"noisy", "near"}
+    assert pairs[0][2] <= 1.0 <= pairs[0][3]
+    warning = speed.rank_warning(pairs)
+    assert "noisy" in warning and "near" in warning and "contains 1" in warning and "a vs" not in warning
+
+
+class Nested(nn.Module):
+    """outer contains inner; both are components: inner's time belongs to outer only."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.inner, self.outer, self.tail = nn.Identity(), nn.Sequential(nn.Identity()), nn.Identity()
+        self.outer.append(self.inner)
+
+    def forward(self, x):
+        self.clock.now += 0.001  # 1 ms outside any component
+        x = self.outer(x)
+        self.clock.now += 0.002
+        return self.tail(x)
+
+    def components(self):
+        return {"outer": [self.outer], "inner": [self.inner], "tail": [self.tail]}
+
+
+def test_breakdown_comes_from_the_timed_iterations_and_adds_up(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(speed, "_clock", clock)
+    model = Nested(clock)
+
+    def timed_identity(module, inputs, output):  # every Identity call costs 3 ms
+        clock.now += 0.003
+
+    for m in (model.inner, model.tail):
+        m.register_forward_hook(timed_identity)
+    entry = speed.build_entry("nested", model, 8, speed.SpeedProtocol(device="cpu", warmup=1, iters=3))
+    (row,), warning = speed.time_interleaved([entry], breakdown=True)
+    parts = row["breakdown_ms"]
+    assert parts["outer"] == pytest.approx(3.0) and parts["inner"] == 0.0  # nested: counted once, for outer
+    assert parts["tail"] == pytest.approx(3.0) and parts["other"] == pytest.approx(3.0)
+    assert parts["total"] == pytest.approx(row["ms_mean"]) == pytest.approx(9.0)
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+    assert "same 3 timed iterations" in row["breakdown_of"] and warning is None
+
+
+def test_breakdown_of_a_real_model_adds_up_to_its_measured_forward():
+    entry = speed.build_entry("eomt", _eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=2))
+    (row,), _ = speed.time_interleaved([entry], breakdown=True)
+    parts = row["breakdown_ms"]
+    assert set(parts) == {"patch_embed", "blocks_before_queries", "blocks_with_queries",
+                          "mask_module_and_upscaler", "other", "total"}
+    assert parts["other"] >= 0 and parts["total"] == pytest.approx(row["ms_mean"])
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+
+
+def test_a_runtime_times_any_runner_with_the_batch_and_threads_recorded(monkeypatch):
+    """The seam for other runtimes: a registered builder's run(inputs) is what the rounds time."""
+    seen = {}
+
+    def build(model, example, protocol):
+        seen["example"] = tuple(example.shape)
+        seen["built_for"] = protocol.runtime
+
+        def run(inputs):
+            seen.setdefault("threads", torch.get_num_threads())
+            return model(inputs)
+
+        return run
+
+    monkeypatch.setitem(speed.RUNTIMES, "counting", build)
+    before = torch.get_num_threads()
+    p = speed.apply_mode("counting", speed.SpeedProtocol(device="cpu", warmup=1, iters=2, batch=3, threads=1))
+    entry = speed.build_entry("x", _eomt("eomt"), 64, p)
+    (row,), _ = speed.time_interleaved([entry], breakdown=True)
+    assert seen == {"example": (3, 3, 64, 64), "built_for": "counting", "threads": 1}
+    assert torch.get_num_threads() == before  # restored
+    env = row["env"]
+    assert env["threads"] == 1 and env["batch"] == 3 and env["runtime"] == "counting"
+    assert row["breakdown_ms"] is None and "runtime counting" in row["breakdown_of"]
+    assert row["fps"] == pytest.approx(3000 / row["ms_median"])
+
+
+def test_every_row_records_its_environment():
+    import subprocess
+
+    from conftest import REPO
+
+    row = speed.measure_fps(_eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=1))
+    env = row["env"]
+    for key in ("torch", "cuda", "device_name", "precision", "compile_mode", "sdpa_kernel_taken", "threads",
+                "batch", "git_commit"):
+        assert key in env, key
+    assert env["torch"] == torch.__version__ and env["precision"] == "fp32" and env["compile_mode"] == "off"
+    assert env["sdpa_kernel_taken"] == "_scaled_dot_product_flash_attention_for_cpu x4"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert env["git_commit"] == head.stdout.strip()
+
+
+def test_modes_and_their_mistakes():
+    base = speed.SpeedProtocol(device="cpu")
+    p = speed.apply_mode("compile+bf16", base)
+    assert (p.compile, p.precision, p.runtime) == (True, "bf16", "pytorch")
+    assert speed.apply_mode("eager", p).compile is False
+    with pytest.raises(UserError, match="unknown word 'fast'"):
+        speed.apply_mode("compile+fast", base)
+    entry = speed.build_entry("c", _eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", compile=True, warmup=0))
+    with pytest.raises(UserError, match="bench.warmup=0 with torch.compile"):
+        speed.time_interleaved([entry])
+    with pytest.raises(UserError, match="bench.compile_mode"):
+        speed.SpeedProtocol(compile_mode="fastest").resolved()

@@ -23,22 +23,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                 help="square input size, a multiple of model.patch_size")
     config_flag(p, "--no-fps", "bench.fps", const=False, help="count parameters and GFLOPs only")
     config_flag(p, "--counter", "bench.counter", type=str,
-                help="GFLOPs counter: fast (FakeTensors, no arithmetic; default) or fvcore (a real traced "
+                help="GFLOPs counter: fast (FakeTensors, no arithmetic, seconds) or fvcore (a real traced "
                      "forward, the reference; same numbers)")
     config_flag(p, "--device", "bench.device", type=str, help="auto, cpu, cuda, cuda:1, ...")
     config_flag(p, "--precision", "bench.precision", type=str, help="auto, fp32, bf16 or fp16")
     config_flag(p, "--compile", "bench.compile", const=True, help="torch.compile the model before timing")
-    config_flag(p, "--warmup", "bench.warmup", type=int, help="untimed iterations before timing")
-    config_flag(p, "--iters", "bench.iters", type=int, help="timed iterations")
+    config_flag(p, "--compile-mode", "bench.compile_mode", type=str,
+                help="torch.compile mode: torch's plain mode (named 'default') or max-autotune")
+    config_flag(p, "--warmup", "bench.warmup", type=int, help="untimed interleaved rounds before timing")
+    config_flag(p, "--iters", "bench.iters", type=int, help="timed interleaved rounds, at least")
+    config_flag(p, "--min-time", "bench.min_time", type=float,
+                help="seconds of timed iterations per row, at least (more rounds until each row has them)")
+    config_flag(p, "--batch", "bench.batch", type=int, help="images per forward (Table 9 also uses 32)")
+    config_flag(p, "--threads", "bench.threads", type=int,
+                help="CPU threads for the measurement (unset: every core this process may use)")
+    config_flag(p, "--modes", "bench.modes", type=csv,
+                help="settings timed side by side in the same rounds, e.g. eager,compile,bf16,compile+bf16 "
+                     "('+' joins eager/compile, fp32/bf16/fp16 and a runtime name)")
+    config_flag(p, "--runtime", "bench.runtime", type=str, help="what runs the model: pytorch or a registered "
+                                                                "runtime (study/bench/speed.py RUNTIMES)")
+    config_flag(p, "--reference", "bench.reference", type=str,
+                help="the row the ratios are relative to: a variant, or variant:mode (unset: the first row)")
     config_flag(p, "--scope", "bench.scope", type=str, help="what the timed region holds: model or end_to_end")
-    config_flag(p, "--no-breakdown", "bench.breakdown", const=False, help="skip the per-component time breakdown")
+    config_flag(p, "--no-breakdown", "bench.breakdown", const=False,
+                help="skip the per-component time breakdown (taken from the timed iterations themselves)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--list", action="store_true", help="list the registered variants and sizes, and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from study.bench.run import HEADER, bench_rows, check_bench, format_table
+    from study.bench.run import HEADER, bench_rows, format_table
     from study.config import load_config
     from study.io import atomic_write_json
     from study.models.backbone import SIZES
@@ -51,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
         print("sizes: " + ", ".join(SIZES))
         return 0
     cfg = load_config(args.config, args.overrides)
-    check_bench(cfg)
-    print(f"study bench: {len(cfg.bench.variants)} variants x {len(cfg.bench.sizes)} sizes at "
-          f"{cfg.bench.img_size}px, {cfg.model.num_classes} classes, {cfg.model.num_queries} queries")
+    b = cfg.bench
+    modes = f" x {len(b.modes)} modes" if b.modes else ""
+    print(f"study bench: {len(b.variants)} variants x {len(b.sizes)} sizes{modes} at {b.img_size}px, batch "
+          f"{b.batch}, {cfg.model.num_classes} classes, {cfg.model.num_queries} queries")
     print(HEADER)
     rows = bench_rows(cfg)  # prints each row as it is measured
     print(format_table(rows, with_rows=False))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 from study.models.config import SizeName
 
@@ -29,10 +29,25 @@ class BenchConfig:
     # The paper: mixed precision on the H100. "auto" = bf16 on CUDA, fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # the paper used default torch.compile on the GPU
-    warmup: int = 3  # paper silent; our protocol: untimed iterations first (more on GPU, see speed.py)
-    iters: int = 10  # timed iterations; FPS = iters / total time
+    compile_mode: Literal["default", "max-autotune"] = "default"  # torch.compile's mode (paper: default)
+    # The protocol (study/bench/speed.py), where the paper is silent: the rows of one size are timed in
+    # interleaved rounds; FPS from the median iteration.
+    warmup: int = 3  # untimed rounds first
+    iters: int = 10  # timed rounds at least
+    min_time: float = 0.0  # and more rounds until each row has this many seconds of timed iterations
+    batch: int = 1  # images per forward (the paper: 1 in Table 1; Table 9 also reports 32)
+    threads: Optional[int] = None  # CPU threads for the measurement; None = every core this process may use
     scope: Literal["model", "end_to_end"] = "model"  # what the timed region holds
-    breakdown: bool = True  # per-component time breakdown
+    breakdown: bool = True  # per-component time breakdown, from the same timed iterations (eager rows)
+    # How the model runs: "pytorch" (eager or compiled), or a runtime registered in study/bench/speed.py
+    runtime: str = "pytorch"
+    # Several settings of each row timed side by side in the same rounds: '+'-joined words among eager,
+    # compile, fp32, bf16, fp16, auto and a runtime name (e.g. [eager, compile, bf16]); empty = one row
+    # per variant with the settings above.
+    modes: list[str] = field(default_factory=list)
+    # The row the speed ratios are relative to: a variant name (its first mode), or "variant:mode";
+    # None = the first row of each size (Table 1 compares to row 0).
+    reference: Optional[str] = None
 
     def validate(self) -> None:
         # Messages start with the field at fault (study/config.py names its key and source from that).
@@ -55,3 +70,15 @@ class BenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if self.min_time < 0:
+            raise ValueError(f"min_time must be >= 0 seconds, got {self.min_time}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for every core), got {self.threads}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes {self.modes} names an entry twice")
+        if self.reference is not None:
+            variant = self.reference.split(":", 1)[0]
+            if variant not in self.variants:
+                raise ValueError(f"reference '{self.reference}' names no variant of bench.variants {self.variants}")
