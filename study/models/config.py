@@ -103,7 +103,7 @@ class TokenMergingConfig:
         """The settings for a ViT of ``size`` (None when merging is off)."""
         if not self.enabled:
             return None
-        local, glob, threshold = ALGM_DEFAULTS.get(size, ALGM_DEFAULTS["L"])
+        local, glob, threshold = ALGM_DEFAULTS[size]  # every size of study/models/backbone.py SIZES
         local = local if self.local_block is None else self.local_block
         glob = glob if self.global_block is None else self.global_block
         return TokenMerging(local, glob if self.global_merge else None,
