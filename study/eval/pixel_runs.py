@@ -18,11 +18,9 @@ def runs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = a.size
     if n == 0:
         return np.zeros(0, np.intp), np.zeros(0, np.int64)
-    change = a[1:] != a[:-1]
-    change |= b[1:] != b[:-1]
-    starts = np.empty(int(np.count_nonzero(change)) + 1, np.intp)
-    starts[0] = 0
-    starts[1:] = np.flatnonzero(change) + 1
+    change = np.not_equal(a[1:], a[:-1])
+    change |= np.not_equal(b[1:], b[:-1])
+    starts = np.concatenate((np.zeros(1, np.intp), np.nonzero(change)[0] + 1))
     return starts, np.diff(starts, append=n)
 
 

@@ -96,32 +96,30 @@ class PQAccumulator:
 
     def _segments(self, segs: list[dict], image: str, what: str):
         """One pass over a JSON ``segments_info``: ids (S,) int64, category indices (S,) int64, crowd flags
-        and areas (for the GT: NaN where absent), each in JSON order; a repeated id, a non-integer id or
-        category, or an unknown category raises naming the image."""
-        n = len(segs)
-        ids, cats = np.empty(n, np.int64), np.empty(n, np.int64)
-        crowd, area = np.zeros(n, bool), np.full(n, np.nan)
-        index = self.index
-        for i, s in enumerate(segs):
-            sid, cid = s.get("id"), s.get("category_id")
-            if not _is_int(sid) or not _is_int(cid):
-                key, v = ("id", sid) if not _is_int(sid) else ("category_id", cid)
-                raise EvalInputError(f"image {image}: a {what} segment has {key} {v!r:.40}; expected an "
-                                     f"integer")
-            j = index.get(int(cid))
-            if j is None:
-                raise UnknownCategoryError(f"image {image}: {what} segment {sid} has category id {cid}, "
-                                           f"unknown to the ground truth categories")
-            ids[i], cats[i] = sid, j
-            if s.get("iscrowd", 0) == 1:  # panopticapi: iscrowd == 1
-                crowd[i] = True
-            a = s.get("area")
-            if a is not None:
-                if not isinstance(a, Real) or isinstance(a, bool):
-                    raise EvalInputError(f"image {image}: {what} segment {sid} has area {a!r:.40}; expected a "
-                                         f"number (or no 'area': its pixel count)")
-                area[i] = a
-        return ids, cats, crowd, area
+        and areas (for the GT: NaN where absent), each in JSON order; a non-integer id or category, an
+        unknown category or a non-numeric area raises naming the image and the segment."""
+        ids = [s.get("id") for s in segs]
+        cids = [s.get("category_id") for s in segs]
+        for key, values in (("id", ids), ("category_id", cids)):
+            if not all(type(v) is int for v in values):  # the common case, checked fast; then exactly
+                for v in values:
+                    if not _is_int(v):
+                        raise EvalInputError(f"image {image}: a {what} segment has {key} {v!r:.40}; expected "
+                                             f"an integer")
+        cats = [self.index.get(int(c)) for c in cids]
+        if None in cats:
+            k = cats.index(None)
+            raise UnknownCategoryError(f"image {image}: {what} segment {ids[k]} has category id {cids[k]}, "
+                                       f"unknown to the ground truth categories")
+        crowd = np.array([s.get("iscrowd", 0) == 1 for s in segs], bool)  # panopticapi: iscrowd == 1
+        areas = [s.get("area") for s in segs]
+        for k, v in enumerate(areas):
+            if v is not None and (not isinstance(v, Real) or isinstance(v, bool)):
+                raise EvalInputError(f"image {image}: {what} segment {ids[k]} has area {v!r:.40}; expected a "
+                                     f"number (or no 'area': its pixel count)")
+        area = np.array([np.nan if v is None else v for v in areas], np.float64)
+        return (np.array(ids, np.int64).reshape(-1), np.array(cats, np.int64).reshape(-1), crowd.reshape(-1),
+                area.reshape(-1))
 
     def add(self, gt_ids: np.ndarray, gt_segments: list[dict], pred_ids: np.ndarray,
             pred_segments: list[dict], image: str = "?") -> None:
