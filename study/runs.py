@@ -57,7 +57,7 @@ from study.io import atomic_write_json
 
 STEPS = ("train", "eval", "bench")
 # What a benchmark result depends on besides the model (the eval step depends on the whole eval section).
-BENCH_SETTINGS = ("fps", "device", "precision", "compile", "warmup", "iters", "scope")
+BENCH_SETTINGS = ("fps", "device", "precision", "compile", "warmup", "iters", "scope", "breakdown", "counter")
 # Parts of an evaluation result that stay in the eval file, out of metrics.json: per-class tables, the
 # category list, COCOeval's printed summary.
 EVAL_DETAILS = ("per_class", "categories", "summary")

@@ -100,7 +100,7 @@ def test_all_writes_tables_figures_and_an_index(quickstart, tmp_path):
     threads = int(runs["metrics.bench.protocol.threads"].iloc[0])
     assert f"Times taken on: cpu, fp32, {threads} threads" in index
     assert "[md](table_1.md)" in index and "[png](fig1_pq_fps.png)" in index
-    assert "Time per component of each Table 1 row: no per-component time" in index  # not recorded by the pipeline
+    assert "[png](components_time.png)" in index  # the pipeline records the per-component time
 
 
 # ------------------------------------------------------------------ every table on synthesised results

@@ -281,3 +281,23 @@ def test_adapter_batchnorm_becomes_syncbatchnorm_for_ddp_on_cuda_only():
     ddp_module = model.prepare_distributed(torch.device("cuda"))
     assert "SyncBatchNorm" in kinds(ddp_module) and "BatchNorm2d" not in kinds(ddp_module)
     assert list(ddp_module.parameters()) == params  # an optimiser built before still holds them
+
+
+def test_compiled_training_keeps_every_annealing_version_compiled(tmp_path, synthetic_root, monkeypatch):
+    """Annealing flips each masked layer's host flags twice, so a compiled forward has up to 2 * L2 + 1
+    versions; the trainer lifts dynamo's recompile limit above that (else the rest runs uncompiled)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: net)  # what is compiled does not matter here
+    tr = _trainer(synthetic_root, tmp_path, "train.compile=true", "model.num_query_blocks=4")
+    assert tr.model.num_masked_layers == 4
+    assert torch._dynamo.config.recompile_limit >= 2 * 4 + 1  # 9 > dynamo's default of 8
+
+
+def test_a_model_that_does_not_anneal_gets_no_annealing(tmp_path, synthetic_root):
+    """model.mask_setting=masked_train_only keeps P_mask = 1 in training: the trainer builds no schedule."""
+    tr = _trainer(synthetic_root, tmp_path, "model.mask_setting=masked_train_only")
+    assert tr.model.mask_annealing is False and tr.annealing is None
+    tr = _trainer(synthetic_root, tmp_path / "b")
+    assert tr.annealing is not None  # tiny eomt anneals by default

@@ -25,7 +25,8 @@ def _untrained_model(cfg: Config):
     """The run's model with no weights loaded (FLOPs and speed do not depend on them)."""
     from study.models.build import build_model
 
-    return build_model(replace(cfg.model, checkpoint=None, pretrained=None))
+    return build_model(replace(cfg.model, checkpoint=None, pretrained=None, init_from=None,
+                               reinit_class_head=False))
 
 
 def _bench(cfg: Config) -> dict:

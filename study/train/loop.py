@@ -143,7 +143,15 @@ def setup(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device) -> Tr
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         net = ddp
     optimizer = build_optimizer(model, t)
-    annealing = build_mask_annealing(t, total, model.num_masked_layers, model.masked_inference)
+    annealing = build_mask_annealing(t, total, model.num_masked_layers, model.masked_inference,
+                                     getattr(model, "mask_annealing", None))
+    if t.compile:
+        # Each annealed layer's P_mask passes 1 -> (0, 1) -> 0, and the forward branches on those host flags,
+        # so dynamo compiles up to 2 * L2 + 1 versions (11 at ViT-g); past its limit (8) it would silently run
+        # the rest uncompiled.
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 2 * model.num_masked_layers + 2)
     return Trainer(
         cfg=cfg, run=run, env=env, device=device, precision=precision, model=model,
         net=torch.compile(net) if t.compile else net, ddp=ddp, optimizer=optimizer,
