@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from study.bench.count_fake import build_meta_model
 from study.bench.flops import count_flops, count_params
@@ -76,11 +77,30 @@ def test_cli_writes_json_rows_and_table(tmp_path, capsys):
         assert r["params"] > 0 and r["gflops"] > 0 and r["fps"] > 0
         assert r["protocol"]["warmup"] == 1 and r["protocol"]["iters"] == 2 and r["protocol"]["batch"] == 1
         assert r["protocol"]["device"] == "cpu" and r["protocol"]["timer"] == "perf_counter"
-        assert {"blocks_before_queries", "blocks_with_queries", "mask_module_and_upscaler", "total"} \
-            <= set(r["breakdown_ms"])
+        assert r["n_iters"] == 2 and r["ms_p5"] <= r["ms_median"] <= r["ms_p95"]
+        assert r["fps"] == pytest.approx(1000 / r["ms_median"]) and r["ratio_to"] == "eomt"
+        assert {"patch_embed", "blocks_before_queries", "blocks_with_queries", "mask_module_and_upscaler", "other",
+                "total"} \
+            == set(r["breakdown_ms"])
+        assert r["env"]["batch"] == 1 and r["env"]["precision"] == "fp32" and r["env"]["git_commit"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_ci"] == [1.0, 1.0]
     assert rows[1]["gflops"] > rows[0]["gflops"]  # the mask module before each query block costs FLOPs
     printed = capsys.readouterr().out
-    assert "protocol: device=cpu" in printed and "speed relative" in printed
+    assert "protocol: device=cpu" in printed and "speed relative" in printed and "environment: torch=" in printed
+
+
+def test_cli_modes_are_rows_of_the_same_rounds(tmp_path):
+    """--modes: every variant in every setting, timed together; --reference picks the ratios' base."""
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--variants", "eomt", "--sizes", "tiny", "--img-size", "32", "--warmup", "1",
+                 "--iters", "2", "--modes", "eager,bf16", "--reference", "eomt:bf16", "--batch", "2",
+                 "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["env"]["precision"]) for r in rows] == [("eager", "fp32"), ("bf16", "bf16")]
+    assert all(r["ratio_to"] == "eomt:bf16" and r["env"]["threads"] == 1 and r["env"]["batch"] == 2
+               and r["n_iters"] == 2 for r in rows)
+    assert rows[1]["ratio"] == 1.0
+    assert rows[0]["fps"] / rows[1]["fps"] == pytest.approx(rows[0]["ratio"])
 
 
 def test_cli_no_fps(tmp_path):
@@ -95,6 +115,9 @@ def test_cli_no_fps(tmp_path):
     (["--img-size", "650"], "650 is not divisible by the patch size 16"),
     (["--set", "model.num_querys=3"], "unknown config key 'model.num_querys'"),
     (["--set", "bench.iters=many"], "'bench.iters' (from --set) must be int"),
+    (["--reference", "sfp_m2f"], "'bench.reference' (from --reference): reference 'sfp_m2f' names no variant"),
+    (["--modes", "eager,eager"], "'bench.modes' (from --modes): modes ['eager', 'eager'] names an entry twice"),
+    (["--threads", "0"], "'bench.threads' (from --threads): threads must be >= 1"),
 ])
 def test_cli_bad_input_one_line(argv, message, capsys):
     assert main(["bench", "--no-fps"] + argv) == 2
@@ -102,15 +125,22 @@ def test_cli_bad_input_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_end_to_end_scope_times_more_than_the_forward(tmp_path):
-    from study.bench.speed import SpeedProtocol, measure_fps
+def test_end_to_end_scope_times_pre_and_post_processing(monkeypatch):
+    """What the timed region holds with scope end_to_end: the padded pre-processing + forward and the
+    panoptic merge of every image of the batch run between the two clock reads of each timed iteration."""
+    from study.bench import speed
+    from study.eval import inference, postprocess
 
-    model = eomt("tiny", 64)
-    forward = measure_fps(model, 64, SpeedProtocol(warmup=1, iters=3))
-    whole = measure_fps(model, 64, SpeedProtocol(warmup=1, iters=3, scope="end_to_end"))
-    assert whole["protocol"]["scope"] == "end_to_end"
-    # resizing a 640x480 image, upsampling 200 masks to it and merging them cannot be free
-    assert whole["ms_mean"] > forward["ms_mean"]
+    log = []
+    real_run, real_merge = inference.run_padded, postprocess.panoptic_merge
+    monkeypatch.setattr(speed, "_clock", lambda: log.append("clock") or float(len(log)))
+    monkeypatch.setattr(inference, "run_padded", lambda *a, **k: log.append("pre+forward") or real_run(*a, **k))
+    monkeypatch.setattr(postprocess, "panoptic_merge", lambda *a, **k: log.append("merge") or real_merge(*a, **k))
+    model = build_model(load_config(None, ["model.size=tiny", "model.img_size=64", "model.num_queries=5",
+                                           "model.num_classes=3"]).model)
+    p = speed.SpeedProtocol(device="cpu", warmup=0, iters=2, scope="end_to_end", batch=2)
+    speed.time_rounds([speed.build_entry("e2e", model, 64, p)], torch.device("cpu"), p.warmup, p.iters)
+    assert log == ["clock", "pre+forward", "merge", "merge", "clock"] * 2
 
 
 def test_flops_by_component_explain_each_table1_step():
