@@ -197,3 +197,32 @@ def test_accumulate_merges_every_part():
     """Each thread's accumulator is merged once: the total sees every item exactly once."""
     total = accumulate(list(range(50)), lambda i, acc: acc.append(i), list, list.extend, workers=4)
     assert sorted(total) == list(range(50))
+
+
+def test_zero_copy_words_equal_the_copy_and_outlive_the_image(tmp_path, monkeypatch):
+    """Pillow's pixel block seen through its Arrow export gives the same ids as the tobytes copy, stays valid
+    after the image is closed and its memory could be reused, and the copy is the fallback."""
+    import gc
+
+    import study.eval.pq_files as pq_files
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for k in range(4):
+        ids = np.kron(rng.integers(0, 1 << 24, (6, 5)), np.ones((9, 13), np.int64))
+        paths.append((tmp_path / f"{k}.png", ids))
+        Image.fromarray(id_to_rgb(ids)).save(paths[-1][0])
+    words = [pq_files.read_id_words(p, "x", "prediction") for p, _ in paths]
+    assert all(not w.flags.writeable and isinstance(w.base, pq_files._PillowPixels) for w in words)
+    gc.collect()
+    junk = [np.full(1 << 20, 7, np.uint32) for _ in range(8)]  # noqa: F841 (memory a freed block would go to)
+    for w, (p, ids) in zip(words, paths):
+        assert np.array_equal(w & np.uint32(pq_files.ID_MASK), ids)
+
+    def refuse(im):
+        raise ValueError("unexpected Arrow layout")
+
+    monkeypatch.setattr(pq_files, "_PillowPixels", refuse)
+    for w, (p, ids) in zip(words, paths):
+        copy = pq_files.read_id_words(p, "x", "prediction")
+        assert copy.base.base.__class__ is bytes and np.array_equal(copy & np.uint32(pq_files.ID_MASK), ids)

@@ -122,12 +122,14 @@ class PQAccumulator:
                 area.reshape(-1))
 
     def add(self, gt_ids: np.ndarray, gt_segments: list[dict], pred_ids: np.ndarray,
-            pred_segments: list[dict], image: str = "?") -> None:
+            pred_segments: list[dict], image: str = "?", id_mask: Optional[int] = None) -> None:
         """Score one image.
 
         gt_ids, pred_ids: (H, W) integer segment-id maps (0 = void). gt_segments: dicts with ``id``,
         ``category_id``, ``iscrowd`` and optionally ``area``; pred_segments: dicts with ``id`` and
-        ``category_id``. ``image`` names the image in error messages.
+        ``category_id``. ``image`` names the image in error messages. ``id_mask``: the maps hold words whose
+        id is ``word & id_mask`` (:func:`study.eval.pq_files.read_id_words`: Pillow's RGBX pixels, the
+        fourth byte padding), so that no pass over the pixels is spent on masking.
         """
         if gt_ids.shape != pred_ids.shape:
             raise SizeMismatchError(f"image {image}: prediction is {pred_ids.shape[1]}x{pred_ids.shape[0]} "
@@ -151,13 +153,17 @@ class PQAccumulator:
         # segments; columns likewise for the prediction (column 0 must stay empty).
         # The pixels are taken a run of equal (GT, prediction) ids at a time (:func:`runs`).
         width = npr + 2
+        # Runs of equal words are runs of equal ids, so the mask is applied to one word per run.
         starts, lengths = runs(gt_ids.reshape(-1), pred_ids.reshape(-1))
-        code = _rows(gt_ids.reshape(-1)[starts], g_keys).astype(np.intp)
+        g_run, p_run = gt_ids.reshape(-1)[starts], pred_ids.reshape(-1)[starts]
+        if id_mask is not None:
+            g_run, p_run = g_run & g_run.dtype.type(id_mask), p_run & p_run.dtype.type(id_mask)
+        code = _rows(g_run, g_keys).astype(np.intp)
         code *= width
-        code += _rows(pred_ids.reshape(-1)[starts], p_keys)
+        code += _rows(p_run, p_keys)
         inter = weighted_counts(code, lengths, (ng + 2) * width).reshape(ng + 2, width)
         if inter[:, _UNLISTED_ROW].any():
-            flat = pred_ids.reshape(-1)
+            flat = p_run
             listed = np.isin(flat, p_keys) | (flat == 0)
             raise UnknownSegmentError(f"image {image}: the prediction PNG holds segment id(s) "
                                       f"{np.unique(flat[~listed])[:5].tolist()} that its JSON does not list")

@@ -6,6 +6,7 @@ numbers (see :mod:`study.eval.pq`), with readable errors instead of panopticapi'
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -80,20 +81,81 @@ def check_annotations(js: dict, where: str, what: str) -> list[dict]:
     return anns
 
 
-def read_id_png(path: Path, image: str, what: str) -> np.ndarray:
-    """An id-encoded panoptic PNG -> (H, W) uint32 ids R + 256 G + 256^2 B; a missing or corrupt file names
-    the image. Pillow keeps RGB pixels as 4 bytes (RGBX), so the ids are that buffer read as little-endian
-    32-bit words with the fourth byte masked off: no (H, W, 3) array and no arithmetic per channel."""
+ID_MASK = 0xFFFFFF  # the id bits of a word of read_id_words: R + 256 G + 256^2 B
+
+
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+# The Arrow C data interface's structs (a stable ABI, arrow.apache.org/docs/format/CDataInterface.html).
+_ArrowSchema._fields_ = [("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
+                         ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
+                         ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+                         ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p),
+                         ("private_data", ctypes.c_void_p)]
+_ArrowArray._fields_ = [("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+                        ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64),
+                        ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+                        ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+                        ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p),
+                        ("private_data", ctypes.c_void_p)]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class _PillowPixels:
+    """Numpy's view of a loaded RGB image's pixel block (4 bytes a pixel), exported through Pillow's Arrow
+    interface (Pillow >= 11.2) without a copy; it keeps the image and the export alive as the array's base."""
+
+    def __init__(self, im: Image.Image):
+        capsules = im.__arrow_c_array__()
+        schema = _ArrowSchema.from_address(_capsule_pointer(capsules[0], b"arrow_schema"))
+        array = _ArrowArray.from_address(_capsule_pointer(capsules[1], b"arrow_array"))
+        n = im.width * im.height
+        # One row of 4 uint8 per pixel ("+w:4" of "C"), one block, no offsets or nulls; else not used.
+        if not (schema.format == b"+w:4" and schema.n_children == 1 and schema.children[0].contents.format == b"C"
+                and array.length == n and array.offset == 0 and array.null_count == 0 and array.n_children == 1):
+            raise ValueError("unexpected Arrow layout")
+        child = array.children[0].contents
+        if not (child.length == 4 * n and child.offset == 0 and child.n_buffers == 2 and child.buffers[1]):
+            raise ValueError("unexpected Arrow layout")
+        self._keep = (im.im, capsules)  # the core image that owns the block, alive after im.close()
+        self.__array_interface__ = {"shape": (im.height, im.width), "typestr": "<u4",
+                                    "data": (child.buffers[1], True), "version": 3}
+
+
+def read_id_words(path: Path, image: str, what: str) -> np.ndarray:
+    """An id-encoded panoptic PNG -> (H, W) uint32 words whose low 24 bits are the ids R + 256 G + 256^2 B
+    (``& ID_MASK``; the high byte is padding). Pillow keeps RGB pixels as 4 bytes (RGBX), so this is that
+    block read as little-endian words: no (H, W, 3) array, no arithmetic per pixel, and, where Pillow
+    exports it through its Arrow interface, no copy (else one, ``tobytes``). A missing or corrupt file
+    names the image."""
     if not path.is_file():
         raise EvalInputError(f"image {image}: {what} PNG {path} does not exist")
     try:
-        with Image.open(path) as im:
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            words = np.frombuffer(im.tobytes("raw", "RGBX"), "<u4").reshape(im.height, im.width)
+        with Image.open(path) as f:
+            f.load()
+            im = f if f.mode == "RGB" else f.convert("RGB")
+            # A PNG's pixels are decoded into memory Pillow owns (never a map of the file).
+            if f.format == "PNG" and hasattr(im, "__arrow_c_array__"):
+                try:
+                    return np.asarray(_PillowPixels(im))
+                except ValueError:  # an image in several blocks, or another layout: the copy below
+                    pass
+            return np.frombuffer(im.tobytes("raw", "RGBX"), "<u4").reshape(im.height, im.width)
     except OSError as e:
         raise EvalInputError(f"image {image}: cannot read {what} PNG {path}: {e}") from None
-    return words & np.uint32(0xFFFFFF)
+
+
+def read_id_png(path: Path, image: str, what: str) -> np.ndarray:
+    """An id-encoded panoptic PNG -> (H, W) uint32 ids (:func:`read_id_words` masked)."""
+    return read_id_words(path, image, what) & np.uint32(ID_MASK)
 
 
 def _image_name(ann: dict) -> str:
@@ -128,9 +190,9 @@ def score_pairs(pairs: list[tuple[dict, dict]], categories: list[dict], gt_dir: 
     def one(pair: tuple[dict, dict], acc: PQAccumulator) -> None:
         g, p = pair
         name = _image_name(g)
-        gt = read_id_png(gt_dir / g["file_name"], name, "ground-truth")
-        pred = read_id_png(pred_dir / p["file_name"], name, "prediction")
-        acc.add(gt, g["segments_info"], pred, p["segments_info"], image=name)
+        gt = read_id_words(gt_dir / g["file_name"], name, "ground-truth")
+        pred = read_id_words(pred_dir / p["file_name"], name, "prediction")
+        acc.add(gt, g["segments_info"], pred, p["segments_info"], image=name, id_mask=ID_MASK)
 
     return accumulate(pairs, one, lambda: PQAccumulator(categories), PQAccumulator.merge, workers)
 
