@@ -240,8 +240,11 @@ def test_bench_score_runs_and_agrees(capsys):
 
     assert bench_score.main(["--sample", str(data_dir("coco_panoptic_sample")), "--copies", "2",
                              "--repeats", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ours", "panopticapi"))]
-    assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-9 for r in rows)
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith(("ours,", "panopticapi "))]
+    assert len(rows) == 4 and all(float(r.split()[-1]) < 1e-9 for r in rows)  # every scorer agrees
+    floors = [line for line in out if line.startswith("decode floor")]
+    assert len(floors) == 3 and any(line.startswith("ours on all cores:") for line in out)
 
 
 def test_gt_png_id_missing_from_gt_json_follows_panopticapi(sample, tmp_path):
