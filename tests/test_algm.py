@@ -187,3 +187,16 @@ def test_merging_after_the_queries_join_is_refused():
     eva = build_model(ModelConfig(size="tiny", backbone="tiny_eva02", img_size=64, num_classes=5, num_queries=7))
     with pytest.raises(UserError, match="rotary"):
         eva.set_token_merging(merging())
+
+
+def test_the_config_reaches_the_model():
+    """model.token_merging.* in a config file builds a merging EoMT (training, evaluation and the Table 9 grid
+    all build through build_model); off by default."""
+    cfg = load_config("experiments/quickstart.yaml", ["model.token_merging.enabled=true",
+                                                      "model.token_merging.threshold=0.5"])
+    model = build_model(cfg.model).eval()
+    assert model.token_merging == TokenMergingConfig(enabled=True, threshold=0.5).resolve("tiny")
+    with torch.no_grad():
+        model(halves().repeat(1, 1, 2, 2))  # the quickstart's 128 px
+    assert model.last_merges and model.last_merges[0][2] < model.last_merges[0][1]
+    assert build_model(load_config("experiments/quickstart.yaml").model).token_merging is None

@@ -177,7 +177,7 @@ def _eomt_builder(masked_inference_default: bool) -> Callable[[ModelConfig], Seg
                                   cfg.drop_path)
         m = cfg.masking(masked_inference_default)  # model.mask_setting, or the variant's default
         return EoMT(backbone, cfg.num_classes, cfg.num_queries, cfg.num_query_blocks or spec.query_blocks,
-                    m.attention, m.inference, m.annealing)
+                    m.attention, m.inference, m.annealing, token_merging=cfg.token_merging.resolve(cfg.size))
 
     build.__name__ = build.__qualname__ = f"build_eomt_masked_inference_{masked_inference_default}"
     return build
