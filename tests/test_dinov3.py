@@ -472,3 +472,23 @@ def test_train_layer_decay_query_blocks_reaches_the_optimizer():
     a = build_optimizer(row0, TrainConfig())
     b = build_optimizer(row0, TrainConfig(layer_decay_query_blocks=False))
     assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]
+
+
+def test_evaluation_loads_a_delta_checkpoint_on_its_pretrained_backbone(tmp_path, one_thread):
+    """study eval / the launcher's eval step of a config whose model.checkpoint holds delta weights: the
+    difference is added to model.pretrained (not loaded as absolute weights); a run's own weights stay
+    absolute."""
+    from study.config import load_config
+    from study.eval.run import trained_model
+    from study.models.build import build_model
+
+    hf, backbone_file = write_official_delta(tmp_path)
+    sets = ["model.variant=eomt", "model.size=tiny", "model.backbone=tiny_dinov3", f"model.img_size={IMG}",
+            f"model.num_classes={CLASSES}", f"model.num_queries={QUERIES}", f"model.num_query_blocks={L2}",
+            f"model.checkpoint={tmp_path / 'delta.bin'}", f"model.pretrained={backbone_file}",
+            "model.delta_weights=true"]
+    cfg = load_config(None, sets)
+    x = torch.rand(1, 3, IMG, IMG)
+    _logits_equal(trained_model(cfg, tmp_path / "delta.bin").eval(), hf, x)
+    torch.save(build_model(cfg.model).state_dict(), tmp_path / "model_final.pt")  # a run's absolute weights
+    _logits_equal(trained_model(cfg, tmp_path / "model_final.pt").eval(), hf, x)

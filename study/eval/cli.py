@@ -144,7 +144,7 @@ def register(subparsers) -> None:
     p.add_argument("--pred-dir", help="prediction PNG folder (default: the prediction JSON path without .json)")
     p.add_argument("--categories", help="JSON with the categories, when the GT JSON does not hold them "
                                         "(e.g. panoptic_coco_categories.json)")
-    p.add_argument("--workers", type=int, default=1, help="threads reading and scoring images (default 1)")
+    p.add_argument("--workers", type=int, default=0, help="threads reading and scoring images (0: all cores)")
     common(p)
     p.set_defaults(func=score_panoptic)
 

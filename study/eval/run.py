@@ -351,6 +351,22 @@ def run_weights(cfg: Config, weights: str | Path | None = None) -> Path:
     return weights
 
 
+def trained_model(cfg: Config, weights: str | Path):
+    """The model of ``cfg`` with ``weights`` loaded. The weights are the whole model, so nothing else is
+    loaded first (``model.init_from``, the start of the training, would be read and overwritten, and fails
+    where that file is gone), except the pretrained backbone of a ``model.delta_weights`` checkpoint, which
+    holds only the difference to it (study/models/dinov3.py)."""
+    from study.models.build import build_model
+    from study.models.checkpoint import load_checkpoint
+
+    delta = bool(cfg.model.delta_weights and cfg.model.checkpoint
+                 and Path(weights).resolve() == Path(cfg.model.checkpoint).resolve())
+    model = build_model(replace(cfg.model, checkpoint=None, pretrained=cfg.model.pretrained if delta else None,
+                                init_from=None, reinit_class_head=False, delta_weights=False))
+    load_checkpoint(model, weights, delta_weights=delta)
+    return model
+
+
 def evaluate_run(cfg: Config, weights: str | Path | None = None, run: RunDir | None = None,
                  progress: bool = True, masked: Optional[bool] = None) -> dict:
     """Evaluate the trained weights (:func:`run_weights`) of configuration ``cfg`` on ``eval.split`` (default
@@ -362,16 +378,11 @@ def evaluate_run(cfg: Config, weights: str | Path | None = None, run: RunDir | N
     evaluation is written.
     """
     from study.data import build_dataset
-    from study.models.build import build_model
-    from study.models.checkpoint import load_checkpoint
 
     weights = run_weights(cfg, weights)
     split = cfg.eval.split or cfg.data.val_split
     dataset = build_dataset(cfg.data, split, cfg.task)
-    # The trained weights, below, are the whole model: nothing else is loaded first (model.init_from, the start
-    # of the training, would be read and then overwritten, and fails where that file is gone).
-    model = build_model(replace(cfg.model, checkpoint=None, pretrained=None, init_from=None, reinit_class_head=False))
-    load_checkpoint(model, weights)
+    model = trained_model(cfg, weights)
     t0 = time.perf_counter()
     result = evaluate(model, dataset, cfg.task, cfg.eval, cfg.eval.input_size or cfg.model.img_size,
                       progress=progress, masked=masked)
