@@ -41,6 +41,18 @@ def require(module: str):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ as it found it. submitit's TorchDistributedEnvironment().export() writes
+    RANK, WORLD_SIZE, MASTER_ADDR, ... straight into os.environ; left behind, a later in-process training would
+    wait forever for a second process in init_process_group."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
