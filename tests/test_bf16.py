@@ -98,3 +98,14 @@ def test_autocast_training_step_close_to_fp32(tmp_path):
     assert torch.equal(b32, b16)  # the same start
     assert l16 != l32 and abs(l16 - l32) <= 16 * U * abs(l32), (l16, l32)
     assert float(torch.nn.functional.cosine_similarity(d32, d16, dim=0)) > 0.95
+
+
+def test_bf16_benchmark_prints_every_mode(capsys):
+    """The benchmark runs end to end on tiny EoMT (its figures are printed, never asserted)."""
+    from study.export.bench_bf16 import MODES, main
+
+    assert main(["--size", "tiny", "--img-size", "32", "--rounds", "1", "--threads", "1", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul 2048^3 bfloat16" in out and "load" in out
+    for mode in MODES:
+        assert f"profile {mode}" in out and any(line.strip().startswith(mode) for line in out.splitlines())

@@ -12,6 +12,22 @@ Modes: ``fp32``; ``bf16`` (``torch.autocast("cpu", bfloat16)``, study/device.py 
 ``study bench --precision bf16`` use); ``bf16_weights`` (the model's parameters cast to bf16 once,
 ``model.to(torch.bfloat16)``, and bf16 inputs, no autocast: every op, LayerNorm and softmax included, in bf16,
 the way a deployed bf16 model runs).
+
+Where bf16 EoMT-S at 640 loses its time (measured here, 1 thread, load average about 4.6 from other work on the
+2 cores): fp32 1972 ms (1.44x its fp32 limit), bf16 autocast 795 ms (3.16x its bf16 limit of 252 ms, at
+539 GFLOP/s), bf16 weights 761 ms (3.02x). In the bf16 profile the linear layers (addmm) are no longer the
+problem: 123 ms for 82 GFLOP, the matrix units' full rate. The time goes to
+- the attention: 291 ms, 40% (the CPU flash kernel reaches about 170 GFLOP/s at 1605 tokens and head dim 64,
+  a quarter of the matmul rate: its softmax exponentials and K = 64 products; it alone is 1.15x the limit);
+- copies, 154 ms: one strided copy of the upscaled map, 80 ms (``einsum("bqc,bchw->bqhw")`` in
+  study/models/eomt.py ``EoMTHead`` reads LayerNorm2d's NCHW view of NHWC memory and makes it contiguous;
+  a ``bmm`` on the NHWC view gives bit-identical fp32 logits and saves it), autocast's casts of the residual
+  stream and of the 48 weights (about 45 ms; gone with bf16 weights), and the upscaler's NCHW/NHWC clones;
+- GELU (40 ms), LayerNorm (29 ms) and the upscaler's convolutions (23 ms), which inductor fuses
+  (``torch.compile`` with ``torch._inductor.config.freezing = True`` under autocast: 865 ms against 1070 ms eager
+  in the same rounds at load 6).
+With 2 threads on a loaded 2-core machine the forwards slow down 3-4x more than the matmul probe (OpenMP
+threads wait at every operator's barrier for a descheduled sibling), so time on a busy machine with 1 thread.
 """
 from __future__ import annotations
 
@@ -77,14 +93,16 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int, warmup: int
     return times
 
 
-def top_ops(step: Callable[[], object], k: int = 8) -> list[tuple[str, float, int]]:
-    """(operator, self CPU ms, calls) of one profiled call, the k largest by self CPU time."""
+def top_ops(step: Callable[[], object], k: int = 8) -> tuple[list[tuple[str, float, int]], float]:
+    """(operator, self CPU ms, calls) of one profiled call, the k largest by self CPU time, and the call's total
+    self CPU ms (the sum over every operator of that same call)."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:k]]
+    total = sum(e.self_cpu_time_total for e in rows) / 1e3
+    return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:k]], total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,18 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     after = load()
     for dt in mm:
         print(f"  matmul {MATMUL_N}^3 {dt}: {rate[dt] / 1e9:.0f} GFLOP/s (median)   load {after:.2f}")
-    print(f"  {'mode':<14}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio':>7}   load")
+    print(f"  {'mode':<14}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio':>9}   load")
     for mode in modes:
         t = np.array(times[mode]) * 1e3
         dt = "float32" if mode == "fp32" else "bfloat16"
         limit = 2 * gmacs * 1e9 / rate[dt] * 1e3
         med = float(np.median(t))
         print(f"  {mode:<14}{med:>10.1f}{np.percentile(t, 5):>9.1f}-{np.percentile(t, 95):<8.1f}{len(t):>4}"
-              f"{limit:>10.1f}{med / limit:>7.2f}   {after:.2f}")
+              f"{limit:>10.1f}{med / limit:>9.2f}   {after:.2f}")
     if a.top:
         for mode in modes:
-            ops = top_ops(steps[mode], a.top)
-            total = sum(ms for _, ms, _ in top_ops(steps[mode], 10_000))
+            ops, total = top_ops(steps[mode], a.top)
             print(f"  profile {mode} (one forward, self CPU {total:.0f} ms, load {load():.2f}):")
             for name, ms, calls in ops:
                 print(f"    {ms:8.1f} ms {100 * ms / total:5.1f}%  {calls:4d}x  {name}")
