@@ -4,8 +4,9 @@
     python -m baselines.bench_speed --sizes S --img-size 640 --iters 5 --json runs/bench_baselines.jsonl
 
 Part 1: for each size, the four baselines (rows 0-3) and EoMT with and without masking (rows 4-5), all built
-through study.models.build and timed with the suite's protocol (study/bench/speed.py: batch 1, eval mode,
-no_grad, warm-up, perf_counter on the CPU), FPS and ratio to row 0, then the per-component breakdown (ms).
+through study.models.build and timed with the suite's protocol (study/bench/speed.py: the six rows in the same
+interleaved rounds, eval mode, no_grad, warm-up, FPS from the median iteration), ratio to row 0 with its
+bootstrap interval, then the per-component breakdown (ms) of the same timed iterations.
 Part 2: our pixel decoder and Transformer decoder against HF's ``Mask2FormerPixelDecoder`` and
 ``Mask2FormerTransformerModule`` (+ class predictor) with the same weights on the same inputs (the features an
 S-size adapter gives at the input size); the largest output difference is reported next to the times.
@@ -18,24 +19,24 @@ import time
 
 import torch
 
-from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
+from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
 from study.models.build import build_model, table1_rows
 from study.models.config import ModelConfig
 
 
-def bench_rows(size: str, img: int, protocol: SpeedProtocol) -> list[dict]:
-    rows = []
+def bench_rows(size: str, img: int, protocol: SpeedProtocol) -> tuple[list[dict], str | None]:
+    """The six Table 1 rows of one size, timed in the same interleaved rounds; and the ranking warning."""
+    entries = []
     for variant in (v.name for v in table1_rows()):
         torch.manual_seed(0)
         model = build_model(ModelConfig(variant=variant, size=size, img_size=img)).eval()
-        fps = measure_fps(model, img, protocol)
-        parts = component_breakdown(model, img, protocol)
-        rows.append(dict(kind="row", variant=variant, size=size, img_size=img, fps=fps["fps"], ms=fps["ms_mean"],
-                         ms_std=fps["ms_std"], components=parts, protocol=fps["protocol"]))
-    base = rows[0]["fps"]
-    for r in rows:
-        r["ratio_to_row0"] = r["fps"] / base
-    return rows
+        entries.append(build_entry(variant, model, img, protocol))
+    results, warning = time_interleaved(entries, breakdown=True)
+    rows = [dict(kind="row", variant=e.label, size=size, img_size=img, fps=r["fps"], ms=r["ms_median"],
+                 ms_mean=r["ms_mean"], ms_p5=r["ms_p5"], ms_p95=r["ms_p95"], n_iters=r["n_iters"],
+                 ratio_to_row0=r["ratio"], ratio_ci=r["ratio_ci"], components=r["breakdown_ms"],
+                 protocol=r["protocol"], env=r["env"]) for e, r in zip(entries, results)]
+    return rows, warning
 
 
 def _time(fn, warmup: int, iters: int) -> float:
@@ -108,23 +109,29 @@ def main(argv=None) -> None:
     p.add_argument("--img-size", type=int, default=640)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every available core)")
+    p.add_argument("--min-time", type=float, default=0.0, help="seconds of timed iterations per row, at least")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", default=None, help="append one JSON row per measurement to this file")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    protocol = SpeedProtocol(device="cpu", precision="fp32", warmup=args.warmup, iters=args.iters)
+    protocol = SpeedProtocol(device="cpu", precision="fp32", warmup=args.warmup, iters=args.iters,
+                             batch=args.batch, threads=args.threads, min_time=args.min_time)
     out = []
     for size in args.sizes:
-        rows = bench_rows(size, args.img_size, protocol)
+        rows, warning = bench_rows(size, args.img_size, protocol)
         out += rows
-        print(f"\n== size {size}, {args.img_size}x{args.img_size}, CPU threads {torch.get_num_threads()}, "
-              f"batch 1, fp32, eager")
-        print(f"{'variant':22s} {'FPS':>7s} {'ms':>8s} {'vs row 0':>8s}   per-component ms")
+        print(f"\n== size {size}, {args.img_size}x{args.img_size}, CPU threads {rows[0]['env']['threads']}, "
+              f"batch {args.batch}, fp32, eager, interleaved rounds, load {rows[0]['env']['load_avg_1min']}")
+        print(f"{'variant':22s} {'FPS':>7s} {'ms med':>8s} {'p5-p95':>15s} {'n':>4s} {'vs row 0 [95% CI]':>20s}   "
+              "per-component ms (mean)")
         for r in rows:
             comps = ", ".join(f"{k} {v:.0f}" for k, v in r["components"].items() if k != "total")
-            print(f"{r['variant']:22s} {r['fps']:7.2f} {r['ms']:8.1f} {r['ratio_to_row0']:7.2f}x   {comps}")
+            ci = f"{r['ratio_to_row0']:.2f}x [{r['ratio_ci'][0]:.2f}-{r['ratio_ci'][1]:.2f}]"
+            print(f"{r['variant']:22s} {r['fps']:7.2f} {r['ms']:8.1f} {r['ms_p5']:7.1f}-{r['ms_p95']:<7.1f} "
+                  f"{r['n_iters']:4d} {ci:>20s}   {comps}")
+        if warning:
+            print(warning)
     if not args.skip_hf:
         in_dim = 384  # ViT-S width: the features our S-size pixel decoder reads
         hf = bench_against_hf(in_dim, args.img_size, args.warmup, args.iters)
