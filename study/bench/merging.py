@@ -17,7 +17,7 @@ merging:
   earlier crop reuse its count (exact, and the benchmark stays fast);
 - the patch tokens left after each merge (mean, min, max over the crops);
 - FPS at each batch size of ``--batches`` (crops of the evaluated images, cycled to fill the batch; merging
-  takes the batch minimum of mergeable tokens, the paper's protocol, docs/paper.md appendix A.3), measured
+  takes the batch minimum of mergeable tokens, the paper's protocol, docs/paper.md section 4), measured
   interleaved: ``--rounds`` rounds, each times ``--iters`` forwards of the plain model then of the merged one
   (the order alternates between rounds), so that drifts of the machine hit both alike; the median images/s over
   the rounds and its spread (min, max) are reported.
