@@ -420,6 +420,8 @@ def _main(args) -> int:
     started = STARTED
     threads = args.time_threads if args.time_threads > 0 else torch.get_num_threads()
     torch.set_num_threads(threads)  # what runs here (timing; every step with --cluster debug)
+    # the benchmark's protocol sets (and records) its own thread count: the same one, in every stage
+    args.overrides = [*args.overrides, f"bench.threads={threads}"]
     grid = Path(args.grid)
     _, runs = expand_grid(grid, args.overrides)  # every run checked before anything runs
     grid_dir = Path(runs[0].config.output_dir)

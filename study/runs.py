@@ -57,7 +57,8 @@ from study.io import atomic_write_json
 
 STEPS = ("train", "eval", "bench")
 # What a benchmark result depends on besides the model (the eval step depends on the whole eval section).
-BENCH_SETTINGS = ("fps", "device", "precision", "compile", "warmup", "iters", "scope", "breakdown", "counter")
+BENCH_SETTINGS = ("fps", "device", "precision", "compile", "compile_mode", "warmup", "iters", "min_time", "batch",
+                  "threads", "scope", "breakdown", "counter", "runtime")
 # Parts of an evaluation result that stay in the eval file, out of metrics.json: per-class tables, the
 # category list, COCOeval's printed summary.
 EVAL_DETAILS = ("per_class", "categories", "summary")

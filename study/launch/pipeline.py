@@ -34,7 +34,7 @@ def _bench(cfg: Config) -> dict:
     protocol of study/bench/speed.py and (``bench.breakdown``) the milliseconds per component of one forward
     (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on."""
     from study.bench.flops import count_flops, count_params
-    from study.bench.speed import SpeedProtocol, component_breakdown, measure_fps
+    from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
 
     b = cfg.bench
     model = _untrained_model(cfg)  # FLOPs and speed do not depend on the weights
@@ -45,10 +45,15 @@ def _bench(cfg: Config) -> dict:
            "uncounted_ops": flops.uncounted, "flop_counter": b.counter}
     row["settings"] = step_settings("bench", to_dict(cfg))
     if b.fps:
-        protocol = SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters, b.scope)
-        row.update(measure_fps(model, img, protocol))
-        if b.breakdown:
-            row["breakdown_ms"] = component_breakdown(model, img, protocol)
+        protocol = SpeedProtocol(device=b.device, precision=b.precision, compile=b.compile, warmup=b.warmup,
+                                 iters=b.iters, scope=b.scope, batch=b.batch, threads=b.threads,
+                                 min_time=b.min_time, compile_mode=b.compile_mode, runtime=b.runtime)
+        entry = build_entry("model", model, img, protocol)
+        # the breakdown comes from the timed iterations themselves, when they can give one (eager PyTorch)
+        (timed,), _ = time_interleaved([entry], breakdown=b.breakdown and not entry.no_breakdown)
+        for key in ("mode", "ratio", "ratio_ci", "ratio_to"):
+            timed.pop(key, None)
+        row.update(timed)
     row["host"] = platform.node()
     return row
 
