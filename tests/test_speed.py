@@ -12,6 +12,8 @@ import contextlib
 
 import pytest
 import torch
+
+from conftest import require
 from torch import nn
 from torch.nn import functional as F
 
@@ -289,3 +291,20 @@ def test_modes_and_their_mistakes():
         speed.time_interleaved([entry])
     with pytest.raises(UserError, match="bench.compile_mode"):
         speed.SpeedProtocol(compile_mode="fastest").resolved()
+
+
+def test_onnxruntime_is_a_runtime_of_the_benchmark_timed_in_the_same_rounds():
+    """--modes eager,onnxruntime times ONNX Runtime beside PyTorch (the export is fp32 whatever the
+    protocol's precision was; tiny EoMT at 64 px)."""
+    require("onnxruntime")
+    from study.bench.speed import SpeedProtocol, apply_mode, build_entry, time_interleaved
+    from study.config import load_config
+    from study.models.build import build_model
+
+    model = build_model(load_config("experiments/quickstart.yaml", ["model.img_size=64"]).model).eval()
+    base = SpeedProtocol(device="cpu", precision="auto", warmup=1, iters=2, threads=1)
+    assert apply_mode("onnxruntime", base).precision == "fp32"
+    entries = [build_entry(m, model, 64, apply_mode(m, base)) for m in ("eager", "onnxruntime")]
+    rows, _ = time_interleaved(entries)
+    assert [r["protocol"]["runtime"] for r in rows] == ["pytorch", "onnxruntime"]
+    assert all(r["n_iters"] >= 2 and r["ms_median"] > 0 for r in rows)

@@ -244,7 +244,15 @@ def pytorch_runner(model: nn.Module, example: Any, protocol: SpeedProtocol) -> C
     return run
 
 
-RUNTIMES: dict[str, RunnerBuilder] = {"pytorch": pytorch_runner}
+def _onnxruntime_runner(model, example, protocol):
+    """ONNX Runtime (study/export/onnx.py): the model exported at the example's size, one session call a
+    forward; imported on first use so that onnx and onnxruntime stay optional for everything else."""
+    from study.export.onnx import onnxruntime_runner
+
+    return onnxruntime_runner(model, example, protocol)
+
+
+RUNTIMES: dict[str, RunnerBuilder] = {"pytorch": pytorch_runner, "onnxruntime": _onnxruntime_runner}
 
 
 def register_runtime(name: str, build: RunnerBuilder) -> None:
@@ -271,7 +279,9 @@ def apply_mode(mode: str, protocol: SpeedProtocol) -> SpeedProtocol:
         elif word in ("fp32", "bf16", "fp16", "auto"):
             p = replace(p, precision=word)
         elif word in RUNTIMES:
-            p = replace(p, runtime=word)
+            # ONNX Runtime runs the fp32 export: a mode naming it alone is an fp32 row (a later word may
+            # still ask for another precision, which the runner then refuses by name)
+            p = replace(p, runtime=word, precision="fp32" if word == "onnxruntime" else p.precision)
         else:
             raise UserError(f"bench.modes entry '{mode}': unknown word '{word}'; use eager, compile, fp32, bf16, "
                             f"fp16, auto or a runtime ({', '.join(RUNTIMES)}), joined by '+'")
