@@ -171,3 +171,14 @@ def test_flops_by_component_explain_each_table1_step():
     # (5) EoMT without masking at inference: the mask module runs once instead of before every query block
     assert rows["eomt"]["mask_module_and_upscaler"] < rows["eomt_masked"]["mask_module_and_upscaler"]
     assert rows["eomt"]["blocks_with_queries"] == rows["eomt_masked"]["blocks_with_queries"]
+
+
+def test_printed_gflops_are_the_counts_own_rounding():
+    """The table prints each count rounded once: row 0 at S 640 counts 166.049 GFLOPs, which reads 166.0 (a
+    row rounded to 2 decimals first read 166.05 and printed 166.1)."""
+    from study.bench.run import _count_row, format_table
+    from study.config import load_config
+
+    row, _ = _count_row(load_config(None, ["bench.fps=false", "bench.img_size=640"]), "vit_adapter_m2f", "S")
+    assert 166.04 < row["gflops"] < 166.05
+    assert " 166.0 " in format_table([row])
