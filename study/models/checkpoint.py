@@ -27,6 +27,19 @@ _OFFICIAL = [
 ]
 _OFFICIAL_DROPPED = (r"^criterion\.",)  # criterion.empty_weight: a loss buffer, not part of the model
 
+# The parts outside the ViT, the same in Hugging Face's EomtForUniversalSegmentation and
+# EomtDinov3ForUniversalSegmentation (study/models/dinov3.py): queries, class head, mask MLP, upscaler, P_mask.
+HF_HEAD_RULES: list[tuple[str, str]] = [
+    (r"^query\.", "q."),
+    (r"^class_predictor\.", "head.class_head."),
+    (r"^mask_head\.fc1\.", "head.mask_head.0."),
+    (r"^mask_head\.fc2\.", "head.mask_head.2."),
+    (r"^mask_head\.fc3\.", "head.mask_head.4."),
+    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"head.upscale.\1.norm."),
+    (r"^upscale_block\.block\.(\d+)\.", r"head.upscale.\1."),  # conv1, conv2
+    (r"^attn_mask_probs$", "attn_mask_probs"),
+]
+
 # Hugging Face EomtForUniversalSegmentation -> ours (q, k, v projections are fused afterwards).
 _HF = [
     (r"^embeddings\.cls_token$", "backbone.vit.cls_token"),
@@ -41,14 +54,7 @@ _HF = [
     (r"^layers\.(\d+)\.mlp\.weights_out\.", r"backbone.vit.blocks.\1.mlp.fc2."),
     (r"^layers\.(\d+)\.mlp\.", r"backbone.vit.blocks.\1.mlp."),
     (r"^layernorm\.", "backbone.vit.norm."),
-    (r"^query\.", "q."),
-    (r"^class_predictor\.", "head.class_head."),
-    (r"^mask_head\.fc1\.", "head.mask_head.0."),
-    (r"^mask_head\.fc2\.", "head.mask_head.2."),
-    (r"^mask_head\.fc3\.", "head.mask_head.4."),
-    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"head.upscale.\1.norm."),
-    (r"^upscale_block\.block\.(\d+)\.", r"head.upscale.\1."),
-    (r"^attn_mask_probs$", "attn_mask_probs"),
+    *HF_HEAD_RULES,
 ]
 _HF_DROPPED = (r"^criterion\.", r"^embeddings\.position_ids$")
 

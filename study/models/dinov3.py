@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
+from study.models.checkpoint import HF_HEAD_RULES
 
 # Backbone: Hugging Face DINOv3ViTModel (and the official code's renamed copy of it) -> timm's Eva.
 # ``(?:model\.)?(?:layer|blocks)``: the file's ``layer.N``, transformers 5's ``model.layer.N``, the official
@@ -69,14 +70,7 @@ OFFICIAL_DROPPED = (r"^criterion\.",)  # the loss's empty_weight buffer
 # Whole model, Hugging Face EomtDinov3ForUniversalSegmentation -> ours.
 HF_EOMT_RULES: list[tuple[str, str]] = [
     (r"^layernorm\.", "norm."),  # the final norm: a backbone key, through BACKBONE_RULES
-    (r"^query\.", "q."),
-    (r"^class_predictor\.", "head.class_head."),
-    (r"^mask_head\.fc1\.", "head.mask_head.0."),
-    (r"^mask_head\.fc2\.", "head.mask_head.2."),
-    (r"^mask_head\.fc3\.", "head.mask_head.4."),
-    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"head.upscale.\1.norm."),
-    (r"^upscale_block\.block\.(\d+)\.(conv[12])\.", r"head.upscale.\1.\2."),
-    (r"^attn_mask_probs$", "attn_mask_probs"),
+    *HF_HEAD_RULES,  # the same head as Hugging Face's DINOv2 EoMT
 ]
 HF_EOMT_DROPPED = (r"^criterion\.",)
 
