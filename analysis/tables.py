@@ -240,6 +240,11 @@ def environment(results: pd.DataFrame, short: bool = False) -> list[str]:
     seen = []
     for _, r in done.iterrows():
         get = {k: r.get(c) for k, c in cols.items()}
+        # the speed protocol records versions and the device's name in metrics.bench.env (study/bench/speed.py)
+        for key, env_key in (("torch", "torch"), ("gpu", "device_name")):
+            value = r.get(f"metrics.bench.env.{env_key}")
+            if isinstance(value, str) and (key != "gpu" or str(get["device"]).startswith("cuda")):
+                get[key] = value
         if get["device"] is None or pd.isna(get["device"]):
             continue
         gpu = get["gpu"] if isinstance(get["gpu"], str) else None
