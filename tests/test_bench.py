@@ -182,3 +182,27 @@ def test_printed_gflops_are_the_counts_own_rounding():
     row, _ = _count_row(load_config(None, ["bench.fps=false", "bench.img_size=640"]), "vit_adapter_m2f", "S")
     assert 166.04 < row["gflops"] < 166.05
     assert " 166.0 " in format_table([row])
+
+
+def test_paper_numbers_beside_a_row_belong_to_its_backbone():
+    """study bench prints the paper's numbers of the row's own backbone: Table 2's EVA-02 row for EVA-02,
+    none for DINOv3 (the paper has no DINOv3 row), never DINOv2's beside another backbone."""
+    from study.paper_numbers import paper_numbers
+
+    assert paper_numbers("eomt", "S", 640, backbone="vit_small_patch16_dinov3") is None
+    eva = paper_numbers("eomt", "L", 640, backbone="eva02_large_patch14_224.mim.m38m")
+    assert eva["GFLOPs"] == 667 and paper_numbers("eomt", "L", 640)["GFLOPs"] == 669
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,paper", [("vit_adapter_m2f", 829), ("eomt_masked", 826), ("eomt", 667)])
+def test_table2_eva02_counts(variant, paper):
+    """Table 2's EVA-02-L row at 640: 829 / 826 / 667 GFLOPs; ours (fast counter) 830.4 / 826.9 / 667.2."""
+    from study.bench.run import _count_row
+    from study.config import load_config
+
+    cfg = load_config(None, ["bench.fps=false", "bench.img_size=640",
+                             "model.backbone=eva02_large_patch14_224.mim.m38m"])
+    row, _ = _count_row(cfg, variant, "L")
+    assert row["gflops"] == pytest.approx(paper, rel=0.002)
+    assert row["paper"]["gflops"] == paper

@@ -54,7 +54,7 @@ def _count_row(cfg: Config, variant: str, size: str) -> tuple[dict, torch.nn.Mod
         "gflops_by_module": {k: round(v / 1e9, 3) for k, v in flops.by_module.items()},
         "gflops_by_component": {k: round(v / 1e9, 3) for k, v in flops.by_component.items()},
     }
-    paper = paper_numbers(variant, size, b.img_size, cfg.task)  # study/paper_numbers.csv
+    paper = paper_numbers(variant, size, b.img_size, cfg.task, backbone=mcfg.backbone)  # study/paper_numbers.csv
     if paper is not None:
         where = f"Table {paper['table']}" + (f" ({paper['group']})" if paper["group"] else "")
         row["paper"] = {"params_m": paper["params_M"], "gflops": paper["GFLOPs"], "fps_h100": paper["FPS"],
