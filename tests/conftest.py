@@ -54,8 +54,15 @@ def _restore_environment():
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """A seeded start, and torch's thread count as it was: code under test that sets it (the main study's
+    timing, the benchmark's --threads) must not change the next test's arithmetic. An in-process run at 1
+    thread and a subprocess at 2 sum in other orders, which broke the bitwise-resume test after the main
+    study's test had run in the same session."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
