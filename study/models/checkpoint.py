@@ -16,8 +16,8 @@ from study.io import read_torch_file
 from study.models.backbone import state_dict_mismatch
 
 # Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
-_OFFICIAL = [
-    (r"^network\.encoder\.backbone\.", "backbone.vit."),
+# The parts outside the ViT, the same in the official DINOv2 and DINOv3 EoMT (study/models/dinov3.py).
+OFFICIAL_HEAD_RULES: list[tuple[str, str]] = [
     (r"^network\.encoder\.pixel_(mean|std)$", r"backbone.pixel_\1"),
     (r"^network\.q\.", "q."),
     (r"^network\.class_head\.", "head.class_head."),
@@ -25,6 +25,7 @@ _OFFICIAL = [
     (r"^network\.upscale\.", "head.upscale."),
     (r"^network\.attn_mask_probs$", "attn_mask_probs"),
 ]
+_OFFICIAL = [(r"^network\.encoder\.backbone\.", "backbone.vit."), *OFFICIAL_HEAD_RULES]
 _OFFICIAL_DROPPED = (r"^criterion\.",)  # criterion.empty_weight: a loss buffer, not part of the model
 
 # The parts outside the ViT, the same in Hugging Face's EomtForUniversalSegmentation and

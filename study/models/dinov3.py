@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
-from study.models.checkpoint import HF_HEAD_RULES
+from study.models.checkpoint import HF_HEAD_RULES, OFFICIAL_HEAD_RULES
 
 # Backbone: Hugging Face DINOv3ViTModel (and the official code's renamed copy of it) -> timm's Eva.
 # ``(?:model\.)?(?:layer|blocks)``: the file's ``layer.N``, transformers 5's ``model.layer.N``, the official
@@ -56,14 +56,7 @@ BACKBONE_RULES: list[tuple[str, str]] = [
 BACKBONE_DROPPED = (_E + r"mask_token$", r"^rope_embeddings\.")
 
 # Whole model, official layout -> ours (the backbone part then goes through BACKBONE_RULES).
-OFFICIAL_RULES: list[tuple[str, str]] = [
-    (r"^network\.encoder\.pixel_(mean|std)$", r"backbone.pixel_\1"),
-    (r"^network\.q\.", "q."),
-    (r"^network\.class_head\.", "head.class_head."),
-    (r"^network\.mask_head\.", "head.mask_head."),
-    (r"^network\.upscale\.", "head.upscale."),
-    (r"^network\.attn_mask_probs$", "attn_mask_probs"),
-]
+OFFICIAL_RULES: list[tuple[str, str]] = OFFICIAL_HEAD_RULES
 OFFICIAL_BACKBONE = "network.encoder.backbone."
 OFFICIAL_DROPPED = (r"^criterion\.",)  # the loss's empty_weight buffer
 
