@@ -79,20 +79,62 @@ def _legend_below(fig, ax, rows_per_col: int | None = None) -> None:
     fig.tight_layout(rect=(0, 0.02 + 0.045 * n * 3.3 / fig.get_figheight(), 1, 1))
 
 
+def series(data: pd.DataFrame, along: tuple[str, ...] = ("model.size",)) -> list[tuple[str, str, pd.DataFrame]]:
+    """``data`` (rows of :func:`analysis.tables.summarize`) split into lines that run ``along`` the given
+    columns (the model size): (variant, what else sets the line apart, its rows in size order). Rows of one
+    variant that differ in another setting (Table 7's ``model.mask_setting``, Table D's L2, the input size)
+    are separate lines, never joined; the second element names the settings that are not the variant's
+    default ("" for the variant's default line)."""
+    meta = {"params_M", "GFLOPs", "FPS", "n", "runs"} | {c for c in data if c.endswith("_std")}
+    keys = [c for c in data.columns if c.startswith("model.") and c != "model.variant" and c not in along]
+    out = []
+    for variant in _variants(data["model.variant"]):
+        d = data[data["model.variant"] == variant]
+        differ = [c for c in keys if c not in meta and d[c].nunique(dropna=False) > 1]
+        if not differ:
+            out.append((variant, "", _by_size(d)))
+            continue
+        for values, part in d.groupby(differ, sort=False, dropna=False):
+            values = values if isinstance(values, tuple) else (values,)
+            # a setting left at the variant's default (NaN) is not named; mask_setting by its value alone
+            name = ", ".join(str(v) if c == "model.mask_setting" else f"{c.removeprefix('model.')} {v}"
+                             for c, v in zip(differ, values) if not pd.isna(v))
+            out.append((variant, name, _by_size(part)))
+    return out
+
+
+MARKERS = "osD^v<>p"  # the lines of one variant (one colour) that differ in a setting
+
+
+def _log_axis(axis) -> None:
+    """A log axis with plain numbers at 1, 2 and 5 per decade (matplotlib's 2x10^1 labels of the minor
+    ticks overlap on a short range)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: bool = True,
                   img_size: int = 640):
-    """``y`` against ``x`` through the sizes, one line per variant: ours (every input size, points labelled
-    size/input) and, with ``paper``, the paper's points at ``img_size`` on the same axes. The paper's Figure 1
-    is ``x="FPS"``; the title names the device and precision of our FPS."""
+    """``y`` against ``x`` through the sizes, one line per variant and setting (:func:`series`): ours (points
+    labelled size/input, or, where every point of ours has one size and input, that in the caption) and, with
+    ``paper``, the paper's points at ``img_size`` on the same axes. The paper's Figure 1 is ``x="FPS"``; the
+    title names the device and precision of our FPS."""
     plt = _style()
     data = ours(results, x, y)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.3))
-    for variant in _variants(data["model.variant"]):
-        d = _by_size(data[data["model.variant"] == variant])
-        ax.plot(d[x], d[y], marker="o", ms=3.5, lw=1, color=_colour(variant), label=f"{LABELS.get(variant, variant)} (ours)")
-        for _, r in d.iterrows():
-            ax.annotate(f"{r['model.size']}/{int(r['model.img_size'])}", (r[x], r[y]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=5)
+    where = {f"{r['model.size']}/{int(r['model.img_size'])}" for _, r in data.iterrows()}
+    seen: dict[str, int] = {}
+    for variant, setting, d in series(data):
+        k = seen[variant] = seen.get(variant, -1) + 1
+        label = LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)"
+        ax.plot(d[x], d[y], marker=MARKERS[k % len(MARKERS)], ms=3.5, lw=1, color=_colour(variant), label=label)
+        if len(where) > 1:
+            for _, r in d.iterrows():
+                ax.annotate(f"{r['model.size']}/{int(r['model.img_size'])}", (r[x], r[y]),
+                            textcoords="offset points", xytext=(3, 3), fontsize=5)
     if paper:
         p = paper_points(img_size)
         for variant in _variants(p["model.variant"]):
@@ -106,11 +148,17 @@ def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: b
                             color="0.35")
     if x in ("FPS", "GFLOPs", "params_M"):
         ax.set_xscale("log")
+        _log_axis(ax.xaxis)
     ax.set_xlabel(UNITS.get(x, x))
     ax.set_ylabel(UNITS.get(y, y))
     title = f"{y} vs {x} through the model sizes"
+    only = f"ours: size/input {next(iter(where))}" if len(where) == 1 else ""
     if x == "FPS" or y == "FPS":
-        title += f"\n{_fps_caption(results)}" + ("\npaper: one H100, mixed precision" if paper else "")
+        caption = _fps_caption(results)
+        title += f"\n{caption}" + (f"; {only.removeprefix('ours: ')}" if only else "") \
+            + ("\npaper: one H100, mixed precision" if paper else "")
+    elif only:
+        title += f"\n{only}"
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both", lw=0.4)
     _legend_below(fig, ax)
@@ -118,18 +166,20 @@ def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: b
 
 
 def size_plot(results: pd.DataFrame, paper: bool = True, img_size: int = 640):
-    """Parameters (left) and GFLOPs (right) against the model size, one line per variant (ours solid, the
-    paper's at ``img_size`` dashed and hollow)."""
+    """Parameters (left) and GFLOPs (right) against the model size, one line per variant and setting
+    (:func:`series`; ours solid, the paper's at ``img_size`` dashed and hollow)."""
     plt = _style()
     data = ours(results, "params_M", "GFLOPs")
     p = paper_points(img_size) if paper else data.iloc[0:0]
     sizes = [z for z in SIZE_ORDER if z in set(data["model.size"]) | set(p["model.size"])]
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 2.6))
     for ax, col in zip(axes, ("params_M", "GFLOPs")):
-        for variant in _variants(data["model.variant"]):
-            d = _by_size(data[data["model.variant"] == variant])
-            ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker="o", ms=3, lw=1,
-                    color=_colour(variant), label=f"{LABELS.get(variant, variant)} (ours)")
+        seen: dict[str, int] = {}
+        for variant, setting, d in series(data):
+            k = seen[variant] = seen.get(variant, -1) + 1
+            ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker=MARKERS[k % len(MARKERS)], ms=3,
+                    lw=1, color=_colour(variant),
+                    label=LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)")
         for variant in _variants(p["model.variant"]):
             d = _by_size(p[p["model.variant"] == variant]).dropna(subset=[col])
             ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker="o", ms=3, lw=0.8, ls="--",

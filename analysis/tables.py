@@ -249,7 +249,8 @@ def environment(results: pd.DataFrame, short: bool = False) -> list[str]:
             continue
         gpu = get["gpu"] if isinstance(get["gpu"], str) else None
         host = r.get("metrics.bench.host")
-        text = f"{get['device']}" + (f" ({gpu})" if gpu else "") + f", {get['precision']}, {int(get['threads'])} threads"
+        n = int(get["threads"])
+        text = f"{get['device']}" + (f" ({gpu})" if gpu else "") + f", {get['precision']}, {n} thread{'s' * (n != 1)}"
         if not short:
             text = (text + (", torch.compile" if get["compile"] is True else "") + f", torch {get['torch']}"
                     + (f", host {host}" if isinstance(host, str) else ""))

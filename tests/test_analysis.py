@@ -63,6 +63,24 @@ def test_figure1_ours_and_the_papers_points_told_apart():
         tradeoff_plot(results(), y="AP")
 
 
+def test_runs_of_one_variant_in_other_settings_are_separate_lines():
+    """Table 7's mask settings (and any other setting) are never joined with the variant's own line: EoMT at S
+    and L plus an unmasked EoMT at L are two lines, each named; the tick labels are plain numbers."""
+    r = results()
+    extra = r[r["run"] == "eomt-0"].assign(run="eomt-unmasked", **{"model.mask_setting": "unmasked", "PQ": 53.2,
+                                                                   "FPS": 140.0})
+    r = pd.concat([r, extra], ignore_index=True)
+    for fig, ax in ((f, f.axes[0]) for f in (tradeoff_plot(r), size_plot(r))):
+        lines = {line.get_label(): line for line in ax.lines}
+        assert len(lines["EoMT (ours)"].get_xdata()) == 2  # S and L of the default setting only
+        assert len(lines["EoMT unmasked (ours)"].get_xdata()) == 1
+        assert lines["EoMT unmasked (ours)"].get_marker() != lines["EoMT (ours)"].get_marker()
+    fig = tradeoff_plot(r)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert labels and all(t.replace(".", "").isdigit() for t in labels), labels  # 20, 50, 100, ..., no 2x10^1
+
+
 def test_size_and_component_figures():
     fig = size_plot(results())
     params, gflops = fig.axes

@@ -66,7 +66,7 @@ def _check_index(root, grid_dir):
     assert "components_time.png" in pngs  # the pipeline records the per-component time now
     for png in pngs:
         assert f"]({png})" in index
-    assert f"Times taken on: cpu, fp32, 1 threads, torch {torch.__version__}" in index  # the version, not None
+    assert f"Times taken on: cpu, fp32, 1 thread, torch {torch.__version__}" in index  # the version, not None
     assert f"host {platform.node()}" in index
     assert "## Parameters and GFLOPs at the real sizes" in index
     return index

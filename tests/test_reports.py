@@ -98,7 +98,7 @@ def test_all_writes_tables_figures_and_an_index(quickstart, tmp_path):
         assert (out / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
     index = (out / "index.md").read_text()
     threads = int(runs["metrics.bench.protocol.threads"].iloc[0])
-    assert f"Times taken on: cpu, fp32, {threads} threads" in index
+    assert f"Times taken on: cpu, fp32, {threads} thread{'s' * (threads != 1)}" in index
     assert "[md](table_1.md)" in index and "[png](fig1_pq_fps.png)" in index
     assert "[png](components_time.png)" in index  # the pipeline records the per-component time
 
