@@ -31,7 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = time.perf_counter()  # before torch is imported: the summary's seconds are the whole command's
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler of the timing step: no start/stop lines
+# The profiler of the timing step: no log lines from Kineto (its start/stop notices are dropped by
+# study/bench/speed.py without_profiler_notices, which KINETO_LOG_LEVEL does not reach).
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 # What the count table depends on besides its own settings: the models, the counters and the paper's numbers.
 COUNT_INPUTS = ("study/models", "study/bench", "baselines", "study/config.py", "study/paper_numbers.py",
                 "study/paper_numbers.csv")
@@ -43,6 +45,10 @@ def _say(line: str = "") -> None:
 
     tqdm.write(line)  # above any bar that is drawn
     sys.stdout.flush()
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + "s" * (n != 1)
 
 
 def _tty() -> bool:
@@ -449,15 +455,15 @@ def _main(args) -> int:
     _say(f"== 2/4 {' + '.join(steps)}: `study launch {grid} --cluster {args.cluster} --steps {','.join(steps)}`")
     summary["train_eval"] = run_stage(grid, args.overrides, args.cluster, steps, args.job_threads, args.poll)
     if time_here:
-        _say(f"== 3/4 timing: the benchmark step of every run here, one after another ({threads} threads)")
+        _say(f"== 3/4 timing: the benchmark step of every run here, one after another ({_threads(threads)})")
         summary["timing"] = timing_stage(grid, args.overrides, threads)
     else:
         _say("== 3/4 timing: done by each job with its run (stage 2)")
     notes = [f"`make study` (scripts/main_study.py) with grid {grid.name}"
              + (f" and {' '.join('--set ' + o for o in args.overrides)}" if args.overrides else ""),
              f"training and evaluation: {args.cluster} jobs"
-             + (f" ({len(runs)} at once, {args.job_threads} thread(s) each)" if time_here else ""),
-             "timing: " + (f"here, one run after another, {threads} threads, nothing else of the study running"
+             + (f" ({len(runs)} at once, {_threads(args.job_threads)} each)" if time_here else ""),
+             "timing: " + (f"here, one run after another, {_threads(threads)}, nothing else of the study running"
                            if time_here else "in each run's job"),
              f"machine: {summary['machine']}"]
     _say(f"== 4/4 report: `study report {grid_dir} --all {root / 'report'}`")

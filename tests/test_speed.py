@@ -39,6 +39,22 @@ def test_kernel_taken_is_recorded():
     assert none == {}
 
 
+def test_kernel_recording_drops_the_profilers_notices_and_keeps_other_output(capfd):
+    """Kineto prints 'USDT: ... profiler_start/stop' on fd 2 at every profile (they interleaved with the
+    progress lines of `make study`); those two go, anything else the step writes to fd 2 stays."""
+    import os
+
+    def step():
+        os.write(2, b"a line the step writes\n")
+        return F.scaled_dot_product_attention(torch.rand(1, 1, 4, 8), torch.rand(1, 1, 4, 8), torch.rand(1, 1, 4, 8))
+
+    with torch.no_grad():
+        assert speed.sdpa_kernels_taken(step)
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err
+    assert "a line the step writes" in err
+
+
 def test_fps_rows_name_the_kernels_of_the_model():
     """tiny masked EoMT: one SDPA call in each of its 4 blocks (the 2 query blocks with a boolean mask)."""
     row = speed.measure_fps(_eomt("eomt_masked"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=2))

@@ -50,6 +50,8 @@ import functools
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -168,12 +170,44 @@ SDPA_KERNELS = (
 )
 
 
+def _profiler_notice(line: str) -> bool:
+    if line.startswith("USDT:") and ("profiler_start" in line or "profiler_stop" in line):
+        return True
+    # a CUDA build of torch on a machine without a GPU driver: Kineto's device query fails, harmlessly
+    return "gpuGetDeviceCount failed" in line and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def without_profiler_notices():
+    """Kineto (torch's profiler) writes two lines, ``USDT:... profiler_start`` and ``... profiler_stop``, to
+    file descriptor 2 from C++ at every profile (KINETO_LOG_LEVEL does not silence them), and, with a CUDA
+    build of torch on a machine without a GPU, an "ERROR ... gpuGetDeviceCount failed" line. Inside, fd 2
+    goes to a temporary file; afterwards every line of it except those notices is written to the real
+    stderr (other warnings and errors are kept, in order)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _profiler_notice(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def sdpa_kernels_taken(step: Callable[[], object]) -> dict[str, int]:
     """Run ``step`` once under the profiler; SDPA kernel op name -> calls. Empty when none was seen (no
     attention, or a compiler that decomposed it into plain matmuls)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with without_profiler_notices(), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     calls = Counter(e.name for e in prof.events() if e.name in SDPA_KERNELS)
     return dict(sorted(calls.items()))
