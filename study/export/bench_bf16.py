@@ -40,7 +40,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-MODES = ("fp32", "bf16", "bf16_weights")
+from study.errors import UserError
+
+MODES = ("fp32", "bf16", "bf16_weights")  # the default rows
+# Compiled rows (``--modes``; compiling EoMT-S at 640 takes about a minute here): inductor with freezing, the
+# parameters folded into the graph as constants (so autocast's weight casts run once, at compile time) and
+# GELU, LayerNorm and the element-wise ops fused into their neighbours.
+COMPILED_MODES = ("bf16_compile", "bf16_weights_compile")
+ALL_MODES = MODES + COMPILED_MODES
 MATMUL_N = 2048  # the probe: (n x n) @ (n x n), large enough for the matrix units' steady rate, 8 MiB in bf16
 
 
@@ -56,9 +63,26 @@ def matmul_probe(dtype: torch.dtype, n: int = MATMUL_N) -> tuple[Callable[[], ob
     return (lambda: torch.mm(a, b)), 2.0 * n ** 3
 
 
+def compiled(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor], object]:
+    """``model`` compiled for no-grad inference by inductor with freezing (``torch._inductor.config.freezing``,
+    set only while it runs), under bf16 autocast or not. Compilation happens at the first call."""
+    import torch._inductor.config as inductor_config
+
+    fn = torch.compile(model)
+
+    def run(images: torch.Tensor):
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return fn(images)
+            return fn(images)
+    return run
+
+
 def forwards(model: torch.nn.Module, img_size: int, modes=MODES) -> dict[str, Callable[[], object]]:
     """One no-grad forward per mode (batch 1)."""
     images = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    x16 = images.to(torch.bfloat16)
     out: dict[str, Callable[[], object]] = {}
     for mode in modes:
         if mode == "fp32":
@@ -70,10 +94,13 @@ def forwards(model: torch.nn.Module, img_size: int, modes=MODES) -> dict[str, Ca
             out[mode] = run
         elif mode == "bf16_weights":
             low = copy.deepcopy(model).to(torch.bfloat16)
-            x16 = images.to(torch.bfloat16)
             out[mode] = lambda low=low: low(x16)
+        elif mode == "bf16_compile":
+            out[mode] = lambda fn=compiled(copy.deepcopy(model), autocast=True): fn(images)
+        elif mode == "bf16_weights_compile":
+            out[mode] = lambda fn=compiled(copy.deepcopy(model).to(torch.bfloat16), autocast=False): fn(x16)
         else:
-            raise SystemExit(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+            raise UserError(f"unknown mode '{mode}' (--modes); choose from {', '.join(ALL_MODES)}")
     return out
 
 
@@ -116,15 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=640)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over them)")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, from {', '.join(ALL_MODES)} (default: the uncompiled ones)")
     p.add_argument("--top", type=int, default=8, help="operators shown per profile (0: no profile)")
     a = p.parse_args(argv)
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown or not modes:
+        raise UserError(f"unknown mode(s) {', '.join(unknown) or '(none given)'} (--modes); choose from "
+                        f"{', '.join(ALL_MODES)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(None, [f"model.variant={a.variant}", f"model.size={a.size}", f"model.img_size={a.img_size}"])
     model = build_model(cfg.model).eval()
     gmacs = count_flops(model, a.img_size).total / 1e9
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     steps = forwards(model, a.img_size, modes)
     mm = {dt: matmul_probe(getattr(torch, dt)) for dt in ("bfloat16", "float32")}
     steps.update({f"matmul_{dt}": fn for dt, (fn, _) in mm.items()})
@@ -136,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     after = load()
     for dt in mm:
         print(f"  matmul {MATMUL_N}^3 {dt}: {rate[dt] / 1e9:.0f} GFLOP/s (median)   load {after:.2f}")
-    print(f"  {'mode':<14}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio':>9}   load")
+    print(f"  {'mode':<22}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio':>9}   load")
     for mode in modes:
         t = np.array(times[mode]) * 1e3
         dt = "float32" if mode == "fp32" else "bfloat16"
         limit = 2 * gmacs * 1e9 / rate[dt] * 1e3
         med = float(np.median(t))
-        print(f"  {mode:<14}{med:>10.1f}{np.percentile(t, 5):>9.1f}-{np.percentile(t, 95):<8.1f}{len(t):>4}"
+        print(f"  {mode:<22}{med:>10.1f}{np.percentile(t, 5):>9.1f}-{np.percentile(t, 95):<8.1f}{len(t):>4}"
               f"{limit:>10.1f}{med / limit:>9.2f}   {after:.2f}")
     if a.top:
         for mode in modes:
@@ -154,4 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
