@@ -106,6 +106,8 @@ def test_bf16_benchmark_prints_every_mode(capsys):
 
     assert main(["--size", "tiny", "--img-size", "32", "--rounds", "1", "--threads", "1", "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert "matmul 2048^3 bfloat16" in out and "load" in out
+    # both probes of each dtype, and the limit from the faster (tiny at 32 px: 9 tokens of 64 channels)
+    assert "matmul bfloat16 square 2048" in out and "matmul float32 mlp 9x64x256" in out and "load" in out
+    assert "bfloat16 limit rate" in out
     for mode in MODES:
         assert f"profile {mode}" in out and any(line.strip().startswith(mode) for line in out.splitlines())
