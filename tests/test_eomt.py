@@ -278,3 +278,15 @@ def test_masked_attention_restricts_only_query_to_patch():
     assert not mask[:, :QUERIES, start:].all()  # some query -> patch entries closed
     model.set_mask_probs(torch.zeros(L2))  # P_mask = 0: every query's mask switched off
     assert model.attention_mask(pred, n, layer=0).all()
+
+
+def test_query_blocks_beyond_the_backbone_depth_are_a_user_error_naming_the_key():
+    """L2 larger than the ViT (tiny has 4 blocks) is the user's setting at fault: one message naming
+    model.num_query_blocks and the valid range, not a bare ValueError with a traceback."""
+    from study.config import load_config
+    from study.errors import UserError
+    from study.models.build import build_model
+
+    cfg = load_config(None, ["model.size=tiny", "model.num_query_blocks=5", "model.img_size=32"])
+    with pytest.raises(UserError, match=r"model.num_query_blocks \(L2\) is 5, but this backbone has 4 blocks"):
+        build_model(cfg.model)

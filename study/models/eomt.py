@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from study.errors import UserError
 from study.models import algm
 from study.models.backbone import ViTBackbone
 from study.models.config import TokenMerging
@@ -70,7 +71,9 @@ class EoMT(Segmenter):
                  masked_attention: bool = True, masked_inference: bool = False,
                  mask_annealing: bool | None = None, token_merging: TokenMerging | None = None):
         if not 1 <= num_query_blocks <= backbone.depth:
-            raise ValueError(f"num_query_blocks (L2) must be in 1..{backbone.depth}, got {num_query_blocks}")
+            raise UserError(f"model.num_query_blocks (L2) is {num_query_blocks}, but this backbone has "
+                            f"{backbone.depth} blocks; give a value in 1..{backbone.depth} (or leave it unset for "
+                            "the size's default)")
         super().__init__(num_classes, num_queries, num_query_blocks, masked_attention, masked_inference,
                          mask_annealing)
         self.backbone = backbone
