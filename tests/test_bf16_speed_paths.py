@@ -37,13 +37,13 @@ def test_mask_product_equals_plain_einsum_on_both_layouts(dtype):
         got = mask_product(queries, layout)
         assert got.shape == (2, 7, 12, 10) and got.dtype == dtype
         torch.testing.assert_close(got, ref, rtol=0, atol=0)  # each logit is the same C-term dot product
-    # the channels-last path returns a view of (B, H, W, Q) memory (no copy of the product either)
-    assert mask_product(queries, pixels).permute(0, 2, 3, 1).is_contiguous()
+    # contiguous, whichever path: consumers must not see another layout (batched evaluation equals batch 1)
+    assert mask_product(queries, pixels).is_contiguous()
 
 
 def test_mask_product_copies_no_map_in_bf16():
     """The plain einsum on this layout clones the whole map inside its bmm in bf16 (an aten::copy_ of B*C*H*W
-    elements); the channels-last path copies at most the (small) query operand."""
+    elements); the channels-last path copies at most the query operand and the logits (Q < C planes)."""
     pixels = _channels_last_map(torch.bfloat16, b=1, c=64, h=32, w=32)
     queries = torch.randn(1, 10, 64).to(torch.bfloat16)
 
@@ -53,7 +53,8 @@ def test_mask_product_copies_no_map_in_bf16():
         return [_numel(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_"]
 
     assert pixels.numel() in copied(lambda q, p: torch.einsum("bqc,bchw->bqhw", q, p))  # what the test guards
-    assert all(n <= queries.numel() for n in copied(mask_product))
+    logits = 1 * 10 * 32 * 32
+    assert logits < pixels.numel() and all(n <= max(queries.numel(), logits) for n in copied(mask_product))
 
 
 def _numel(shape) -> int:
@@ -64,8 +65,9 @@ def _numel(shape) -> int:
 
 
 def test_eomt_head_takes_the_channels_last_path(one_thread):
-    """The real upscaler hands the mask product a channels-last map, so the head's logits come back as a view of
-    (B, H, W, Q) memory, in fp32 and in bf16, with the values of the plain einsum on the same inputs."""
+    """The real upscaler hands the mask product a channels-last map (the layout its fast path is for); the
+    head's logits come back contiguous, in fp32 and in bf16, with the values of the plain einsum on the same
+    inputs, and without a copy of the map."""
     model = tiny("eomt")
     _shuffle_weights(model)
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -79,8 +81,12 @@ def test_eomt_head_takes_the_channels_last_path(one_thread):
             h.remove()
         assert seen["upscale"].permute(0, 2, 3, 1).is_contiguous()  # the layout the fast path is for
         ref = torch.einsum("bqc,bchw->bqhw", seen["mask_head"], seen["upscale"].contiguous())
-        assert got.dtype == x.dtype and got.permute(0, 2, 3, 1).is_contiguous()
+        assert got.dtype == x.dtype and got.is_contiguous()
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            mask_product(seen["mask_head"], seen["upscale"])
+        assert all(_numel(e.input_shapes[0]) < seen["upscale"].numel() for e in prof.events()
+                   if e.name == "aten::copy_")
 
 
 # Multiply-adds of EoMT (tiny at 64 px; S at 640), counted before the channels-last mask product was introduced.

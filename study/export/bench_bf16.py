@@ -20,11 +20,11 @@ limit is overstated (the ratio flattered).
 
 Measured here with both probes (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16
 --threads 1 --rounds 11 --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile --top 0``, load average
-0.88 before, 1.00 after; bf16 probes 343 GFLOP/s (square 2048, p5-p95 215-507) and 399 (the MLP's 1605 x 384 x
-1536, p5-p95 263-426), so a bf16 limit of 340 ms: fp32 2275 ms (1.68x its limit), bf16 autocast 882 ms
-(2.59x), bf16 weights 819 ms (2.41x), bf16_compile 703 ms (2.07x), bf16_weights_compile 641 ms (1.88x). The
-compiled rows are at about 2x of the limit (1.9-2.1x); eager bf16 is not (2.4-2.7x, except in the run below,
-whose square probe alone ran in a slow spell).
+0.9-1.0; bf16 probes 365 GFLOP/s (square 2048, p5-p95 346-723) and 405 (the MLP's 1605 x 384 x 1536, p5-p95
+387-862), so a bf16 limit of 336 ms: fp32 1697 ms (1.51x its limit), bf16 autocast 728 ms (2.17x), bf16
+weights 718 ms (2.14x), bf16_compile 554 ms (1.65x), bf16_weights_compile 588 ms (1.75x). An earlier run the same
+hour (probe 399): 2.59x, 2.41x, 2.07x, 1.88x. The compiled rows are within about 2x of the limit; eager bf16
+is not. The probes' spread (the fast mode at twice the median) is the weak point of every ratio here.
 
 Measured earlier with the square probe alone (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16 --threads 1 --rounds 11
 --attention --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile``, load average 0.72 before, 0.93

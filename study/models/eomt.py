@@ -41,14 +41,17 @@ def mask_product(queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     (B, C, H, W).
 
     The upscaler's last LayerNorm2d leaves the map as an NCHW view of NHWC (channels-last) memory. On that
-    layout the product is taken as ``"bhwc,bqc->bhwq"`` and returned as a (B, Q, H, W) view of (B, H, W, Q)
-    memory: ``einsum("bqc,bchw->bqhw")`` on it makes the map contiguous first inside its ``bmm``, a strided
+    layout the product is taken as ``"bhwc,bqc->bhwq"`` and returned as contiguous (B, Q, H, W): ``einsum("bqc,bchw->bqhw")`` on it makes the map contiguous first inside its ``bmm``, a strided
     copy of the whole map that cost more than the product itself in bf16 (about 60 ms for EoMT-S at 640, one
     thread; study/export/bench_bf16.py). The values are the same (each logit is the same C-term dot product);
     the FLOP count too: it is one ``einsum`` with the same index sizes for fvcore and for the fast counter.
     """
     if pixels.permute(0, 2, 3, 1).is_contiguous():
-        return torch.einsum("bhwc,bqc->bhwq", pixels.permute(0, 2, 3, 1), queries).permute(0, 3, 1, 2)
+        # Returned contiguous: downstream kernels pick their code path by memory format (CPU bilinear resizing of
+        # a channels-last map rounds differently), and a (B, H, W, Q) view made batched evaluation differ from
+        # batch 1 in the last bits (tests/test_eval_run.py). The copy is of the logits (Q planes in the
+        # product's dtype), not of the map (C planes, float32 under autocast).
+        return torch.einsum("bhwc,bqc->bhwq", pixels.permute(0, 2, 3, 1), queries).permute(0, 3, 1, 2).contiguous()
     return torch.einsum("bqc,bchw->bqhw", queries, pixels)
 
 
