@@ -207,7 +207,9 @@ def top_ops(step: Callable[[], object], k: int = 8) -> tuple[list[tuple[str, flo
     self CPU ms (the sum over every operator of that same call) and the ms of its linear layers (LINEAR_OPS)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    from study.bench.speed import without_profiler_notices
+
+    with torch.no_grad(), without_profiler_notices(), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) / 1e3
