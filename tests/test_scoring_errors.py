@@ -248,3 +248,15 @@ def test_label_offset_out_of_range(labels):
         score_semantic_dirs(labels / "gt", labels / "pred", 3, label_offset=200)
     with pytest.raises(UserError, match=r"ignore index 255 falls on class"):
         score_semantic_dirs(labels / "gt", labels / "pred", 60, label_offset=200)
+
+
+def test_uncompressed_rle_whose_int64_sum_wraps_is_refused():
+    """Runs that each fit in 62 bits but add up past 2^63: an int64 sum wraps around to the image's pixel
+    count, which the total check alone would accept; a run longer than the image is refused first."""
+    from study.data.rle import RLEError, check_segmentation
+
+    h, w = 4, 4
+    counts = [2 ** 61] * 8 + [h * w]  # 8 * 2^61 = 2^64 wraps to 0 in int64
+    with pytest.raises(RLEError, match=r"run 1 of the RLE has length 2305843009213693952, more than the 16"):
+        check_segmentation({"size": [h, w], "counts": counts}, h, w)
+    check_segmentation({"size": [h, w], "counts": [3, 13]}, h, w)  # a valid one still passes

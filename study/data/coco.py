@@ -24,7 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from study.data.rle import RLEError, check_segmentation
+from study.data.rle import RLEError, check_segmentation, is_int
 from study.data.source import (DataError, DataNotFoundError, Files, check_same_size, decode_image,
                                decode_png, fill, locate_folder, read_file)
 from study.data.types import DatasetInfo, Sample
@@ -47,9 +47,6 @@ def _load_json(root: Path, name: str, zips, top: type = dict) -> tuple[dict, str
     return js, where
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _fields(obj, keys: dict, what: str, where: str) -> None:
     """``obj`` is a dict holding each of ``keys`` (name -> required type: int, str, list, dict or None = any)."""
@@ -59,7 +56,7 @@ def _fields(obj, keys: dict, what: str, where: str) -> None:
         if key not in obj:
             raise DataError(f"{what} in {where} lacks '{key}'")
         v = obj[key]
-        ok = kind is None or (_is_int(v) if kind is int else isinstance(v, kind))
+        ok = kind is None or (is_int(v) if kind is int else isinstance(v, kind))
         if not ok:
             raise DataError(f"{what} in {where}: '{key}' must be {'an integer' if kind is int else 'a ' + kind.__name__}"
                             f", got {v!r:.60}")

@@ -66,17 +66,22 @@ def check_runs(runs, h: int, w: int) -> None:
     if runs.size and runs.min() < 0:
         neg = int(np.argmax(runs < 0))
         raise RLEError(f"run {neg + 1} of the RLE has negative length {runs[neg]}")
+    if runs.size and runs.max() > h * w:  # before the sum: int64 sums of huge runs would wrap around
+        big = int(np.argmax(runs > h * w))
+        raise RLEError(f"run {big + 1} of the RLE has length {runs[big]}, more than the {h * w} pixels of its "
+                       f"size {h}x{w} (HxW)")
     total = int(runs.sum())
     if total != h * w:
         raise RLEError(f"the RLE runs cover {total} pixels, its size {h}x{w} (HxW) has {h * w}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer, not a bool (JSON ids and counts)."""
     return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 def check_size(size, h: Optional[int] = None, w: Optional[int] = None) -> tuple[int, int]:
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(v) and v >= 0 for v in size)):
         raise RLEError(f"'size' must be [height, width] (two non-negative integers), got {size!r}")
     if h is not None and (int(size[0]), int(size[1])) != (h, w):
         raise RLEError(f"the mask is {size[1]}x{size[0]} (WxH), the image is {w}x{h}")
@@ -104,10 +109,10 @@ def check_segmentation(seg, h: Optional[int] = None, w: Optional[int] = None, va
     hh, ww = check_size(seg["size"], h, w)
     counts = seg["counts"]
     if isinstance(counts, list):
-        if not all(_is_int(v) for v in counts):
+        if not all(is_int(v) for v in counts):
             raise RLEError("an uncompressed RLE's counts must all be integers")
-        if any(abs(v) >= 1 << 62 for v in counts):
-            raise RLEError("an uncompressed RLE's counts hold a value beyond 64 bits")
+        if any(abs(v) >= 1 << 62 for v in counts):  # beyond what an int64 array holds with room to spare
+            raise RLEError("an uncompressed RLE's counts hold a value beyond 62 bits")
         check_runs(counts, hh, ww)
     elif isinstance(counts, (str, bytes)):
         check_runs(decode_counts(counts), hh, ww)

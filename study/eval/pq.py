@@ -18,11 +18,12 @@ weighted by run length, and matching and FP/FN are array operations on that matr
 from __future__ import annotations
 
 import threading
-from numbers import Integral, Real
+from numbers import Real
 from typing import Iterable, Optional
 
 import numpy as np
 
+from study.data.rle import is_int
 from study.eval.pixel_runs import runs, weighted_counts
 from study.eval.errors import EvalInputError, UnknownCategoryError, UnknownSegmentError, SizeMismatchError
 
@@ -71,9 +72,6 @@ def _rows(flat: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(keys[pos] == flat, pos + 2, np.where(flat == 0, _VOID_ROW, _UNLISTED_ROW))
 
 
-def _is_int(v) -> bool:
-    return type(v) is int or (isinstance(v, Integral) and not isinstance(v, bool))
-
 
 class PQAccumulator:
     """Per-category sums of IoU, TP, FP, FN over images; :meth:`summary` gives panopticapi's numbers.
@@ -94,16 +92,17 @@ class PQAccumulator:
         self.fn = np.zeros(k, np.int64)
         self.num_images = 0
 
-    def _segments(self, segs: list[dict], image: str, what: str):
-        """One pass over a JSON ``segments_info``: ids (S,) int64, category indices (S,) int64, crowd flags
-        and areas (for the GT: NaN where absent), each in JSON order; a non-integer id or category, an
-        unknown category or a non-numeric area raises naming the image and the segment."""
+    def _segments(self, segs: list[dict], image: str, what: str, gt: bool = True):
+        """One pass over a JSON ``segments_info``: ids (S,) int64, category indices (S,) int64, and for the
+        ground truth (``gt``) crowd flags and areas (NaN where absent; None for a prediction, whose crowd
+        flags and areas panopticapi ignores), each in JSON order; a non-integer id or category, an unknown
+        category or a non-numeric GT area raises naming the image and the segment."""
         ids = [s.get("id") for s in segs]
         cids = [s.get("category_id") for s in segs]
         for key, values in (("id", ids), ("category_id", cids)):
             if not all(type(v) is int for v in values):  # the common case, checked fast; then exactly
                 for v in values:
-                    if not _is_int(v):
+                    if not is_int(v):
                         raise EvalInputError(f"image {image}: a {what} segment has {key} {v!r:.40}; expected "
                                              f"an integer")
         cats = [self.index.get(int(c)) for c in cids]
@@ -111,6 +110,8 @@ class PQAccumulator:
             k = cats.index(None)
             raise UnknownCategoryError(f"image {image}: {what} segment {ids[k]} has category id {cids[k]}, "
                                        f"unknown to the ground truth categories")
+        if not gt:
+            return np.array(ids, np.int64).reshape(-1), np.array(cats, np.int64).reshape(-1), None, None
         crowd = np.array([s.get("iscrowd", 0) == 1 for s in segs], bool)  # panopticapi: iscrowd == 1
         areas = [s.get("area") for s in segs]
         for k, v in enumerate(areas):
@@ -134,7 +135,7 @@ class PQAccumulator:
         if gt_ids.shape != pred_ids.shape:
             raise SizeMismatchError(f"image {image}: prediction is {pred_ids.shape[1]}x{pred_ids.shape[0]} "
                                     f"(WxH), ground truth is {gt_ids.shape[1]}x{gt_ids.shape[0]}")
-        p_raw, pred_cat, _, _ = self._segments(pred_segments, image, "predicted")
+        p_raw, pred_cat, _, _ = self._segments(pred_segments, image, "predicted", gt=False)
         g_raw, g_cat_json, g_crowd_json, gt_json_area = self._segments(gt_segments, image, "ground-truth")
         # A repeated id is an error (panopticapi's dicts keyed by id would silently keep the last entry).
         for ids, what in ((p_raw, "prediction"), (g_raw, "ground-truth")):
@@ -285,7 +286,7 @@ def check_categories(categories: Optional[list], where: str) -> list[dict]:
         if not isinstance(c, dict):
             raise EvalInputError(f"{where}: categories[{i}] is not an object")
         cid = c.get("id")
-        if not isinstance(cid, Integral) or isinstance(cid, bool):
+        if not is_int(cid):
             raise EvalInputError(f"{where}: categories[{i}] field 'id' must be an integer, got {cid!r:.40}")
         if cid in seen:
             raise EvalInputError(f"{where}: category id {cid} is listed twice (field 'id')")

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from study.data.rle import is_int
 from study.eval.errors import EvalInputError, MissingPredictionError, UnknownImageError
 from study.eval.image_pool import accumulate
 from study.eval.pq import PQAccumulator, check_categories
@@ -35,9 +36,6 @@ def read_json(path: str | os.PathLike, what: str, top: Optional[type | tuple] = 
         raise EvalInputError(f"{what} {path} holds a JSON {type(js).__name__}; expected {want}")
     return js
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_annotations(js: dict, where: str, what: str) -> list[dict]:
@@ -71,7 +69,7 @@ def check_annotations(js: dict, where: str, what: str) -> list[dict]:
             if not isinstance(s, dict):
                 raise EvalInputError(f"{what} {where}: image id {image}: segments_info[{j}] is not an object")
             for key in ("id", "category_id"):
-                if not _is_int(s.get(key)):
+                if not is_int(s.get(key)):
                     raise EvalInputError(f"{what} {where}: image id {image}: segments_info[{j}] field '{key}' must "
                                          f"be an integer, got {s.get(key)!r:.40}")
             if s["id"] in ids:
