@@ -85,12 +85,11 @@ def series(data: pd.DataFrame, along: tuple[str, ...] = ("model.size",)) -> list
     variant that differ in another setting (Table 7's ``model.mask_setting``, Table D's L2, the input size)
     are separate lines, never joined; the second element names the settings that are not the variant's
     default ("" for the variant's default line)."""
-    meta = {"params_M", "GFLOPs", "FPS", "n", "runs"} | {c for c in data if c.endswith("_std")}
     keys = [c for c in data.columns if c.startswith("model.") and c != "model.variant" and c not in along]
     out = []
     for variant in _variants(data["model.variant"]):
         d = data[data["model.variant"] == variant]
-        differ = [c for c in keys if c not in meta and d[c].nunique(dropna=False) > 1]
+        differ = [c for c in keys if d[c].nunique(dropna=False) > 1]
         if not differ:
             out.append((variant, "", _by_size(d)))
             continue
@@ -104,6 +103,16 @@ def series(data: pd.DataFrame, along: tuple[str, ...] = ("model.size",)) -> list
 
 
 MARKERS = "osD^v<>p"  # the lines of one variant (one colour) that differ in a setting
+
+
+def _our_lines(data: pd.DataFrame):
+    """(variant, legend label, marker, rows) of each of our lines (:func:`series`), a marker per line of a
+    variant."""
+    seen: dict[str, int] = {}
+    for variant, setting, d in series(data):
+        k = seen[variant] = seen.get(variant, -1) + 1
+        yield (variant, LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)",
+               MARKERS[k % len(MARKERS)], d)
 
 
 def _log_axis(axis) -> None:
@@ -126,11 +135,8 @@ def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: b
     data = ours(results, x, y)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.3))
     where = {f"{r['model.size']}/{int(r['model.img_size'])}" for _, r in data.iterrows()}
-    seen: dict[str, int] = {}
-    for variant, setting, d in series(data):
-        k = seen[variant] = seen.get(variant, -1) + 1
-        label = LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)"
-        ax.plot(d[x], d[y], marker=MARKERS[k % len(MARKERS)], ms=3.5, lw=1, color=_colour(variant), label=label)
+    for variant, label, marker, d in _our_lines(data):
+        ax.plot(d[x], d[y], marker=marker, ms=3.5, lw=1, color=_colour(variant), label=label)
         if len(where) > 1:
             for _, r in d.iterrows():
                 ax.annotate(f"{r['model.size']}/{int(r['model.img_size'])}", (r[x], r[y]),
@@ -174,12 +180,9 @@ def size_plot(results: pd.DataFrame, paper: bool = True, img_size: int = 640):
     sizes = [z for z in SIZE_ORDER if z in set(data["model.size"]) | set(p["model.size"])]
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 2.6))
     for ax, col in zip(axes, ("params_M", "GFLOPs")):
-        seen: dict[str, int] = {}
-        for variant, setting, d in series(data):
-            k = seen[variant] = seen.get(variant, -1) + 1
-            ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker=MARKERS[k % len(MARKERS)], ms=3,
-                    lw=1, color=_colour(variant),
-                    label=LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)")
+        for variant, label, marker, d in _our_lines(data):
+            ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker=marker, ms=3, lw=1,
+                    color=_colour(variant), label=label)
         for variant in _variants(p["model.variant"]):
             d = _by_size(p[p["model.variant"] == variant]).dropna(subset=[col])
             ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker="o", ms=3, lw=0.8, ls="--",

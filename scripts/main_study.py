@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def fingerprint(paths, *extra) -> str:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".py", ".csv", ".yaml")) \
             if p.is_dir() else [p]
         for f in files:
-            if "__pycache__" in f.parts:
-                continue
             h.update(str(f.relative_to(REPO)).encode())
             h.update(f.read_bytes())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
@@ -96,12 +95,14 @@ def count_stage(entries, path: Path, overrides: list[str]) -> dict:
     import torch
     from tqdm import tqdm
 
-    from study.bench.run import HEADER, bench_rows, format_row, format_table
+    from study.bench.run import HEADER, format_row, format_table, table_rows
     from study.config import load_config, to_dict
     from study.io import atomic_write_json
 
     cfg = load_config(REPO / "experiments" / "bench_eomt.yaml", ["bench.fps=false", *overrides])
     key = fingerprint(COUNT_INPUTS, [list(e) for e in entries], to_dict(cfg), torch.__version__)
+    # the setting every row is counted in (the paper's COCO panoptic one unless --count-set changes it)
+    setting = f"{cfg.task}, {cfg.model.num_classes} classes, {cfg.model.num_queries} queries"
     found = _read_json(path)
     _say(f"== 1/4 counts: parameters and GFLOPs of {len(entries)} real-size models, counter "
          f"{cfg.bench.counter} (as `study bench experiments/bench_eomt.yaml --no-fps`), ours beside the paper's")
@@ -112,22 +113,20 @@ def count_stage(entries, path: Path, overrides: list[str]) -> dict:
         _say(HEADER)
         for r in rows:
             _say(format_row(r))
-        return {"found": True, "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "path": str(path)}
-    from dataclasses import replace
-
+        return {"found": True, "rows": rows, "seconds": round(time.perf_counter() - t0, 1), "path": str(path),
+                "setting": setting}
     rows = []
     _say(HEADER)
     with tqdm(total=len(entries), desc="counting", unit="model", disable=None, leave=False) as bar:
-        for variant, size, img in entries:
-            bar.set_postfix_str(f"{variant} {size} {img}")
-            one = replace(cfg, bench=replace(cfg.bench, variants=[variant], sizes=[size], img_size=img))
-            rows += bench_rows(one, progress=_say)
+        for entry in entries:
+            bar.set_postfix_str(" ".join(map(str, entry)))
+            rows += table_rows(cfg, [entry], progress=_say)
             bar.update(1)
     _say(format_table(rows, with_rows=False))
     seconds = round(time.perf_counter() - t0, 1)
     atomic_write_json(path, {"inputs": key, "seconds": seconds, "rows": rows})
     _say(f"   counted in {seconds:.0f} s -> {path}")
-    return {"found": False, "rows": rows, "seconds": seconds, "path": str(path)}
+    return {"found": False, "rows": rows, "seconds": seconds, "path": str(path), "setting": setting}
 
 
 def counts_markdown(rows: list[dict]) -> str:
@@ -268,13 +267,6 @@ def _watch(submitted, labels: dict, poll_s: float) -> None:
             b.close()
 
 
-def _count_actions(submitted) -> dict:
-    out: dict[str, int] = {}
-    for s in submitted:
-        out[s.action] = out.get(s.action, 0) + 1
-    return out
-
-
 def run_stage(grid: Path, overrides: list[str], cluster: str, steps, job_threads: int, poll_s: float) -> dict:
     """Launch ``steps`` of every run of the grid on ``cluster`` and wait, with progress; returns what was
     done (the launcher's actions and the runs that failed)."""
@@ -287,7 +279,7 @@ def run_stage(grid: Path, overrides: list[str], cluster: str, steps, job_threads
     with _job_environment(job_threads if cluster == "local" else 0):
         submitted = launch(runs, grid_dir, steps, progress=lambda *a: None)
     labels = {id(s): run_label(s.run.changes) for s in submitted}
-    actions = _count_actions(submitted)
+    actions = dict(Counter(s.action for s in submitted))
     _say(f"   {len(runs)} runs in {grid_dir}: " + ", ".join(
         f"{n} {dict(skip='found complete', submit='submitted', resume='resumed', active='still running')[a]}"
         for a, n in actions.items()) + (f" ({cluster} jobs)" if cluster != "debug" else ""))
@@ -338,26 +330,22 @@ def timing_stage(grid: Path, overrides: list[str], threads: int) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"host {platform.node()}, {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    from study.bench.speed import cpu_name
+
+    return (f"host {platform.node()}, {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+            f"{platform.release()}")
 
 
 def report_stage(grid_dir: Path, out: Path, counts: dict | None, notes: list[str]) -> dict:
     """``study report GRID_DIR --all OUT`` with the count table as the index's first section; skipped when
     the collected results, the count table and the analysis code are those of the last report."""
     from analysis.cli import write_all
+    from study.io import atomic_write_text
     from study.launch.collect import collect
 
     t0 = time.perf_counter()
     results = collect(grid_dir)
-    data = results.drop(columns=[c for c in results.columns if c in ("job_id",)]).to_csv(index=False)
+    data = results.drop(columns="job_id", errors="ignore").to_csv(index=False)
     key = fingerprint(REPORT_INPUTS, data, counts and counts["rows"], notes)
     stamp = out / ".inputs"
     index = out / "index.md"
@@ -366,19 +354,15 @@ def report_stage(grid_dir: Path, out: Path, counts: dict | None, notes: list[str
         return {"found": True, "index": str(index), "seconds": round(time.perf_counter() - t0, 1)}
     extra = []
     if counts is not None:
-        from study.io import atomic_write_text
-
         table = counts_markdown(counts["rows"])
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "counts_real_size.md", table)
-        extra.append(("Parameters and GFLOPs at the real sizes (COCO panoptic, 133 classes, 200 queries)",
+        extra.append((f"Parameters and GFLOPs at the real sizes ({counts['setting']})",
                       table + "\nGFLOPs: fvcore's convention (1 multiply-add = 1 FLOP, batch 1, padded square "
                       "input); params: all trainable parameters. File: [counts_real_size.md](counts_real_size.md)"
                       f", rows as JSON in {counts['path']}."))
     extra.append(("How this was made", "\n".join(f"- {n}" for n in notes)))
     index = write_all(results, out, str(grid_dir), extra=extra)
-    from study.io import atomic_write_text
-
     atomic_write_text(stamp, key + "\n")
     return {"found": False, "index": str(index), "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -59,7 +59,7 @@ def _human(n: float) -> str:
     return f"{n} bytes"
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int]) -> None:
     """Write ``path`` through ``write(tmp)``; ``size()`` estimates the bytes needed (for a full disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write, lambda: len(data))
+    atomic_write(path, write, lambda: len(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -128,7 +128,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    _atomic(path, write, lambda: _tensor_bytes(obj))
+    atomic_write(path, write, lambda: _tensor_bytes(obj))
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:

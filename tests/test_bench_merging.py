@@ -1,6 +1,7 @@
 """study/bench/merging.py: per-image GFLOPs with ALGM token merging, and the interleaved FPS protocol."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from study.bench import merging
@@ -41,3 +42,22 @@ def test_interleaved_fps_reports_both_arms():
     for arm in ("plain", "merged"):
         assert out[f"fps_{arm}_min"] <= out[f"fps_{arm}"] <= out[f"fps_{arm}_max"]
     assert out["batch"] == 2 and model.token_merging is None
+
+
+def test_interleaved_fps_times_each_arm_with_its_setting_in_alternating_rounds(monkeypatch):
+    """With a clock that makes the merged forward take half the plain one: FPS = iters x batch / seconds for
+    each arm, speedup 2, and the rounds alternate plain, merged / merged, plain."""
+    import study.bench.speed as speed
+
+    model, seen = tiny(), []
+
+    def fake(step, device, iters):
+        seen.append("plain" if model.token_merging is None else "merged")
+        return [0.1 if model.token_merging is None else 0.05] * iters
+
+    monkeypatch.setattr(speed, "time_iterations", fake)
+    out = merging.interleaved_fps(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"), batch=2,
+                                  rounds=4, iters=3, device="cpu", warmup=0)
+    assert seen == ["plain", "merged", "merged", "plain"] * 2
+    assert out["fps_plain"] == pytest.approx(20.0) and out["fps_merged"] == pytest.approx(40.0)
+    assert out["speedup"] == pytest.approx(2.0) and model.token_merging is None

@@ -83,7 +83,7 @@ def test_reduced_study_reports_every_table_and_a_second_run_submits_nothing(tmp_
     first = json.loads((root / "study_summary.json").read_text())
     assert first["train_eval"]["actions"] == {"submit": 2} and not first["failed"]
     assert first["counts"]["found"] is False and first["report"]["found"] is False
-    # ours beside the paper: params 23.98 M / 24 M, GFLOPs 68.0 / 68 (the columns of study bench's table)
+    # ours beside the paper's Table 3 (EoMT-S at 640): params 23.98 M / 24 M, GFLOPs 68.0 / 68
     assert re.search(r"^eomt +S +640 .*\b23\.98 +24 +68\.0 +68\b", out, flags=re.M), out
     assert "done   row 3 single_scale: PQ" in out and "done   eomt / unmasked: PQ" in out
     assert out.rstrip().endswith(f"index: {root / 'report' / 'index.md'}")

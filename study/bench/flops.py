@@ -101,11 +101,7 @@ def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = No
     """
     if counter not in COUNTERS:
         raise UserError(f"bench.counter '{counter}' is not one of {', '.join(COUNTERS)}")
-    handles = dict(DEFAULT_HANDLES)
-    own = getattr(model, "flop_handles", None)
-    if callable(own):
-        handles.update(own())
-    handles.update(extra_handles or {})
+    handles = handles_for(model, extra_handles)
     if counter == "fast":
         from study.bench.count_fake import count_fake
 
@@ -121,15 +117,35 @@ def count_flops(model: nn.Module, img_size: int, extra_handles: dict | None = No
     return FlopCount(total, by_module, by_component, by_op, dict(skipped))
 
 
-def _fvcore_trace(model: nn.Module, img_size: int, handles: dict) -> tuple[dict[str, int], int, dict, Counter]:
-    """fvcore on a real forward: FLOPs per module (names relative to ``model``, "" = the model), the total, per
-    operator, and the operators fvcore saw without a handle (neither counted nor ignored)."""
+def handles_for(model: nn.Module, extra: dict | None = None) -> dict:
+    """The counters' operator handles for ``model``: ours (DEFAULT_HANDLES), the model's own
+    (``flop_handles()``, e.g. the baselines' deformable attention) and ``extra``."""
+    handles = dict(DEFAULT_HANDLES)
+    own = getattr(model, "flop_handles", None)
+    if callable(own):
+        handles.update(own())
+    handles.update(extra or {})
+    return handles
+
+
+def count_forward(model: nn.Module, images: torch.Tensor) -> int:
+    """fvcore multiply-adds of one real forward of ``model`` on these ``images`` (1, 3, S, S): for a model
+    whose work depends on the input (ALGM token merging, study/bench/merging.py)."""
+    return _fvcore_trace(model, images.shape[-1], handles_for(model), images)[1]
+
+
+def _fvcore_trace(model: nn.Module, img_size: int, handles: dict, images: torch.Tensor | None = None
+                  ) -> tuple[dict[str, int], int, dict, Counter]:
+    """fvcore on a real forward (of ``images``, else a random image): FLOPs per module (names relative to
+    ``model``, "" = the model), the total, per operator, and the operators fvcore saw without a handle
+    (neither counted nor ignored)."""
     from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    images = torch.rand(1, 3, img_size, img_size, device=device)
+    if images is None:
+        images = torch.rand(1, 3, img_size, img_size, device=device)
     try:
         with torch.no_grad():
             analysis = FlopCountAnalysis(_Flatten(model), images).set_op_handle(**handles)

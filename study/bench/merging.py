@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from study.bench.flops import count_forward
 from study.errors import UserError
 
 
@@ -75,27 +76,6 @@ def crops_of(dataset, n: int, size: int) -> list[torch.Tensor]:
         crops, _, _ = window_crops(dataset[i].image, size)
         out.extend(crops)
     return out
-
-
-def count_forward(model, image: torch.Tensor) -> int:
-    """fvcore multiply-adds of one real forward of ``model`` on ``image`` (1, 3, S, S), with the suite's handles
-    (study/bench/flops.py)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    from study.bench.flops import DEFAULT_HANDLES
-
-    class Flat(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return tuple(t for s in self.m(x) for t in s)
-
-    with torch.no_grad():
-        analysis = FlopCountAnalysis(Flat(model), image).set_op_handle(**DEFAULT_HANDLES)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        return int(analysis.total())
 
 
 def cost(model, crops: list[torch.Tensor], settings) -> dict:

@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -125,7 +125,8 @@ def _git_commit() -> tuple[Optional[str], Optional[bool]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -141,7 +142,7 @@ def environment(device: torch.device) -> dict:
     return {
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "host": platform.node(), "python": platform.python_version(),
         "git_commit": commit, "git_dirty": dirty,
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -336,7 +337,6 @@ class Entry:
     protocol: SpeedProtocol  # resolved
     components: Optional[dict[str, list[nn.Module]]] = None  # hooked for the breakdown (eager PyTorch only)
     no_breakdown: str = ""  # why there is none
-    extra: dict = field(default_factory=dict)
 
 
 def _end_to_end(run_model: Callable[[torch.Tensor], Any], model: nn.Module, img_size: int, device: torch.device, precision: str,
@@ -371,7 +371,6 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
     p = protocol.resolved()
     device = torch.device(p.device)
     model = model.to(device).eval()
-    images = torch.rand(p.batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
     build = runtime_builder(p.runtime)
     if p.scope == "end_to_end":
         if p.runtime != "pytorch":
@@ -379,7 +378,8 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
                             f"post-processing; runtime '{p.runtime}' supports bench.scope=model only")
         run_model = torch.compile(model, mode=p.compile_mode) if p.compile else model  # run_padded autocasts
         run, inputs = _end_to_end(run_model, model, img_size, device, p.precision, p.batch)
-    else:
+    else:  # the model alone on a batch of random images (the end-to-end scope makes its own raw images)
+        images = torch.rand(p.batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
         run, inputs = build(model, images, p), images
     if p.runtime != "pytorch":
         why = f"runtime {p.runtime}: no module hooks"
@@ -492,13 +492,18 @@ def speed_ratios(times: list[list[float]], reference: int = 0, resamples: int = 
     interval (:data:`CI_LEVEL`) from resampled rounds."""
     med = np.median(np.asarray(times, dtype=np.float64), axis=1)
     boot = _bootstrap_medians(times, resamples, seed)
-    lo_q, hi_q = 100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2
     out = []
     for i in range(len(times)):
-        r = boot[:, reference] / boot[:, i]
-        out.append({"ratio": float(med[reference] / med[i]), "ci_low": float(np.percentile(r, lo_q)),
-                    "ci_high": float(np.percentile(r, hi_q))})
+        lo, hi = _ratio_interval(boot, i, reference)
+        out.append({"ratio": float(med[reference] / med[i]), "ci_low": lo, "ci_high": hi})
     return out
+
+
+def _ratio_interval(boot: np.ndarray, row: int, over: int) -> tuple[float, float]:
+    """The :data:`CI_LEVEL` interval of row ``over``'s median time over row ``row``'s (the speed of ``row``
+    relative to ``over``) across the bootstrap resamples."""
+    r = boot[:, over] / boot[:, row]
+    return (float(np.percentile(r, 100 * (1 - CI_LEVEL) / 2)), float(np.percentile(r, 100 * (1 + CI_LEVEL) / 2)))
 
 
 def unrankable(times: list[list[float]], labels: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -506,13 +511,11 @@ def unrankable(times: list[list[float]], labels: list[str], resamples: int = BOO
     """Pairs of rows whose speed-ratio interval contains 1: (faster-looking, slower-looking, low, high)."""
     boot = _bootstrap_medians(times, resamples, seed)
     med = np.median(np.asarray(times, dtype=np.float64), axis=1)
-    lo_q, hi_q = 100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2
     pairs = []
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
             a, b = (i, j) if med[i] <= med[j] else (j, i)
-            r = boot[:, b] / boot[:, a]  # > 1 where a is faster
-            lo, hi = float(np.percentile(r, lo_q)), float(np.percentile(r, hi_q))
+            lo, hi = _ratio_interval(boot, a, b)  # > 1 where a is faster
             if lo <= 1.0 <= hi:
                 pairs.append((labels[a], labels[b], lo, hi))
     return pairs

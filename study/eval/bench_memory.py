@@ -28,7 +28,7 @@ VARIANTS = ("forward", "whole", "chunked")
 
 def _child(variant: str, size: int, queries: int, backbone: str, chunk: int) -> dict:
     from study.config import load_config
-    from study.eval.inference import iter_query_chunks, pad_to_square, padded_forward
+    from study.eval.inference import padded_forward
     from study.eval.postprocess import panoptic_merge, panoptic_merge_chunks
     from study.models.build import build_model
 
@@ -41,9 +41,8 @@ def _child(variant: str, size: int, queries: int, backbone: str, chunk: int) -> 
     with torch.no_grad():
         pred = padded_forward(model, [image], size)
         if variant == "whole":
-            _, kept = pad_to_square([image], size)
             masks = F.interpolate(pred.mask_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
-            nh, nw = kept[0]
+            nh, nw = pred.kept[0]
             full = F.interpolate(masks[:1, :, :nh, :nw], size=(size, size), mode="bilinear", align_corners=False)[0]
             del masks
             r = panoptic_merge(full, pred.classes(0), is_thing, 0.0, 0.0, 0.5)

@@ -10,6 +10,12 @@ from typing import Optional
 from study.errors import UserError
 
 
+# The padded protocol's chunk of queries and the multiple every chunk must be (the reason is in
+# study/eval/inference.py, where the chunks are made; our choice, not the paper's).
+QUERY_CHUNK = 32
+QUERY_CHUNK_MULTIPLE = 8
+
+
 @dataclass
 class EvalConfig:
     # Images per forward of the padded protocol; crops per forward of the windowed one (our choice: the
@@ -21,9 +27,9 @@ class EvalConfig:
     overlap: bool = True
     # Predictions waiting for post-processing at most (bounds the memory of the overlap).
     queue_size: int = 2
-    # Queries upsampled to full size at once by the padded protocol (a multiple of 8: see
-    # study/eval/inference.py QUERY_CHUNK).
-    query_chunk: int = 32
+    # Queries upsampled to full size at once by the padded protocol (a multiple of QUERY_CHUNK_MULTIPLE: see
+    # study/eval/inference.py, where the chunks are made).
+    query_chunk: int = QUERY_CHUNK
     split: Optional[str] = None  # data split to score; None means data.val_split
     # Square input side of the padded protocol and crop side of the windowed protocol; None means
     # model.img_size (COCO 640, ADE20K semantic 512; docs/paper.md section 6).
@@ -55,8 +61,9 @@ class EvalConfig:
             raise bad("num_workers", "must be >= 0")
         if self.queue_size < 1:
             raise bad("queue_size", "must be >= 1")
-        if self.query_chunk < 1 or self.query_chunk % 8:
-            raise bad("query_chunk", "must be a positive multiple of 8 (see study/eval/inference.py QUERY_CHUNK)")
+        if self.query_chunk < 1 or self.query_chunk % QUERY_CHUNK_MULTIPLE:
+            raise bad("query_chunk", f"must be a positive multiple of {QUERY_CHUNK_MULTIPLE} (see "
+                                     "study/eval/inference.py QUERY_CHUNK)")
         if self.input_size is not None and self.input_size < 1:
             raise bad("input_size", "must be positive")
         for name in ("score_threshold", "overlap_threshold", "mask_threshold"):

@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from study.device import autocast
+from study.eval.config import QUERY_CHUNK
 from study.eval.postprocess import semantic_logits
 
 
@@ -78,9 +79,8 @@ def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, 
 # so chunks that start at multiples of 8 and hold a multiple of 8 queries (only the last chunk may hold fewer)
 # put every query in the same group, or the same leftover, as the whole-set call: bit-identical results, at any
 # thread count (tests/test_eval_inference.py). A chunk of 1 or 5 sends every query through the scalar path.
-# CUDA computes every element on its own, so any chunk is exact there.
-QUERY_CHUNK = 32
-QUERY_CHUNK_MULTIPLE = 8
+# CUDA computes every element on its own, so any chunk is exact there. The two numbers live in
+# study/eval/config.py (QUERY_CHUNK, QUERY_CHUNK_MULTIPLE), which validates ``eval.query_chunk`` against them.
 
 
 def iter_query_chunks(mask_logits: torch.Tensor, size: int, kept: tuple[int, int], out_hw: tuple[int, int],

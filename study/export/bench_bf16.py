@@ -224,9 +224,7 @@ def count_tokens(model: torch.nn.Module, img_size: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from study.bench.flops import count_flops
-    from study.config import load_config
-    from study.models.build import build_model
+    from study.device import cpu_threads
 
     p = argparse.ArgumentParser(prog="python -m study.export.bench_bf16", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="eomt")
@@ -245,8 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not modes:
         raise UserError(f"unknown mode(s) {', '.join(unknown) or '(none given)'} (--modes); choose from "
                         f"{', '.join(ALL_MODES)}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    with cpu_threads(a.threads):  # every core by default, torch's own setting restored afterwards
+        return _measure(a, modes)
+
+
+def _measure(a: argparse.Namespace, modes: list[str]) -> int:
+    from study.bench.flops import count_flops
+    from study.config import load_config
+    from study.models.build import build_model
+
     cfg = load_config(None, [f"model.variant={a.variant}", f"model.size={a.size}", f"model.img_size={a.img_size}"])
     model = build_model(cfg.model).eval()
     flops = count_flops(model, a.img_size)

@@ -99,7 +99,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, *, exporter: 
         raise UserError(f"ONNX opset {opset} (--opset) has no GridSample (the deformable attention needs 16+); "
                         f"use {DEFAULT_OPSET}")
     onnx = _require("onnx")
-    from study.io import _atomic
+    from study.io import atomic_write
 
     check_exportable(model)
     param = next(model.parameters(), None)
@@ -132,7 +132,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, *, exporter: 
 
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        _atomic(path, write, lambda: size)
+        atomic_write(path, write, lambda: size)
     finally:
         model.to(home)
     return path
