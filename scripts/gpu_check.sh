@@ -242,7 +242,8 @@ with open(os.path.join(out, "steps.tsv")) as f:
         steps.append({"step": name, "verdict": verdict, "seconds": int(took)})
 keep = ("variant", "size", "img_size", "mode", "params", "gflops", "fps", "ms_median", "ms_mean", "ms_p5", "ms_p95",
         "n_iters", "ratio", "ratio_ci", "ratio_to", "rank_warning", "breakdown_ms", "breakdown_of",
-        "attention_kernels", "env", "protocol")
+        "attention_kernels", "limit_ms", "limit_ratio", "limit_ratio_ci", "limit_rate_gflops", "limit_probe",
+        "limit_note", "env", "protocol")
 bench = [{k: r.get(k) for k in keep} for r in load(os.path.join(out, "bench_table1.json")) or []]
 ddp = sorted((load(p) or {} for p in glob.glob(os.path.join(out, "ddp_peak_rank*.json"))),
              key=lambda r: r.get("rank", -1))

@@ -185,6 +185,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    """The tensor dtype of a resolved precision (fp32, bf16, fp16)."""
+    return torch.float32 if precision == "fp32" else _DTYPES[precision]
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision ("fp32" = no autocast)."""
     if precision == "fp32":

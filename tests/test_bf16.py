@@ -106,8 +106,12 @@ def test_bf16_benchmark_prints_every_mode(capsys):
 
     assert main(["--size", "tiny", "--img-size", "32", "--rounds", "1", "--threads", "1", "--top", "2"]) == 0
     out = capsys.readouterr().out
-    # both probes of each dtype, and the limit from the faster (tiny at 32 px: 9 tokens of 64 channels)
-    assert "matmul bfloat16 square 2048" in out and "matmul float32 mlp 9x64x256" in out and "load" in out
-    assert "bfloat16 limit rate" in out
+    # both probes of each precision (tiny at 32 px: 9 tokens of 64 channels; study/bench/limit.py), the limit
+    # from the faster, and each mode's ratio with its interval
+    for prec in ("fp32", "bf16"):
+        assert f"matmul probe {prec} 2048x2048x2048" in out and f"matmul probe {prec} 9x64x256" in out
+        assert any(line.strip().startswith(f"{prec} probes") and "the limit takes" in line for line in out.splitlines())
     for mode in MODES:
-        assert f"profile {mode}" in out and any(line.strip().startswith(mode) for line in out.splitlines())
+        assert f"profile {mode}" in out
+        line = next(line for line in out.splitlines() if line.split()[:1] == [mode] and "probes" not in line)
+        assert "[" in line and "-" in line.split("[")[1]  # ratio [low-high]

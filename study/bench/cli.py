@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     config_flag(p, "--scope", "bench.scope", type=str, help="what the timed region holds: model or end_to_end")
     config_flag(p, "--no-breakdown", "bench.breakdown", const=False,
                 help="skip the per-component time breakdown (taken from the timed iterations themselves)")
+    config_flag(p, "--no-limit", "bench.limit", const=False,
+                help="skip the matmul probes and each row's ratio to its matrix-multiply limit (x limit)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--list", action="store_true", help="list the registered variants and sizes, and exit")
     p.set_defaults(func=run)

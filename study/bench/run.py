@@ -88,10 +88,10 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
         pairs = [(row, mode) for row, _ in counted for mode in protocols]
         reference = _reference_index(b, [(row["variant"], mode) for row, mode in pairs])
         entries = [build_entry(f"{row['variant']}:{mode}" if mode else row["variant"], model, b.img_size,
-                               protocols[mode]) for row, model in counted for mode in protocols]
+                               protocols[mode], gflops=row["gflops"]) for row, model in counted for mode in protocols]
         progress(f"timing {len(entries)} rows of size {size} in interleaved rounds ({b.warmup} warm-up, "
                  f">= {b.iters} timed, >= {b.min_time:g} s per row)")
-        results, warning = time_interleaved(entries, breakdown=b.breakdown, reference=reference)
+        results, warning = time_interleaved(entries, breakdown=b.breakdown, reference=reference, limit=b.limit)
         seconds = round(time.perf_counter() - t0, 1)
         group = []
         for (row, mode), result in zip(pairs, results):
@@ -130,7 +130,7 @@ def _fmt(x, spec: str) -> str:
 
 
 HEADER = (f"{'variant':<22}{'size':>5}{'img':>6}{'mode':>14}{'params M':>10}{'paper':>7}{'GFLOPs':>10}{'paper':>7}"
-          f"{'FPS':>9}{'ms med':>9}{'p5-p95 ms':>16}{'n':>5}{'ratio [95% CI]':>22}")
+          f"{'FPS':>9}{'ms med':>9}{'p5-p95 ms':>16}{'n':>5}{'ratio [95% CI]':>22}{'x limit':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -142,7 +142,7 @@ def format_row(r: dict) -> str:
     return (f"{r['variant']:<22}{r['size']:>5}{r['img_size']:>6}{mode[:13]:>14}{r['params'] / 1e6:>10.2f}"
             f"{_fmt(p.get('params_m'), '.0f'):>7}{r['gflops']:>10.1f}{_fmt(p.get('gflops'), '.0f'):>7}"
             f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_median', r.get('ms_mean')), '.1f'):>9}{spread:>16}"
-            f"{_fmt(r.get('n_iters'), 'd'):>5}{ratio:>22}")
+            f"{_fmt(r.get('n_iters'), 'd'):>5}{ratio:>22}{_fmt(r.get('limit_ratio'), '.2f'):>9}")
 
 
 def _name(r: dict) -> str:
@@ -185,6 +185,19 @@ def format_table(rows: list[dict], with_rows: bool = True) -> str:
             lines.append(f"  size {size}" + (f" (to {to})" if to else "") + ": " + ", ".join(parts))
         for warning in dict.fromkeys(r["rank_warning"] for r in timed if r.get("rank_warning")):
             lines.append("  " + warning)
+        limited = [r for r in timed if r.get("limit_ratio") is not None]
+        if limited:
+            lines.append("")
+            lines.append("x limit: median forward over its matmul limit, 2 x GFLOPs x batch / the FLOP/s of a matmul "
+                         "probe in the row's precision (the faster of two), timed in the same rounds, the probes of a "
+                         "precision together about as long as one forward (study/bench/limit.py); 95% bootstrap "
+                         "interval over the rounds:")
+            for r in limited:
+                lo, hi = r.get("limit_ratio_ci", [float("nan")] * 2)
+                p5, p95 = r["limit_rate_p5_p95"]
+                lines.append(f"  {_name(r)}: {r['limit_ratio']:.2f}x [{lo:.2f}-{hi:.2f}] of {r['limit_ms']:.1f} ms "
+                             f"({r['protocol']['precision']} probe {r['limit_rate_gflops']:.0f} GFLOP/s, p5-p95 "
+                             f"{p5:.0f}-{p95:.0f}; {r['limit_probe']})" + (f"; {r['limit_note']}" if r.get("limit_note") else ""))
         lines += _component_block(timed, "breakdown_ms", "time per forward by component (ms; mean over the "
                                   "same timed iterations, 'other' = measured forward minus the parts):")
         proto, env = timed[0]["protocol"], timed[0].get("env", {})

@@ -31,6 +31,9 @@ The protocol, stated in every result row (``protocol`` and ``env``):
   each part is its mean per forward, "total" is the mean measured forward, and "other" the rest, so the
   parts add up to the measured forward. A component called inside another one counts for the outer one
   only. The hooks cost two clock reads per component call (a few dozen per forward);
+- matmul limit (``limit=True``, ``study bench``'s "x limit" column): each row's median forward over
+  2 x GFLOPs x batch / the rate of a matmul probe of its precision, the probes timed as entries of the same
+  rounds, each about as long as a forward (study/bench/limit.py);
 - attention kernels: the SDPA kernels one profiled forward (after the timed loop) actually ran, by aten op
   name and calls per forward (``attention_kernels``), beside the backends that were enabled
   (``sdpa_enabled``): a silent fallback to the math kernel shows there.
@@ -63,6 +66,7 @@ import torch
 from torch import nn
 
 from study.device import autocast, available_cores, cpu_threads, resolve_device, resolve_precision, synchronize
+from study.bench.limit import SQUARE, MatmulProbe, limit_fields, probe_shapes
 from study.errors import UserError
 
 _clock = time.perf_counter  # the CPU timer (a module name, so that a test can see what the timed region holds)
@@ -337,6 +341,8 @@ class Entry:
     protocol: SpeedProtocol  # resolved
     components: Optional[dict[str, list[nn.Module]]] = None  # hooked for the breakdown (eager PyTorch only)
     no_breakdown: str = ""  # why there is none
+    gflops: Optional[float] = None  # per image (fvcore's multiply-adds): the matmul limit needs it
+    limit_shapes: Optional[list[tuple[int, int, int]]] = None  # the matmul probes' products (study/bench/limit.py)
 
 
 def _end_to_end(run_model: Callable[[torch.Tensor], Any], model: nn.Module, img_size: int, device: torch.device, precision: str,
@@ -366,8 +372,10 @@ def _end_to_end(run_model: Callable[[torch.Tensor], Any], model: nn.Module, img_
     return run, [raw] * batch
 
 
-def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProtocol) -> Entry:
-    """The model on the protocol's device, its runner (the protocol's runtime) and its input."""
+def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProtocol,
+                gflops: Optional[float] = None) -> Entry:
+    """The model on the protocol's device, its runner (the protocol's runtime) and its input; ``gflops`` (per
+    image) gives the row its matmul limit in :func:`time_interleaved` (``limit=True``)."""
     p = protocol.resolved()
     device = torch.device(p.device)
     model = model.to(device).eval()
@@ -388,7 +396,8 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
     else:
         why = ""
     components = model.components() if not why and hasattr(model, "components") else None
-    return Entry(label, run, inputs, p, components, why or ("" if components else "the model names no components"))
+    return Entry(label, run, inputs, p, components, why or ("" if components else "the model names no components"),
+                 gflops, probe_shapes(model, img_size, p.batch))
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -538,12 +547,32 @@ def _mean_breakdown(parts: list[dict[str, float]], times: list[float], names: li
     return out
 
 
-def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: int = 0
+def _matmul_probes(entries: list[Entry], device: torch.device) -> dict[str, list[MatmulProbe]]:
+    """The matmul probes of each precision among the entries with a GFLOPs count (study/bench/limit.py), at
+    the first such entry's product shapes, calibrated so that one iteration of all of a precision's probes
+    lasts about as long as the median forward of its entries (one untimed forward each, after the warm-up)."""
+    single = {i: _time_once(lambda e=e: e.run(e.inputs), device)
+              for i, e in enumerate(entries) if e.gflops is not None}
+    probes: dict[str, list[MatmulProbe]] = {}
+    for i in single:
+        prec = entries[i].protocol.precision
+        if prec not in probes:
+            shapes = entries[i].limit_shapes or [(SQUARE, SQUARE, SQUARE)]
+            probes[prec] = [MatmulProbe(prec, shape, device) for shape in shapes]
+            window = float(np.median([single[j] for j in single if entries[j].protocol.precision == prec]))
+            for pr in probes[prec]:
+                pr.calibrate(window / len(shapes), lambda f: _time_once(f, device))
+    return probes
+
+
+def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: int = 0, limit: bool = False
                      ) -> tuple[list[dict], Optional[str]]:
     """Time ``entries`` in interleaved rounds (the first entry's protocol gives device, threads, warm-up,
     rounds and min_time; all must share the device). Returns one result per entry (statistics, ratio to
     entry ``reference`` with its interval, breakdown, kernels, protocol, environment) and the ranking
-    warning (None when every pair can be ranked)."""
+    warning (None when every pair can be ranked). With ``limit``, every entry with ``gflops`` also gets its
+    matmul limit and its ratio to it (``limit_*``, study/bench/limit.py): two matmul probes per precision
+    are extra entries of the same rounds (not rows of the result)."""
     if not entries:
         return [], None
     p = entries[0].protocol
@@ -554,8 +583,19 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
         raise UserError("bench.warmup=0 with torch.compile: the first timed iteration would include the "
                         "compilation; set bench.warmup to 1 or more")
     with (cpu_threads(p.threads) as threads, device_context(device), cudnn_benchmark(device), torch.no_grad()):
-        times, parts = time_rounds(entries, device, p.warmup, p.iters, p.min_time, breakdown)
+        probes: dict[str, list[MatmulProbe]] = {}
+        warmup = p.warmup
+        if limit and any(e.gflops is not None for e in entries):
+            time_rounds(entries, device, p.warmup, 0)  # the warm-up alone, then the probes' calibration
+            probes, warmup = _matmul_probes(entries, device), 0
+        extra = [Entry(pr.label, pr.run, None, replace(p, precision=prec), None, "matmul probe")
+                 for prec, group in probes.items() for pr in group]
+        times, parts = time_rounds(entries + extra, device, warmup, p.iters, p.min_time, breakdown)
         kernels = [sdpa_kernels_taken(lambda e=e: e.run(e.inputs)) for e in entries]
+    boot = _bootstrap_medians(times, BOOTSTRAP_RESAMPLES, 0) if probes else None
+    all_times = times
+    flat = [pr for group in probes.values() for pr in group]  # in the order of ``extra``
+    times, parts = times[:len(entries)], parts[:len(entries)]
     ratios = speed_ratios(times, reference)
     env = environment(device)
     results = []
@@ -573,6 +613,9 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
             else:
                 r["breakdown_ms"] = None
                 r["breakdown_of"] = f"none ({e.no_breakdown})"
+        if e.gflops is not None and ep.precision in probes:
+            mine = [(pr, all_times[j], j) for j, pr in enumerate(flat, start=len(entries)) if pr.precision == ep.precision]
+            r.update(limit_fields(t, mine, e.gflops, ep.batch, boot, row=len(results), ci_level=CI_LEVEL))
         r["env"] = {**env, "precision": ep.precision, "compile_mode": ep.compile_mode if ep.compile else "off",
                     "runtime": ep.runtime, "sdpa_kernel_taken": _format_kernels(k), "threads": threads,
                     "batch": ep.batch}

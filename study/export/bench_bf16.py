@@ -1,13 +1,13 @@
 """bf16 on the CPU against its limit: ``python -m study.export.bench_bf16 [--size S] [--img-size 640]``.
 
 For each precision mode the forward of one model (EoMT-S at 640 by default, batch 1, no grad) is timed in
-interleaved rounds, together with two matrix multiplies in bf16 and in fp32 (:func:`matmul_probes`: a large
-square one and the model's own MLP product; the machine's matrix rates, measured in the same rounds so that a
-noisy spell hits them alike; the limit takes the faster probe's rate, the stricter limit). Printed per mode:
-the forward's median (p5-p95 and the count), the matmul limit ``2 x GMACs / rate`` of that mode's matmul dtype (fvcore's
-GFLOPs count multiply-adds, study/bench/flops.py; a multiply-add is 2 FLOPs of the rate) and the ratio
-forward / limit, and the top operators of one profiled forward (torch.profiler, self CPU time). The load
-average is printed beside every figure: the machine is shared.
+interleaved rounds together with the matmul probes of its precision, the protocol of ``study bench``'s "x limit"
+column (study/bench/limit.py: two ``F.linear`` probes per precision, the model's MLP product and a square 2048
+one, each iteration of a precision's probes about as long as one of its forwards; the limit takes the faster).
+Printed per mode: the forward's median (p5-p95 and the count), the matmul limit ``2 x GMACs / rate`` of that
+mode's matmul dtype (fvcore's GFLOPs count multiply-adds, study/bench/flops.py; a multiply-add is 2 FLOPs of the
+rate) and the ratio forward / limit with its 95% interval over the rounds, and the top operators of one profiled
+forward (torch.profiler, self CPU time). The load average is printed beside every figure: the machine is shared.
 
 Modes: ``fp32``; ``bf16`` (``torch.autocast("cpu", bfloat16)``, study/device.py ``autocast``, what training and
 ``study bench --precision bf16`` use); ``bf16_weights`` (the model's parameters cast to bf16 once,
@@ -15,43 +15,37 @@ Modes: ``fp32``; ``bf16`` (``torch.autocast("cpu", bfloat16)``, study/device.py 
 the way a deployed bf16 model runs); opt-in (``--modes``): ``bf16_compile`` and ``bf16_weights_compile``, the
 same two compiled by inductor with freezing (:func:`compiled`). ``--attention`` also times the ways to compute one
 block's attention in bf16 (:func:`attention_variants`) against fp32 SDPA. Each profile line gives the rate the
-model's own linear layers reached: where it is well above the probe's, the probe ran in a slow spell and the
-limit is overstated (the ratio flattered).
+model's own linear layers reached.
 
-Measured here with both probes (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16
---threads 1 --rounds 11 --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile --top 0``, load average
-0.9-1.0; bf16 probes 365 GFLOP/s (square 2048, p5-p95 346-723) and 405 (the MLP's 1605 x 384 x 1536, p5-p95
-387-862), so a bf16 limit of 336 ms: fp32 1697 ms (1.51x its limit), bf16 autocast 728 ms (2.17x), bf16
-weights 718 ms (2.14x), bf16_compile 554 ms (1.65x), bf16_weights_compile 588 ms (1.75x). An earlier run the same
-hour (probe 399): 2.59x, 2.41x, 2.07x, 1.88x. The compiled rows are within about 2x of the limit; eager bf16
-is not. The probes' spread (the fast mode at twice the median) is the weak point of every ratio here.
+Measured with the window probes (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16
+--threads 1 --rounds 11 --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile --top 0``, twice, a few
+minutes apart (load average 0.7-1.0); median ms, ratio to the limit [95% interval]:
 
-Measured earlier with the square probe alone (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16 --threads 1 --rounds 11
---attention --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile``, load average 0.72 before, 0.93
-after; medians (p5-p95) of 11 rounds; bf16 probe 398 GFLOP/s, bf16 limit 341 ms for 67.96 GMACs:
+    mode                   run 1 (bf16 probe 330 GFLOP/s)    run 2 (bf16 probe 439 GFLOP/s)
+    fp32                   1890  1.50 [1.43-1.63]            1675  1.45 [1.38-1.58]
+    bf16 (autocast)         895  2.17 [2.00-2.47]             814  2.63 [1.88-4.21]
+    bf16_weights            859  2.09 [1.84-2.29]             752  2.43 [1.72-3.92]
+    bf16_compile            726  1.76 [1.54-1.94]             503  1.63 [1.13-3.05]
+    bf16_weights_compile    696  1.69 [1.52-1.74]             501  1.62 [1.01-2.63]
 
-    fp32                  1609 ms (1332-1828)  1.48x its fp32 limit (probe 125 GFLOP/s)
-    bf16 (autocast)        663 ms (492-788)    1.94x
-    bf16_weights           629 ms (424-803)    1.84x
-    bf16_compile           583 ms (342-671)    1.71x
-    bf16_weights_compile   560 ms (391-637)    1.64x
+The compiled rows are within 2x of the limit in both runs; eager bf16 is at 2.1-2.6x. Even with windows of a
+few hundred ms the probe's iterations spread (p5-p95 251-373 GFLOP/s in run 1, 309-756 in run 2): spells of
+the fast mode sometimes outlast a window, which is what the intervals show.
 
-The probe is the weak point of the ratio: its own p5-p95 spans 342-979 GFLOP/s within a run, and its median was
-398 in this run and 688 in one a few minutes earlier (load 0.86-0.98), while the forwards moved far less. In that
-earlier run (the same rounds, a script that also kept the pre-change head on a copy of the model): bf16 autocast
-647 -> 524 ms (3.27x -> 2.65x of a 198 ms limit), bf16 weights 484 -> 483 ms (2.45x -> 2.44x; its own p5 went
-466 -> 404), both compiled rows 394 ms (2.00x), fp32 1397 -> 1377 ms. So: within 2x of the limit in every bf16 row
-when the probe runs at about 400 GFLOP/s; at a fast probe (about 700) only the compiled rows reach 2.0x, and eager
-bf16 stays at 2.4-2.7x. In this run the linear layers of the bf16 forward reached about 630 GFLOP/s
-(35.24 GMACs in 112-121 ms), above the probe's 398: read the 1.6-1.9x figures with that in mind.
+The earlier protocol timed each probe as one call per round (about 2.5 ms) and took the median: the median bf16
+probe came out at 398 GFLOP/s in one run and 688 in another a few minutes later, while the forwards moved far
+less, so the same forward read 1.9x or 3.3x. Single calls are bimodal here (about 400 and about 850 GFLOP/s); a
+window as long as a forward averages over the mixture the forward itself sees.
 
-Where the bf16 forward's time goes (the profiles of the run above, self CPU of one forward):
+Where the bf16 forward's time goes (profiles of one forward in an earlier quiet run, self CPU):
 - the attention: 222-238 ms of 491-601 ms (40-54%). torch's CPU flash kernel runs one block (1605 tokens, 6 heads
   of 64) in 21.9 ms, 181 GFLOP/s, relative error 3.8e-3 to fp32 SDPA; every alternative is slower at that shape
   (``--attention``, same rounds): SDPA's math backend 208 ms, ``q @ k^T`` + bf16 softmax + ``@ v`` 51.8 ms (the
   two oneDNN matmuls alone take about 7 ms each; the softmax over the 15.5 M scores about 15-18 ms, its
   exponentials alone 9.5 ms), the same with an fp32 softmax 134 ms, chunked over 256 queries 48.6 ms; compiled by
-  inductor the explicit form takes 28 ms against the kernel's 16 ms (a separate quiet run). So the model keeps
+  inductor the explicit form takes 28 ms against the kernel's 16 ms (a separate quiet run), and compiled
+  ``torch.nn.attention.flex_attention`` (inductor's CPU template) 47 ms against the kernel's 21 ms (20
+  interleaved rounds, a one-off script, relative error 2.3e-3). So the model keeps
   SDPA, and there is no attention setting: the flash kernel is the best of them on this CPU. At K = 64 the kernel
   is limited by its exponentials and small products; it alone is about 0.7x (probe 398) to 1.1x (probe 688) of
   the limit, which is why eager bf16 cannot reach 2x of a fast probe.
@@ -62,7 +56,10 @@ Where the bf16 forward's time goes (the profiles of the run above, self CPU of o
   gone: study/models/eomt.py ``mask_product`` takes the product as ``"bhwc,bqc->bhwq"`` on that layout, the
   same values and the same FLOP count for fvcore and the fast counter (tests/test_bf16_speed_paths.py);
 - GELU (33-54 ms), LayerNorm (24 ms) and the upscaler's convolutions (45-55 ms), which inductor fuses or folds
-  (compiled: 39 ms of fused kernels, 36 ms of convolutions).
+  (compiled: 39 ms of fused kernels, 36 ms of convolutions). Run one by one, GELU and LayerNorm over a
+  channels-last map were 3-5x slower than over the same memory viewed as contiguous NHWC; an upscaler that kept
+  every step on contiguous NHWC memory gave no measurable gain in the whole forward (old / new per round: 0.96-1.01
+  median over 9 interleaved rounds in fp32, autocast and bf16 weights), so it was not kept.
 With 2 threads on a loaded 2-core machine the forwards slow down 3-4x more than the matmul probe (OpenMP
 threads wait at every operator's barrier for a descheduled sibling), so time on a busy machine with 1 thread.
 """
@@ -71,7 +68,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -85,31 +82,10 @@ MODES = ("fp32", "bf16", "bf16_weights")  # the default rows
 # GELU, LayerNorm and the element-wise ops fused into their neighbours.
 COMPILED_MODES = ("bf16_compile", "bf16_weights_compile")
 ALL_MODES = MODES + COMPILED_MODES
-MATMUL_N = 2048  # the probe: (n x n) @ (n x n), large enough for the matrix units' steady rate, 8 MiB in bf16
 
 
 def load() -> float:
     return os.getloadavg()[0]
-
-
-def matmul_probe(dtype: torch.dtype, n: int = MATMUL_N, k: int | None = None,
-                 m: int | None = None) -> tuple[Callable[[], object], float]:
-    """A callable doing one (n x k) @ (k x m) matmul in ``dtype`` (square n by default), and its FLOPs
-    (2 n k m)."""
-    k = n if k is None else k
-    m = n if m is None else m
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, k, generator=g).to(dtype)
-    b = torch.randn(k, m, generator=g).to(dtype)
-    return (lambda: torch.mm(a, b)), 2.0 * n * k * m
-
-
-def matmul_probes(dtype: torch.dtype, tokens: int, dim: int) -> dict[str, tuple[Callable[[], object], float]]:
-    """The probes of one dtype: the large square matmul and the model's own commonest product, its MLP's
-    first layer (tokens x dim) @ (dim x 4 dim). The limit takes the faster probe's rate (the stricter limit):
-    the square one alone ran up to 1.7x slower than the model's own linear layers in some runs here."""
-    return {f"square {MATMUL_N}": matmul_probe(dtype),
-            f"mlp {tokens}x{dim}x{4 * dim}": matmul_probe(dtype, tokens, dim, 4 * dim)}
 
 
 def compiled(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor], object]:
@@ -154,19 +130,15 @@ def forwards(model: torch.nn.Module, img_size: int, modes=MODES) -> dict[str, Ca
 
 
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of every step, one call of each in turn per round (rotating the start)."""
-    names = list(steps)
+    """Seconds per call of every step in interleaved rounds (study/bench/speed.py ``time_rounds``: one call of
+    each in turn per round, the start rotating)."""
+    from study.bench.speed import Entry, SpeedProtocol, time_rounds
+
+    proto = SpeedProtocol(device="cpu", threads=torch.get_num_threads()).resolved()
+    entries = [Entry(name, lambda _inputs, fn=fn: fn(), None, proto) for name, fn in steps.items()]
     with torch.no_grad():
-        for _ in range(warmup):
-            for n in names:
-                steps[n]()
-        times = {n: [] for n in names}
-        for r in range(rounds):
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                steps[n]()
-                times[n].append(time.perf_counter() - t0)
-    return times
+        times, _ = time_rounds(entries, torch.device("cpu"), warmup, rounds)
+    return dict(zip(steps, times))
 
 
 def attention_variants(tokens: int, heads: int, head_dim: int, chunk: int = 256
@@ -249,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _measure(a: argparse.Namespace, modes: list[str]) -> int:
     from study.bench.flops import count_flops
+    from study.bench.limit import probe_shapes
+    from study.bench.speed import Entry, SpeedProtocol, time_interleaved
     from study.config import load_config
     from study.models.build import build_model
 
@@ -258,32 +232,29 @@ def _measure(a: argparse.Namespace, modes: list[str]) -> int:
     gmacs = flops.total / 1e9
     linear_gmacs = flops.by_operator.get("linear", 0) / 1e9
     steps = forwards(model, a.img_size, modes)
-    dim = model.backbone.blocks[0].attn.num_heads * model.backbone.blocks[0].attn.head_dim
-    probes = {(dt, name): probe for dt in ("bfloat16", "float32")
-              for name, probe in matmul_probes(getattr(torch, dt), count_tokens(model, a.img_size), dim).items()}
-    steps.update({f"matmul {dt} {name}": fn for (dt, name), (fn, _) in probes.items()})
+    # The rows and their matmul probes (study/bench/limit.py) in the same interleaved rounds; the precision
+    # names the probes' dtype (the autocast itself is inside each step).
+    proto = SpeedProtocol(device="cpu", warmup=2, iters=a.rounds, threads=torch.get_num_threads()).resolved()
+    shapes = probe_shapes(model, a.img_size)
+    entries = [Entry(mode, lambda _inputs, fn=steps[mode]: fn(), None,
+                     replace(proto, precision="fp32" if mode == "fp32" else "bf16"),
+                     gflops=gmacs, limit_shapes=shapes) for mode in modes]
     print(f"{a.variant} {a.size} at {a.img_size}px: {gmacs:.2f} GFLOPs (fvcore, multiply-adds), batch 1, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; {a.rounds} interleaved rounds; "
-          f"load average {load():.2f} before")
-    times = interleaved(steps, a.rounds)
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; {a.rounds} interleaved rounds with the "
+          f"matmul probes (study/bench/limit.py); load average {load():.2f} before")
+    rows, _ = time_interleaved(entries, limit=True)
     after = load()
-    rate: dict[str, float] = {}
-    for (dt, name), (_, probe_flops) in probes.items():
-        t = np.array(times[f"matmul {dt} {name}"])
-        r = probe_flops / float(np.median(t))
-        rate[dt] = max(rate.get(dt, 0.0), r)
-        print(f"  matmul {dt} {name}: {r / 1e9:.0f} GFLOP/s (median; p5-p95 {probe_flops / np.percentile(t, 95) / 1e9:.0f}"
-              f"-{probe_flops / np.percentile(t, 5) / 1e9:.0f})   load {after:.2f}")
-    for dt in rate:
-        print(f"  {dt} limit rate: {rate[dt] / 1e9:.0f} GFLOP/s (the faster probe)")
-    print(f"  {'mode':<22}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio':>9}   load")
-    for mode in modes:
-        t = np.array(times[mode]) * 1e3
-        dt = "float32" if mode == "fp32" else "bfloat16"
-        limit = 2 * gmacs * 1e9 / rate[dt] * 1e3
-        med = float(np.median(t))
-        print(f"  {mode:<22}{med:>10.1f}{np.percentile(t, 5):>9.1f}-{np.percentile(t, 95):<8.1f}{len(t):>4}"
-              f"{limit:>10.1f}{med / limit:>9.2f}   {after:.2f}")
+    for prec in dict.fromkeys(r["protocol"]["precision"] for r in rows):
+        r = next(r for r in rows if r["protocol"]["precision"] == prec)
+        rates = ", ".join(f"{name} {rate:.0f}" for name, rate in r["limit_probes_gflops"].items())
+        print(f"  {prec} probes (GFLOP/s, median iteration): {rates}; the limit takes {r['limit_rate_gflops']:.0f} "
+              f"(p5-p95 of its iterations {r['limit_rate_p5_p95'][0]:.0f}-{r['limit_rate_p5_p95'][1]:.0f})")
+    print(f"  {'mode':<22}{'median ms':>10}{'p5-p95 ms':>18}{'n':>4}{'limit ms':>10}{'ratio [95% CI]':>20}   load")
+    for r in rows:
+        lo, hi = r["limit_ratio_ci"]
+        print(f"  {r['mode']:<22}{r['ms_median']:>10.1f}{r['ms_p5']:>9.1f}-{r['ms_p95']:<8.1f}{r['n_iters']:>4}"
+              f"{r['limit_ms']:>10.1f}{r['limit_ratio']:>8.2f} [{lo:.2f}-{hi:.2f}]   {after:.2f}"
+              + (f"  ({r['limit_note']})" if r.get("limit_note") else ""))
     if a.attention:
         blk = model.backbone.blocks[0].attn
         n = count_tokens(model, a.img_size)
@@ -305,7 +276,7 @@ def _measure(a: argparse.Namespace, modes: list[str]) -> int:
             ops, total, linear = top_ops(steps[mode], a.top)
             rate_note = ""
             if linear and mode != "fp32":  # the matrix rate the model's own linear layers reached in this call
-                rate_note = f"; its linear layers {2 * linear_gmacs / linear:.0f} GFLOP/s"
+                rate_note = f"; its linear layers {2 * linear_gmacs / (linear / 1e3):.0f} GFLOP/s"
             print(f"  profile {mode} (one forward, self CPU {total:.0f} ms{rate_note}, load {load():.2f}):")
             for name, ms, calls in ops:
                 print(f"    {ms:8.1f} ms {100 * ms / total:5.1f}%  {calls:4d}x  {name}")
