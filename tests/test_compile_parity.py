@@ -121,3 +121,28 @@ def test_compiled_training_step_gives_eager_losses(monkeypatch):
     compiled = two_steps(compiled_model, run_compiled)
     assert eager[1] != eager[0]  # the step changed the weights
     assert compiled == pytest.approx(eager, abs=TOL)
+
+
+def test_frozen_rows_equal_eager_and_really_freeze_whatever_compiled_before():
+    """``study bench``'s ``freeze`` rows (study/bench/speed.py ``compiled`` with freezing): the output equals
+    eager within 1e-4, and the parameters really are constants of the graph (an in-place change of a weight
+    after the first call does not move a frozen row's output, and does move a plain compiled row's), also when a
+    plain compiled row of the same model ran first in the process: with freezing as a config patch alone, the
+    frozen row then reused the unfrozen graph (its output moved by the whole change)."""
+    from study.bench.speed import SpeedProtocol, pytorch_runner
+
+    model = tiny("eomt").eval()
+    x = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(x)
+    moved = {}
+    for freezing in (False, True):  # the unfrozen row first: the order that broke
+        row = copy.deepcopy(model)
+        run = pytorch_runner(row, x, SpeedProtocol(device="cpu", compile=True, freezing=freezing).resolved())
+        with torch.no_grad():
+            first = run(x)
+            assert max_diff(eager, first) <= TOL
+            row.head.class_head.bias.add_(1.0)
+            moved[freezing] = (run(x)[-1].class_logits - first[-1].class_logits).abs().max().item()
+    assert moved[False] == pytest.approx(1.0, abs=1e-5)
+    assert moved[True] == 0.0

@@ -300,6 +300,11 @@ def test_modes_and_their_mistakes():
     p = speed.apply_mode("compile+bf16", base)
     assert (p.compile, p.precision, p.runtime) == (True, "bf16", "pytorch")
     assert speed.apply_mode("eager", p).compile is False
+    frozen = speed.apply_mode("freeze+bf16", base)
+    assert (frozen.compile, frozen.freezing, frozen.precision) == (True, True, "bf16")
+    assert speed.apply_mode("eager", frozen).freezing is False  # and it resolves (no freezing without compile)
+    with pytest.raises(UserError, match="bench.freezing applies to compiled rows"):
+        speed.SpeedProtocol(device="cpu", freezing=True).resolved()
     with pytest.raises(UserError, match="unknown word 'fast'"):
         speed.apply_mode("compile+fast", base)
     entry = speed.build_entry("c", _eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", compile=True, warmup=0))

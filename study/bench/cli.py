@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     config_flag(p, "--compile", "bench.compile", const=True, help="torch.compile the model before timing")
     config_flag(p, "--compile-mode", "bench.compile_mode", type=str,
                 help="torch.compile mode: torch's plain mode (named 'default') or max-autotune")
+    config_flag(p, "--freezing", "bench.freezing", const=True,
+                help="compiled rows with inductor's freezing (parameters as graph constants; inference only)")
     config_flag(p, "--warmup", "bench.warmup", type=int, help="untimed interleaved rounds before timing")
     config_flag(p, "--iters", "bench.iters", type=int, help="timed interleaved rounds, at least")
     config_flag(p, "--min-time", "bench.min_time", type=float,
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 help="CPU threads for the measurement (unset: every core this process may use)")
     config_flag(p, "--modes", "bench.modes", type=csv,
                 help="settings timed side by side in the same rounds, e.g. eager,compile,bf16,compile+bf16 "
-                     "('+' joins eager/compile, fp32/bf16/fp16 and a runtime name)")
+                     "('+' joins eager/compile/freeze, fp32/bf16/fp16 and a runtime name)")
     config_flag(p, "--runtime", "bench.runtime", type=str, help="what runs the model: pytorch or a registered "
                                                                 "runtime (study/bench/speed.py RUNTIMES)")
     config_flag(p, "--reference", "bench.reference", type=str,

@@ -30,6 +30,9 @@ class BenchConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # the paper used default torch.compile on the GPU
     compile_mode: Literal["default", "max-autotune"] = "default"  # torch.compile's mode (paper: default)
+    # Compiled rows with inductor's freezing (parameters folded into the graph as constants, inference only; the
+    # CPU deployment setting: weights pre-packed once). The paper is silent; off by default. Mode word "freeze".
+    freezing: bool = False
     # The protocol (study/bench/speed.py), where the paper is silent: the rows of one size are timed in
     # interleaved rounds; FPS from the median iteration.
     warmup: int = 3  # untimed rounds first
@@ -45,8 +48,8 @@ class BenchConfig:
     # How the model runs: "pytorch" (eager or compiled), or a runtime registered in study/bench/speed.py
     runtime: str = "pytorch"
     # Several settings of each row timed side by side in the same rounds: '+'-joined words among eager,
-    # compile, fp32, bf16, fp16, auto and a runtime name (e.g. [eager, compile, bf16]); empty = one row
-    # per variant with the settings above.
+    # compile, freeze (compile with freezing), fp32, bf16, fp16, auto and a runtime name (e.g. [eager, compile,
+    # bf16, freeze+bf16]); empty = one row per variant with the settings above.
     modes: list[str] = field(default_factory=list)
     # The row the speed ratios are relative to: a variant name (its first mode), or "variant:mode";
     # None = the first row of each size (Table 1 compares to row 0).

@@ -71,7 +71,7 @@ def bench_rows(cfg: Config, progress=print) -> list[dict]:
     check_config(cfg)  # the load-time checks (study/config.py), for configs built in code too
     b = cfg.bench
     base = SpeedProtocol(b.device, b.precision, b.compile, b.warmup, b.iters, b.scope, b.batch, b.threads,
-                         b.min_time, b.compile_mode, b.runtime)
+                         b.min_time, b.compile_mode, b.runtime, b.freezing)
     protocols = {mode: (apply_mode(mode, base) if mode else base) for mode in _modes(b)}
     rows = []
     for size in b.sizes:

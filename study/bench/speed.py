@@ -89,12 +89,16 @@ class SpeedProtocol:
     min_time: float = 0.0  # seconds of timed iterations per row at least
     compile_mode: str = "default"
     runtime: str = "pytorch"
+    freezing: bool = False  # compiled rows: inductor's freezing (parameters folded in as constants; inference only)
 
     def resolved(self) -> "SpeedProtocol":
         device = resolve_device(self.device)
         if self.compile_mode not in COMPILE_MODES:
             raise UserError(f"unknown compile mode '{self.compile_mode}' (bench.compile_mode); choose "
                             f"{' or '.join(COMPILE_MODES)}")
+        if self.freezing and not self.compile:
+            raise UserError("bench.freezing applies to compiled rows: set bench.compile (or a 'compile' or "
+                            "'freeze' word in bench.modes)")
         if self.scope not in ("model", "end_to_end"):
             raise UserError(f"unknown timing scope '{self.scope}' (bench.scope); choose model or end_to_end")
         return replace(self, device=str(device), precision=resolve_precision(self.precision, device),
@@ -274,13 +278,44 @@ RunnerBuilder = Callable[[nn.Module, Any, SpeedProtocol], Callable[[Any], object
 def pytorch_runner(model: nn.Module, example: Any, protocol: SpeedProtocol) -> Callable[[Any], object]:
     """The PyTorch runtime: the model, compiled if the protocol says so, under the protocol's autocast."""
     device = torch.device(protocol.device)
-    net = torch.compile(model, mode=protocol.compile_mode) if protocol.compile else model
+    net = compiled(model, protocol.compile_mode, protocol.freezing) if protocol.compile else model
 
     def run(inputs):
         with autocast(device, protocol.precision):
             return net(inputs)
 
     return run
+
+
+def compiled(model: nn.Module, mode: str = "default", freezing: bool = False) -> Callable[..., Any]:
+    """``torch.compile(model)`` in ``mode``; with ``freezing``, inductor's freezing: the parameters become
+    constants of the graph, so that autocast's weight casts and the weights' layouts are done once, at compile
+    time (on the CPU the linear layers' weights are pre-packed for oneDNN); no-grad inference only, which is
+    what the benchmark times.
+
+    Freezing needs inductor's ``freezing`` config while dynamo traces (at the first call), so the returned
+    callable sets it around every call; and it compiles through its own backend (:func:`_frozen_inductor`):
+    dynamo reuses a compiled graph of the same code whose guards pass, and a graph of the same model compiled
+    without freezing (another row in the same process) passes them, so with the config alone a frozen row
+    silently ran the unfrozen graph (tests/test_compile_parity.py). A different backend gets its own graphs."""
+    if not freezing:
+        return torch.compile(model, mode=mode)
+    import torch._inductor.config as inductor_config
+
+    net = torch.compile(model, backend=functools.partial(_frozen_inductor, mode=mode))
+
+    def run(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return net(*args, **kwargs)
+    return run
+
+
+def _frozen_inductor(gm, example_inputs, mode: str = "default"):
+    """Inductor with ``mode``'s options and freezing (the backend of :func:`compiled` with freezing)."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), "freezing": True})
 
 
 def _onnxruntime_runner(model, example, protocol):
@@ -312,9 +347,11 @@ def apply_mode(mode: str, protocol: SpeedProtocol) -> SpeedProtocol:
     p = protocol
     for word in (w.strip() for w in mode.split("+")):
         if word == "eager":
-            p = replace(p, compile=False)
+            p = replace(p, compile=False, freezing=False)
         elif word == "compile":
             p = replace(p, compile=True)
+        elif word == "freeze":
+            p = replace(p, compile=True, freezing=True)
         elif word in ("fp32", "bf16", "fp16", "auto"):
             p = replace(p, precision=word)
         elif word in RUNTIMES:
@@ -322,8 +359,8 @@ def apply_mode(mode: str, protocol: SpeedProtocol) -> SpeedProtocol:
             # still ask for another precision, which the runner then refuses by name)
             p = replace(p, runtime=word, precision="fp32" if word == "onnxruntime" else p.precision)
         else:
-            raise UserError(f"bench.modes entry '{mode}': unknown word '{word}'; use eager, compile, fp32, bf16, "
-                            f"fp16, auto or a runtime ({', '.join(RUNTIMES)}), joined by '+'")
+            raise UserError(f"bench.modes entry '{mode}': unknown word '{word}'; use eager, compile, freeze, fp32, "
+                            f"bf16, fp16, auto or a runtime ({', '.join(RUNTIMES)}), joined by '+'")
     if p.compile and p.runtime != "pytorch":
         raise UserError(f"bench.modes entry '{mode}': compile applies to the pytorch runtime only")
     return p
@@ -616,7 +653,8 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
         if e.gflops is not None and ep.precision in probes:
             mine = [(pr, all_times[j], j) for j, pr in enumerate(flat, start=len(entries)) if pr.precision == ep.precision]
             r.update(limit_fields(t, mine, e.gflops, ep.batch, boot, row=len(results), ci_level=CI_LEVEL))
-        r["env"] = {**env, "precision": ep.precision, "compile_mode": ep.compile_mode if ep.compile else "off",
+        compiled = (ep.compile_mode + ("+freezing" if ep.freezing else "")) if ep.compile else "off"
+        r["env"] = {**env, "precision": ep.precision, "compile_mode": compiled,
                     "runtime": ep.runtime, "sdpa_kernel_taken": _format_kernels(k), "threads": threads,
                     "batch": ep.batch}
         results.append(r)

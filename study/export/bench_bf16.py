@@ -89,14 +89,15 @@ def load() -> float:
 
 
 def compiled(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor], object]:
-    """``model`` compiled for no-grad inference by inductor with freezing (``torch._inductor.config.freezing``,
-    set only while it runs), under bf16 autocast or not. Compilation happens at the first call."""
-    import torch._inductor.config as inductor_config
+    """``model`` compiled for no-grad inference by inductor with freezing (study/bench/speed.py ``compiled``, what
+    ``study bench`` runs for a ``freeze`` mode), under bf16 autocast or not. Compilation happens at the first
+    call."""
+    from study.bench.speed import compiled as compile_model
 
-    fn = torch.compile(model)
+    fn = compile_model(model, freezing=True)
 
     def run(images: torch.Tensor):
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        with torch.no_grad():
             if autocast:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return fn(images)

@@ -47,7 +47,8 @@ def _bench(cfg: Config) -> dict:
     if b.fps:
         protocol = SpeedProtocol(device=b.device, precision=b.precision, compile=b.compile, warmup=b.warmup,
                                  iters=b.iters, scope=b.scope, batch=b.batch, threads=b.threads,
-                                 min_time=b.min_time, compile_mode=b.compile_mode, runtime=b.runtime)
+                                 min_time=b.min_time, compile_mode=b.compile_mode, runtime=b.runtime,
+                                 freezing=b.freezing)
         entry = build_entry("model", model, img, protocol)
         # the breakdown comes from the timed iterations themselves, when they can give one (eager PyTorch)
         (timed,), _ = time_interleaved([entry], breakdown=b.breakdown and not entry.no_breakdown)
