@@ -13,7 +13,10 @@
 
 Every stage is found when it is done already: the runs by their folders (the launcher submits nothing), the
 count table and the report by a fingerprint of their inputs (the code and settings they depend on), so a
-second ``make study`` only reads. What each stage did and how long it took goes to ``<root>/study_summary.json``.
+second ``make study`` only reads. What each stage did and how long it took goes to ``<root>/study_summary.json``,
+with the summaries of the earlier ``make study`` runs under ``earlier`` (oldest first, the last
+:data:`KEEP_SUMMARIES`), so that a second run (every stage found, a few seconds) does not replace the first's
+stage times.
 
     .venv/bin/python scripts/main_study.py [--set KEY=VALUE ...] [--cluster local|debug|slurm]
 """
@@ -39,7 +42,25 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 COUNT_INPUTS = ("study/models", "study/bench", "baselines", "study/config.py", "study/paper_numbers.py",
                 "study/paper_numbers.csv")
 REPORT_INPUTS = ("analysis", "study/paper_numbers.py", "study/paper_numbers.csv", "study/launch/collect.py")
+KEEP_SUMMARIES = 20  # earlier make study summaries kept in study_summary.json (our choice)
 
+
+def _earlier_summaries(path: Path) -> list[dict]:
+    """The summaries of the earlier runs, the latest one last: the one in ``path`` and those it kept. An
+    unreadable file is moved aside to ``<name>.unreadable`` (said on one line) rather than overwritten."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)
+        _say(f"note: {path} could not be read ({e}); moved to {aside}, a new summary is written")
+        return []
+    earlier = old.pop("earlier", [])
+    return (earlier + [old])[-KEEP_SUMMARIES:]
 
 def _say(line: str = "") -> None:
     from tqdm import tqdm
@@ -455,6 +476,7 @@ def _main(args) -> int:
     failed = summary["train_eval"]["failed"] + summary.get("timing", {}).get("failed", [])
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["earlier"] = _earlier_summaries(root / "study_summary.json")
     atomic_write_json(root / "study_summary.json", summary)
     submitted = summary["train_eval"]["submitted"] + summary.get("timing", {}).get("submitted", 0)
     _say(f"make study: {summary['seconds']:.0f} s, {submitted} run steps launched"

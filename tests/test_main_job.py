@@ -98,6 +98,7 @@ def test_reduced_study_reports_every_table_and_a_second_run_submits_nothing(tmp_
     second = json.loads((root / "study_summary.json").read_text())
     assert second["train_eval"]["actions"] == {"skip": 2} and second["train_eval"]["submitted"] == 0
     assert second["counts"]["found"] is True and second["report"]["found"] is True
+    assert second["earlier"] == [{k: v for k, v in first.items() if k != "earlier"}]  # the first run's times kept
     assert _jobs(grid_dir) == jobs  # no launch record added: nothing was submitted
     assert "0 run steps launched" in out and "nothing to count" in out and "nothing to redraw" in out
 
@@ -137,3 +138,15 @@ def test_whole_grid_as_local_jobs(tmp_path, capsys):
     assert study.main(argv) == 0
     again = json.loads((root / "study_summary.json").read_text())
     assert again["train_eval"]["submitted"] == 0 and again["timing"]["submitted"] == 0
+
+
+def test_an_unreadable_summary_is_moved_aside_not_overwritten(tmp_path, capsys):
+    study = _script()
+    path = tmp_path / "study_summary.json"
+    path.write_text('{"seconds": 12')  # cut off
+    assert study._earlier_summaries(path) == []
+    assert (tmp_path / "study_summary.json.unreadable").read_text() == '{"seconds": 12' and not path.exists()
+    assert "could not be read" in capsys.readouterr().out
+    path.write_text(json.dumps({"seconds": 3, "earlier": [{"seconds": i} for i in range(study.KEEP_SUMMARIES)]}))
+    kept = study._earlier_summaries(path)
+    assert len(kept) == study.KEEP_SUMMARIES and kept[-1] == {"seconds": 3} and kept[0] == {"seconds": 1}

@@ -28,9 +28,12 @@ minutes apart (load average 0.7-1.0); median ms, ratio to the limit [95% interva
     bf16_compile            726  1.76 [1.54-1.94]             503  1.63 [1.13-3.05]
     bf16_weights_compile    696  1.69 [1.52-1.74]             501  1.62 [1.01-2.63]
 
-The compiled rows are within 2x of the limit in both runs; eager bf16 is at 2.1-2.6x. Even with windows of a
-few hundred ms the probe's iterations spread (p5-p95 251-373 GFLOP/s in run 1, 309-756 in run 2): spells of
-the fast mode sometimes outlast a window, which is what the intervals show.
+The compiled rows are within 2x of the limit in both runs and eager bf16 is at 2.1-2.6x, but these runs had a
+slow probe (330 and 439 GFLOP/s: the matrix unit shared most of the time). In a later run with the unit mostly
+to itself (``study bench``, bf16 probe 980 GFLOP/s; README "Speed: the protocol") the matmuls ran twice as fast
+and the rest did not: eager bf16 3.8x, compiled with freezing 2.9x. Even with windows of a few hundred ms the
+probe's iterations spread (p5-p95 251-373 GFLOP/s in run 1, 309-756 in run 2): spells of the fast mode
+sometimes outlast a window, which is what the intervals show.
 
 The earlier protocol timed each probe as one call per round (about 2.5 ms) and took the median: the median bf16
 probe came out at 398 GFLOP/s in one run and 688 in another a few minutes later, while the forwards moved far
