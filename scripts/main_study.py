@@ -47,20 +47,24 @@ KEEP_SUMMARIES = 20  # earlier make study summaries kept in study_summary.json (
 
 def _earlier_summaries(path: Path) -> list[dict]:
     """The summaries of the earlier runs, the latest one last: the one in ``path`` and those it kept. An
-    unreadable file is moved aside to ``<name>.unreadable`` (said on one line) rather than overwritten."""
+    unreadable file is moved aside to ``<name>.unreadable-<time>`` (said on one line) rather than overwritten."""
     if not path.exists():
         return []
     try:
         old = json.loads(path.read_text())
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(old, dict) or not isinstance(old.get("earlier", []), list):
+            raise ValueError("not a summary: a JSON object with a list under 'earlier'")
     except (OSError, ValueError) as e:
-        aside = path.with_name(path.name + ".unreadable")
+        stem, n = f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}", 1
+        aside = path.with_name(stem)
+        while aside.exists():  # never over an earlier one
+            aside, n = path.with_name(f"{stem}-{n}"), n + 1
         path.replace(aside)
         _say(f"note: {path} could not be read ({e}); moved to {aside}, a new summary is written")
         return []
     earlier = old.pop("earlier", [])
     return (earlier + [old])[-KEEP_SUMMARIES:]
+
 
 def _say(line: str = "") -> None:
     from tqdm import tqdm

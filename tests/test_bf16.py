@@ -13,6 +13,7 @@ that the error is not zero, i.e. that bf16 arithmetic actually ran.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -115,3 +116,5 @@ def test_bf16_benchmark_prints_every_mode(capsys):
         assert f"profile {mode}" in out
         line = next(line for line in out.splitlines() if line.split()[:1] == [mode] and "probes" not in line)
         assert "[" in line and "-" in line.split("[")[1]  # ratio [low-high]
+    rates = re.findall(r"its linear layers (\d+) GFLOP/s", out)  # the bf16 modes' own linear-layer rate
+    assert len(rates) == len(MODES) - 1 and all(int(r) >= 1 for r in rates), rates

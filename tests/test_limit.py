@@ -40,14 +40,30 @@ def test_limit_is_twice_the_gflops_over_the_faster_probe():
     assert "limit_note" not in out and "limit_ratio_ci" not in out  # no bootstrap given
 
 
-def test_ratio_below_one_is_flagged_and_its_interval_pairs_the_rounds():
+def test_ratio_below_one_is_flagged_and_marked_in_the_table():
+    from study.bench.run import _limit
+
     probe = _probe((4, 8, 16), 1)
     row, probe_times = [1e-6, 2e-6, 3e-6], [1e-3, 1e-3, 1e-3]  # the "forward" is faster than its limit
+    out = limit_fields(row, [(probe, probe_times, 1)], gflops=1e-6, batch=1)
+    assert out["limit_ratio"] < 1 and "overstated" in out["limit_note"]
+    assert _limit(out).endswith("!") and not _limit({"limit_ratio": 1.5}).endswith("!")
+
+
+def test_the_interval_resamples_rounds_with_row_and_probe_paired():
+    """A noise common to a round (the same factor on the row's and the probe's time) cancels in the ratio:
+    with the rounds paired every resample gives the same ratio, so the interval is a point; unpaired resampling
+    would spread it over the noise (here 1-4x)."""
+    probe = _probe((4, 8, 16), 1)
+    factor = np.random.default_rng(0).uniform(1, 4, size=15)
+    row, probe_times = list(2e-3 * factor), list(1e-3 * factor)
     boot = speed._bootstrap_medians([row, probe_times], 500, 0)
     out = limit_fields(row, [(probe, probe_times, 1)], gflops=1e-6, batch=1, boot=boot, row=0)
-    assert out["limit_ratio"] < 1 and "overstated" in out["limit_note"]
     lo, hi = out["limit_ratio_ci"]
-    assert lo <= out["limit_ratio"] <= hi and lo > 0
+    assert lo == pytest.approx(out["limit_ratio"]) and hi == pytest.approx(out["limit_ratio"])
+    # the ratio itself: median row time over the limit, 2 x 1e-6 x 1e9 FLOPs at 1024 FLOPs per median probe time
+    rate = 1024 / float(np.median(probe_times))
+    assert out["limit_ratio"] == pytest.approx(float(np.median(row)) / (2e3 / rate))
 
 
 def test_probe_shapes_are_the_models_mlp_product_and_a_square_one():
@@ -57,14 +73,16 @@ def test_probe_shapes_are_the_models_mlp_product_and_a_square_one():
         assert probe_shapes(model, 64) == [(tokens, 64, 256), (limit.SQUARE,) * 3]
         assert probe_shapes(model, 64, batch=32)[0] == (32 * tokens, 64, 256)
     assert probe_shapes(torch.nn.Linear(2, 2), 64) == [(limit.SQUARE,) * 3]
+    assert probe_shapes(torch.nn.Linear(2, 2), 64, device="cuda:1") == [(limit.SQUARE_CUDA,) * 3]
 
 
 def test_probes_run_in_the_same_rounds_sized_to_the_forward(monkeypatch):
-    """Two rows (fp32 and bf16), each 50 ms a forward; a probe call takes 1 ms (fp32) or 0.5 ms (bf16) on the
-    stand-in clock. Each precision has two probes, each sized to half a forward: 25 and 50 calls."""
+    """Two rows, fp32 50 ms and bf16 80 ms a forward; a probe call takes 1 ms (fp32) or 0.5 ms (bf16) on the
+    stand-in clock. Each precision has two probes, each sized to half its rows' forward: 25 and 80 calls."""
     clock, log = FakeClock(), []
     monkeypatch.setattr(speed, "_clock", clock)
     cost = {"fp32": 1e-3, "bf16": 5e-4}
+    forward = {"fp32": 0.05, "bf16": 0.08}
 
     def call(self):
         log.append(f"probe {self.precision}")
@@ -76,24 +94,47 @@ def test_probes_run_in_the_same_rounds_sized_to_the_forward(monkeypatch):
     for prec in ("fp32", "bf16"):
         def run(_inputs, prec=prec):
             log.append(f"row {prec}")
-            clock.now += 0.05
+            clock.now += forward[prec]
         entries.append(speed.Entry(f"row {prec}", run, None, replace(base, precision=prec), gflops=1e-3,
                                    limit_shapes=[(2, 3, 4), (5, 5, 5)]))
     rows, _ = speed.time_interleaved(entries, limit=True)
     assert [r["mode"] for r in rows] == ["row fp32", "row bf16"]  # the probes are not rows
-    for r, prec, calls in zip(rows, ("fp32", "bf16"), (25, 50)):
+    for r, prec, calls in zip(rows, ("fp32", "bf16"), (25, 80)):
         assert f"matmul probe {prec}" in r["limit_probe"] and f"{calls} calls per iteration" in r["limit_probe"]
         assert set(r["limit_probes_gflops"]) == {f"matmul probe {prec} 2x3x4", f"matmul probe {prec} 5x5x5"}
         # the faster probe is the 5x5x5 one (250 FLOPs a call against 48), at 250 / cost FLOP/s
         assert r["limit_rate_gflops"] == pytest.approx(250 / cost[prec] / 1e9)
         assert r["limit_ms"] == pytest.approx(1000 * 2 * 1e-3 * 1e9 / (250 / cost[prec]))
-        assert r["limit_ratio"] == pytest.approx(50 / r["limit_ms"])
+        assert r["limit_ratio"] == pytest.approx(1000 * forward[prec] / r["limit_ms"])  # this row's own time
         assert r["limit_ratio_ci"][0] <= r["limit_ratio"] <= r["limit_ratio_ci"][1]
     # per row: one warm-up, one calibration forward, 3 timed rounds and the kernel-recording call; per probe:
-    # 5 single calibration calls and 3 timed iterations of its repeats (the probes ran in the timed rounds)
+    # 5 single calibration calls and 3 timed iterations of its repeats
     assert log.count("row fp32") == log.count("row bf16") == 1 + 1 + 3 + 1
     assert log.count("probe fp32") == 2 * (limit.CALIBRATION_CALLS + 3 * 25)
-    assert log.count("probe bf16") == 2 * (limit.CALIBRATION_CALLS + 3 * 50)
+    assert log.count("probe bf16") == 2 * (limit.CALIBRATION_CALLS + 3 * 80)
+    # ... and in the same rounds: between two timed row iterations come probe iterations
+    rows_at = [i for i, x in enumerate(log) if x.startswith("row")]
+    timed = rows_at[2 * 2:2 * 2 + 6]  # after the warm-up and calibration forwards of both rows
+    assert all(any(x.startswith("probe") for x in log[a:b]) for a, b in zip(timed[1::2], timed[2::2]))
+
+
+def test_min_time_counts_the_rows_not_the_probes(monkeypatch):
+    """min_time 0.19 s: the 50 ms row needs 4 rounds; its probes (25 ms an iteration) would need 8."""
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(speed, "_clock", clock)
+
+    def call(self):
+        clock.now += 1e-3
+
+    monkeypatch.setattr(MatmulProbe, "call", call)
+
+    def run(_inputs):
+        log.append("row")
+        clock.now += 0.05
+    p = speed.SpeedProtocol(device="cpu", warmup=1, iters=1, min_time=0.19).resolved()
+    (row,), _ = speed.time_interleaved([speed.Entry("r", run, None, p, gflops=1e-3,
+                                                    limit_shapes=[(2, 3, 4), (5, 5, 5)])], limit=True)
+    assert row["n_iters"] == 4 and "limit_ratio" in row
 
 
 def test_study_bench_prints_the_limit_of_every_row_and_can_drop_it(capsys):

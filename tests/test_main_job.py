@@ -145,8 +145,13 @@ def test_an_unreadable_summary_is_moved_aside_not_overwritten(tmp_path, capsys):
     path = tmp_path / "study_summary.json"
     path.write_text('{"seconds": 12')  # cut off
     assert study._earlier_summaries(path) == []
-    assert (tmp_path / "study_summary.json.unreadable").read_text() == '{"seconds": 12' and not path.exists()
+    (aside,) = tmp_path.glob("study_summary.json.unreadable-*")
+    assert aside.read_text() == '{"seconds": 12' and not path.exists()
     assert "could not be read" in capsys.readouterr().out
     path.write_text(json.dumps({"seconds": 3, "earlier": [{"seconds": i} for i in range(study.KEEP_SUMMARIES)]}))
     kept = study._earlier_summaries(path)
     assert len(kept) == study.KEEP_SUMMARIES and kept[-1] == {"seconds": 3} and kept[0] == {"seconds": 1}
+    path.write_text(json.dumps({"seconds": 4, "earlier": "lost"}))  # not a summary either: kept aside too
+    assert study._earlier_summaries(path) == []
+    asides = sorted(tmp_path.glob("study_summary.json.unreadable-*"))  # the first one is not overwritten
+    assert len(asides) == 2 and {a.read_text() for a in asides} == {'{"seconds": 12', '{"seconds": 4, "earlier": "lost"}'}

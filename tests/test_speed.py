@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -302,7 +303,10 @@ def test_modes_and_their_mistakes():
     assert speed.apply_mode("eager", p).compile is False
     frozen = speed.apply_mode("freeze+bf16", base)
     assert (frozen.compile, frozen.freezing, frozen.precision) == (True, True, "bf16")
-    assert speed.apply_mode("eager", frozen).freezing is False  # and it resolves (no freezing without compile)
+    assert speed.apply_mode("eager", frozen).resolved().freezing is False  # no freezing without compile
+    # bench.freezing with modes: the compiled rows freeze, the others are eager rows as asked
+    assert speed.apply_mode("bf16", replace(base, freezing=True)).resolved().freezing is False
+    assert speed.apply_mode("compile", replace(base, freezing=True)).resolved().freezing is True
     with pytest.raises(UserError, match="bench.freezing applies to compiled rows"):
         speed.SpeedProtocol(device="cpu", freezing=True).resolved()
     with pytest.raises(UserError, match="unknown word 'fast'"):

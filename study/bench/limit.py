@@ -9,14 +9,16 @@ copies and element-wise ops cost time the limit does not count).
 How the rate is measured (our protocol; issue 11 asks for the rate "measured in the same run"):
 - a probe is one ``F.linear`` (weight transposed, bias added: what the models' linear layers run); two per
   precision among the rows: at the shape of the model's commonest product, its MLP's first layer ((batch x
-  tokens) x dim -> 4 dim), and a square 2048 one (a model without a ViT backbone has only that one). The
+  tokens) x dim -> 4 dim), and a square 2048 one (8192 on a GPU; a model without a ViT backbone has only
+  that one). The
   limit takes the faster (the stricter limit): at tiny sizes the MLP's product is too small for the matrix
   units' steady rate, at real sizes it was the faster one here;
 - the probes are entries of the same interleaved rounds as the rows (study/bench/speed.py ``time_rounds``),
   so that a noisy spell hits them like the rows;
-- **one iteration of the two probes of a precision lasts about as long as one forward of its rows**: each
-  probe's call is repeated ``repeats`` times, calibrated after the warm-up from the median forward (half of
-  it each). On this shared 2-core
+- **one iteration of all the probes of a precision lasts about as long as one forward of its rows**: each
+  probe's call is repeated ``repeats`` times, calibrated after the warm-up from the median forward (an equal
+  share each: half with two probes, the whole of it for a model with only the square one). ``min_time``
+  counts the rows' iterations only. On this shared 2-core
   VM single calls of a probe are bimodal (about 400 and about 850 GFLOP/s in bf16 on one thread, in spells
   of 25-250 ms; most likely the matrix unit shared with a co-tenant's sibling thread): a median over single
   2.5 ms calls lands in one mode or the other from run to run, while a 700 ms forward averages over both. A
@@ -36,19 +38,24 @@ from torch.nn import functional as F
 
 from study.device import dtype_of
 
-SQUARE = 2048  # the probe of a model without a ViT backbone: (n x n) @ (n x n), 8 MiB per operand in bf16
+SQUARE = 2048  # the square probe on the CPU: (n x n) @ (n x n), 8 MiB per operand in bf16
+# On a GPU a 2048 product lasts about 20 us, near the launch overhead: the square probe there is 8192 (about
+# 1.1 TFLOP a call), long enough for the tensor cores' steady rate (our choice; not yet run on a GPU).
+SQUARE_CUDA = 8192
 CALIBRATION_CALLS = 5  # single probe calls timed to size the window (their median)
 
 
-def probe_shapes(model: nn.Module, img_size: int, batch: int = 1) -> list[tuple[int, int, int]]:
+def probe_shapes(model: nn.Module, img_size: int, batch: int = 1, device: str = "cpu"
+                 ) -> list[tuple[int, int, int]]:
     """(rows, inner, out) of the probes: the model's MLP first layer at this input, (batch x tokens) x dim x 4 dim,
     where the model has a ViT backbone (``backbone.embed_dim``, ``patch_size``, ``num_prefix_tokens``), and the
-    square :data:`SQUARE` product."""
+    square product (:data:`SQUARE`, :data:`SQUARE_CUDA` on a GPU)."""
+    n = SQUARE_CUDA if torch.device(device).type == "cuda" else SQUARE
     bb = getattr(model, "backbone", None)
     if bb is not None and all(hasattr(bb, k) for k in ("embed_dim", "patch_size", "num_prefix_tokens")):
         tokens = bb.num_prefix_tokens + (img_size // bb.patch_size) ** 2
-        return [(batch * tokens, bb.embed_dim, 4 * bb.embed_dim), (SQUARE, SQUARE, SQUARE)]
-    return [(SQUARE, SQUARE, SQUARE)]
+        return [(batch * tokens, bb.embed_dim, 4 * bb.embed_dim), (n, n, n)]
+    return [(n, n, n)]
 
 
 @dataclass

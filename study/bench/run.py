@@ -142,7 +142,15 @@ def format_row(r: dict) -> str:
     return (f"{r['variant']:<22}{r['size']:>5}{r['img_size']:>6}{mode[:13]:>14}{r['params'] / 1e6:>10.2f}"
             f"{_fmt(p.get('params_m'), '.0f'):>7}{r['gflops']:>10.1f}{_fmt(p.get('gflops'), '.0f'):>7}"
             f"{_fmt(r.get('fps'), '.2f'):>9}{_fmt(r.get('ms_median', r.get('ms_mean')), '.1f'):>9}{spread:>16}"
-            f"{_fmt(r.get('n_iters'), 'd'):>5}{ratio:>22}{_fmt(r.get('limit_ratio'), '.2f'):>9}")
+            f"{_fmt(r.get('n_iters'), 'd'):>5}{ratio:>22}{_limit(r):>9}")
+
+
+def _limit(r: dict) -> str:
+    """The "x limit" cell; a ratio below 1 (an overstated limit, ``limit_note``) is marked "!" (explained
+    below the table), so that it does not read as a result."""
+    if r.get("limit_ratio") is None:
+        return "-"
+    return f"{r['limit_ratio']:.2f}" + ("!" if r.get("limit_note") else "")
 
 
 def _name(r: dict) -> str:

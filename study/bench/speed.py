@@ -33,7 +33,8 @@ The protocol, stated in every result row (``protocol`` and ``env``):
   only. The hooks cost two clock reads per component call (a few dozen per forward);
 - matmul limit (``limit=True``, ``study bench``'s "x limit" column): each row's median forward over
   2 x GFLOPs x batch / the rate of a matmul probe of its precision, the probes timed as entries of the same
-  rounds, each about as long as a forward (study/bench/limit.py);
+  rounds, a precision's probes together about as long as one of its forwards (study/bench/limit.py);
+  ``min_time`` counts the rows' iterations only;
 - attention kernels: the SDPA kernels one profiled forward (after the timed loop) actually ran, by aten op
   name and calls per forward (``attention_kernels``), beside the backends that were enabled
   (``sdpa_enabled``): a silent fallback to the math kernel shows there.
@@ -363,6 +364,8 @@ def apply_mode(mode: str, protocol: SpeedProtocol) -> SpeedProtocol:
                             f"bf16, fp16, auto or a runtime ({', '.join(RUNTIMES)}), joined by '+'")
     if p.compile and p.runtime != "pytorch":
         raise UserError(f"bench.modes entry '{mode}': compile applies to the pytorch runtime only")
+    if not p.compile:  # freezing (bench.freezing or a 'freeze' word) belongs to the compiled rows only
+        p = replace(p, freezing=False)
     return p
 
 
@@ -434,7 +437,7 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
         why = ""
     components = model.components() if not why and hasattr(model, "components") else None
     return Entry(label, run, inputs, p, components, why or ("" if components else "the model names no components"),
-                 gflops, probe_shapes(model, img_size, p.batch))
+                 gflops, probe_shapes(model, img_size, p.batch, p.device))
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -491,9 +494,11 @@ class _Spans:
 
 
 def time_rounds(entries: list[Entry], device: torch.device, warmup: int, iters: int, min_time: float = 0.0,
-                breakdown: bool = False) -> tuple[list[list[float]], list[list[dict[str, float]]]]:
+                breakdown: bool = False, rows: Optional[int] = None
+                ) -> tuple[list[list[float]], list[list[dict[str, float]]]]:
     """The interleaved loop: ``warmup`` untimed rounds, then timed rounds (one iteration of each entry in
-    turn, the start rotating) until there are ``iters`` rounds and every entry has ``min_time`` seconds.
+    turn, the start rotating) until there are ``iters`` rounds and every entry has ``min_time`` seconds (with
+    ``rows``: the first ``rows`` entries; the others, the matmul probes, come along in the same rounds).
     Returns per entry the seconds of each timed iteration and, with ``breakdown``, the seconds per component
     of the same iterations (empty dicts for entries without components). Call inside the device, no_grad and
     thread contexts (:func:`time_interleaved` does)."""
@@ -505,7 +510,8 @@ def time_rounds(entries: list[Entry], device: torch.device, warmup: int, iters: 
     times: list[list[float]] = [[] for _ in entries]
     parts: list[list[dict[str, float]]] = [[] for _ in entries]
     rounds = 0
-    while rounds < iters or any(sum(t) < min_time for t in times):
+    counted = times if rows is None else times[:rows]
+    while rounds < iters or any(sum(t) < min_time for t in counted):
         for k in range(len(entries)):
             i = (k + rounds) % len(entries)
             e, s = entries[i], spans[i]
@@ -589,7 +595,7 @@ def _matmul_probes(entries: list[Entry], device: torch.device) -> dict[str, list
     the first such entry's product shapes, calibrated so that one iteration of all of a precision's probes
     lasts about as long as the median forward of its entries (one untimed forward each, after the warm-up)."""
     single = {i: _time_once(lambda e=e: e.run(e.inputs), device)
-              for i, e in enumerate(entries) if e.gflops is not None}
+              for i, e in enumerate(entries) if e.gflops}
     probes: dict[str, list[MatmulProbe]] = {}
     for i in single:
         prec = entries[i].protocol.precision
@@ -622,12 +628,13 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
     with (cpu_threads(p.threads) as threads, device_context(device), cudnn_benchmark(device), torch.no_grad()):
         probes: dict[str, list[MatmulProbe]] = {}
         warmup = p.warmup
-        if limit and any(e.gflops is not None for e in entries):
+        if limit and any(e.gflops for e in entries):
             time_rounds(entries, device, p.warmup, 0)  # the warm-up alone, then the probes' calibration
             probes, warmup = _matmul_probes(entries, device), 0
         extra = [Entry(pr.label, pr.run, None, replace(p, precision=prec), None, "matmul probe")
                  for prec, group in probes.items() for pr in group]
-        times, parts = time_rounds(entries + extra, device, warmup, p.iters, p.min_time, breakdown)
+        times, parts = time_rounds(entries + extra, device, warmup, p.iters, p.min_time, breakdown,
+                                   rows=len(entries))
         kernels = [sdpa_kernels_taken(lambda e=e: e.run(e.inputs)) for e in entries]
     boot = _bootstrap_medians(times, BOOTSTRAP_RESAMPLES, 0) if probes else None
     all_times = times
@@ -650,11 +657,11 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
             else:
                 r["breakdown_ms"] = None
                 r["breakdown_of"] = f"none ({e.no_breakdown})"
-        if e.gflops is not None and ep.precision in probes:
+        if e.gflops is not None and e.gflops > 0 and ep.precision in probes:
             mine = [(pr, all_times[j], j) for j, pr in enumerate(flat, start=len(entries)) if pr.precision == ep.precision]
             r.update(limit_fields(t, mine, e.gflops, ep.batch, boot, row=len(results), ci_level=CI_LEVEL))
-        compiled = (ep.compile_mode + ("+freezing" if ep.freezing else "")) if ep.compile else "off"
-        r["env"] = {**env, "precision": ep.precision, "compile_mode": compiled,
+        compile_desc = (ep.compile_mode + ("+freezing" if ep.freezing else "")) if ep.compile else "off"
+        r["env"] = {**env, "precision": ep.precision, "compile_mode": compile_desc,
                     "runtime": ep.runtime, "sdpa_kernel_taken": _format_kernels(k), "threads": threads,
                     "batch": ep.batch}
         results.append(r)

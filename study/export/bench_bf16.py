@@ -241,7 +241,8 @@ def _measure(a: argparse.Namespace, modes: list[str]) -> int:
     proto = SpeedProtocol(device="cpu", warmup=2, iters=a.rounds, threads=torch.get_num_threads()).resolved()
     shapes = probe_shapes(model, a.img_size)
     entries = [Entry(mode, lambda _inputs, fn=steps[mode]: fn(), None,
-                     replace(proto, precision="fp32" if mode == "fp32" else "bf16"),
+                     replace(proto, precision="fp32" if mode == "fp32" else "bf16",
+                             compile=mode in COMPILED_MODES, freezing=mode in COMPILED_MODES),
                      gflops=gmacs, limit_shapes=shapes) for mode in modes]
     print(f"{a.variant} {a.size} at {a.img_size}px: {gmacs:.2f} GFLOPs (fvcore, multiply-adds), batch 1, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {a.rounds} interleaved rounds with the "
