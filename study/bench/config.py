@@ -42,8 +42,8 @@ class BenchConfig:
     threads: Optional[int] = None  # CPU threads for the measurement; None = every core this process may use
     scope: Literal["model", "end_to_end"] = "model"  # what the timed region holds
     breakdown: bool = True  # per-component time breakdown, from the same timed iterations (eager rows)
-    # Each timed row's ratio to its matrix-multiply limit (study/bench/limit.py): a matmul probe per precision
-    # is timed in the same rounds (issue 11's "x limit" column; our protocol, the paper reports no such figure)
+    # Each timed row's ratio to its matrix-multiply limit (study/bench/limit.py): two matmul probes per
+    # precision are timed in the same rounds (issue 11's "x limit" column; our protocol, the paper reports no such figure)
     limit: bool = True
     # How the model runs: "pytorch" (eager or compiled), or a runtime registered in study/bench/speed.py
     runtime: str = "pytorch"

@@ -10,19 +10,19 @@ How the rate is measured (our protocol; issue 11 asks for the rate "measured in 
 - a probe is one ``F.linear`` (weight transposed, bias added: what the models' linear layers run); two per
   precision among the rows: at the shape of the model's commonest product, its MLP's first layer ((batch x
   tokens) x dim -> 4 dim), and a square 2048 one (8192 on a GPU; a model without a ViT backbone has only
-  that one). The
-  limit takes the faster (the stricter limit): at tiny sizes the MLP's product is too small for the matrix
-  units' steady rate, at real sizes it was the faster one here;
+  that one). The limit takes the faster (the stricter limit): at tiny sizes the MLP's product is too small
+  for the matrix units' steady rate, at real sizes it was the faster one here;
 - the probes are entries of the same interleaved rounds as the rows (study/bench/speed.py ``time_rounds``),
   so that a noisy spell hits them like the rows;
 - **one iteration of all the probes of a precision lasts about as long as one forward of its rows**: each
   probe's call is repeated ``repeats`` times, calibrated after the warm-up from the median forward (an equal
   share each: half with two probes, the whole of it for a model with only the square one). ``min_time``
-  counts the rows' iterations only. On this shared 2-core
-  VM single calls of a probe are bimodal (about 400 and about 850 GFLOP/s in bf16 on one thread, in spells
-  of 25-250 ms; most likely the matrix unit shared with a co-tenant's sibling thread): a median over single
-  2.5 ms calls lands in one mode or the other from run to run, while a 700 ms forward averages over both. A
-  window a few hundred ms long averages over the same mixture, which keeps the ratio stable;
+  counts the rows' iterations only. On this shared 2-core VM single calls of a probe are bimodal (about 400
+  and about 850 GFLOP/s in bf16 on one thread, in spells of 25-250 ms; most likely the matrix unit shared
+  with a co-tenant's sibling thread): a median over single 2.5 ms calls lands in one mode or the other from
+  run to run, while a 700 ms forward averages over both. A window a few hundred ms long averages over the
+  same mixture; what it cannot remove is a run spent mostly in one mode (the README's runs: bf16 probe 330
+  to 980 GFLOP/s), which moves every bf16 ratio with it;
 - the ratio's interval resamples whole rounds (the row's and the probe's iteration of one round stay
   paired), as the speed ratios do (``speed.CI_LEVEL``).
 """
