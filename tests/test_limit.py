@@ -153,3 +153,11 @@ def test_study_bench_prints_the_limit_of_every_row_and_can_drop_it(capsys):
         assert f"{r['limit_ratio']:.2f}x" in table
     off = bench_rows(replace(cfg, bench=replace(cfg.bench, limit=False)), progress=lambda _line: None)
     assert all("limit_ratio" not in r for r in off)
+
+
+def test_an_end_to_end_row_gets_no_limit():
+    """Its timed region holds pre- and post-processing, which a forward's matmul limit does not count."""
+    model = build_model(ModelConfig(variant="eomt", size="tiny", img_size=64, num_classes=3, num_queries=5))
+    p = speed.SpeedProtocol(device="cpu", warmup=1, iters=1, scope="end_to_end", threads=1)
+    (row,), _ = speed.time_interleaved([speed.build_entry("e2e", model, 64, p, gflops=1.0)], limit=True)
+    assert "limit_ratio" not in row and "end_to_end" in row["limit_skipped"]

@@ -436,8 +436,10 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
     else:
         why = ""
     components = model.components() if not why and hasattr(model, "components") else None
+    # no matmul limit for an end-to-end row: its timed region holds pre- and post-processing, which the
+    # limit (the forward's multiply-adds) does not count, so a ratio would read as the forward's
     return Entry(label, run, inputs, p, components, why or ("" if components else "the model names no components"),
-                 gflops, probe_shapes(model, img_size, p.batch, p.device))
+                 gflops if p.scope == "model" else None, probe_shapes(model, img_size, p.batch, p.device))
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -657,6 +659,8 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
             else:
                 r["breakdown_ms"] = None
                 r["breakdown_of"] = f"none ({e.no_breakdown})"
+        if limit and ep.scope != "model":
+            r["limit_skipped"] = "scope end_to_end: pre- and post-processing are not in the matmul limit"
         if e.gflops is not None and e.gflops > 0 and ep.precision in probes:
             mine = [(pr, all_times[j], j) for j, pr in enumerate(flat, start=len(entries)) if pr.precision == ep.precision]
             r.update(limit_fields(t, mine, e.gflops, ep.batch, boot, row=len(results), ci_level=CI_LEVEL))
