@@ -61,3 +61,24 @@ def test_interleaved_fps_times_each_arm_with_its_setting_in_alternating_rounds(m
     assert seen == ["plain", "merged", "merged", "plain"] * 2
     assert out["fps_plain"] == pytest.approx(20.0) and out["fps_merged"] == pytest.approx(40.0)
     assert out["speedup"] == pytest.approx(2.0) and model.token_merging is None
+    assert out["speedup_ci"] == pytest.approx([2.0, 2.0])  # every round gives 2
+
+
+def test_speedup_interval_pairs_the_rounds(monkeypatch):
+    """A slowdown common to a round (both arms 3x slower in rounds 2 and 3) leaves the paired speedup at 2 in
+    every resample: the interval is a point (resampling each arm by itself would spread it)."""
+    import study.bench.speed as speed
+
+    model, calls = tiny(), []
+
+    def fake(step, device, iters):
+        calls.append(None)
+        slow = 3.0 if (len(calls) - 1) // 2 in (2, 3) else 1.0
+        return [slow * (0.1 if model.token_merging is None else 0.05)] * iters
+
+    monkeypatch.setattr(speed, "time_iterations", fake)
+    out = merging.interleaved_fps(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"), batch=1,
+                                  rounds=7, iters=1, device="cpu", warmup=0)
+    assert out["speedup_ci"] == pytest.approx([2.0, 2.0]) and out["fps_plain_min"] < out["fps_plain_max"]
+    result = {"cost": {"gflops_plain": 1.0, "gflops_merged_mean": 0.5, "gflops_merged_std": 0.1}, "fps": [out]}
+    assert "batch 1 2.00x [2.00-2.00]" in merging.table(result)

@@ -20,7 +20,8 @@ merging:
   takes the batch minimum of mergeable tokens, the paper's protocol, docs/paper.md section 4), measured
   interleaved: ``--rounds`` rounds, each times ``--iters`` forwards of the plain model then of the merged one
   (the order alternates between rounds), so that drifts of the machine hit both alike; the median images/s over
-  the rounds and its spread (min, max) are reported.
+  the rounds and its spread (min, max) are reported, and the speedup with a 95% bootstrap interval that
+  resamples whole rounds (study/bench/speed.py's ratio interval).
 
 This is a benchmark: it prints figures and asserts nothing.
 """
@@ -115,7 +116,8 @@ def cost(model, crops: list[torch.Tensor], settings) -> dict:
 def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, rounds: int, iters: int,
                     device: str = "auto", precision: str = "auto", warmup: int = 2) -> dict:
     """Images/s of the plain and the merged model, timed in alternating rounds (see the module docstring)."""
-    from study.bench.speed import device_context, time_iterations
+    from study.bench.speed import (BOOTSTRAP_RESAMPLES, _bootstrap_medians, _ratio_interval, device_context,
+                                   time_iterations)
     from study.device import autocast, resolve_device, resolve_precision, synchronize
 
     dev = resolve_device(device)
@@ -124,6 +126,7 @@ def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, roun
     model = model.to(dev).eval()
     arms = {"plain": None, "merged": settings}
     fps: dict[str, list[float]] = {k: [] for k in arms}
+    seconds: dict[str, list[float]] = {k: [] for k in arms}  # per forward, each round (paired for the interval)
 
     def step():
         return model(images)
@@ -140,6 +143,7 @@ def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, roun
                 model.set_token_merging(arms[name])
                 times = time_iterations(step, dev, iters)
                 fps[name].append(iters * batch / sum(times))
+                seconds[name].append(sum(times) / iters)
     model.set_token_merging(None)
     out = {"batch": batch, "rounds": rounds, "iters": iters, "device": str(dev), "precision": prec}
     for name, v in fps.items():
@@ -147,6 +151,9 @@ def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, roun
         out[f"fps_{name}_min"] = round(min(v), 2)
         out[f"fps_{name}_max"] = round(max(v), 2)
     out["speedup"] = round(out["fps_merged"] / out["fps_plain"], 3)
+    # the speedup's interval resamples whole rounds, both arms of a round together (speed.py's ratios)
+    boot = _bootstrap_medians([seconds["plain"], seconds["merged"]], BOOTSTRAP_RESAMPLES, 0)
+    out["speedup_ci"] = [round(x, 3) for x in _ratio_interval(boot, 1, 0)]
     return out
 
 
@@ -191,6 +198,10 @@ def table(result: dict) -> str:
              else f"{c['gflops_merged_mean']:.3f} ± {c['gflops_merged_std']:.3f}")
         cells = [f"{f[f'fps_{name}']:.1f} [{f[f'fps_{name}_min']:.1f}, {f[f'fps_{name}_max']:.1f}]" for f in fps.values()]
         lines.append(f"| {mark} | {'' if score is None else f'{100 * score:.1f}'} | {g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("FPS speedup with ALGM (median over rounds, 95% bootstrap interval over paired rounds): " + ", ".join(
+        f"batch {b} {f['speedup']:.2f}x" + (f" [{f['speedup_ci'][0]:.2f}-{f['speedup_ci'][1]:.2f}]"
+                                             if f.get("speedup_ci") else "") for b, f in fps.items()))
     return "\n".join(lines)
 
 
