@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -50,18 +51,11 @@ def test_mask_product_copies_no_map_in_bf16():
     def copied(fn) -> list[int]:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             fn(queries, pixels)
-        return [_numel(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_"]
+        return [math.prod(e.input_shapes[0]) for e in prof.events() if e.name == "aten::copy_"]
 
     assert pixels.numel() in copied(lambda q, p: torch.einsum("bqc,bchw->bqhw", q, p))  # what the test guards
     logits = 1 * 10 * 32 * 32
     assert logits < pixels.numel() and all(n <= max(queries.numel(), logits) for n in copied(mask_product))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def test_eomt_head_takes_the_channels_last_path(one_thread):
@@ -85,7 +79,7 @@ def test_eomt_head_takes_the_channels_last_path(one_thread):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             mask_product(seen["mask_head"], seen["upscale"])
-        assert all(_numel(e.input_shapes[0]) < seen["upscale"].numel() for e in prof.events()
+        assert all(math.prod(e.input_shapes[0]) < seen["upscale"].numel() for e in prof.events()
                    if e.name == "aten::copy_")
 
 

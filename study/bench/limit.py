@@ -45,17 +45,27 @@ SQUARE_CUDA = 8192
 CALIBRATION_CALLS = 5  # single probe calls timed to size the window (their median)
 
 
+def vit_tokens(model: nn.Module, img_size: int) -> Optional[int]:
+    """Tokens of the first blocks of the model's ViT at this input: prefix (CLS, registers) and patch tokens
+    (EoMT adds its queries later); None for a model without a ViT backbone (``backbone.embed_dim``,
+    ``patch_size``, ``num_prefix_tokens``)."""
+    bb = getattr(model, "backbone", None)
+    if bb is None or not all(hasattr(bb, k) for k in ("embed_dim", "patch_size", "num_prefix_tokens")):
+        return None
+    return bb.num_prefix_tokens + (img_size // bb.patch_size) ** 2
+
+
 def probe_shapes(model: nn.Module, img_size: int, batch: int = 1, device: str = "cpu"
                  ) -> list[tuple[int, int, int]]:
     """(rows, inner, out) of the probes: the model's MLP first layer at this input, (batch x tokens) x dim x 4 dim,
-    where the model has a ViT backbone (``backbone.embed_dim``, ``patch_size``, ``num_prefix_tokens``), and the
-    square product (:data:`SQUARE`, :data:`SQUARE_CUDA` on a GPU)."""
+    where the model has a ViT backbone (:func:`vit_tokens`), and the square product (:data:`SQUARE`,
+    :data:`SQUARE_CUDA` on a GPU)."""
     n = SQUARE_CUDA if torch.device(device).type == "cuda" else SQUARE
-    bb = getattr(model, "backbone", None)
-    if bb is not None and all(hasattr(bb, k) for k in ("embed_dim", "patch_size", "num_prefix_tokens")):
-        tokens = bb.num_prefix_tokens + (img_size // bb.patch_size) ** 2
-        return [(batch * tokens, bb.embed_dim, 4 * bb.embed_dim), (n, n, n)]
-    return [(n, n, n)]
+    tokens = vit_tokens(model, img_size)
+    if tokens is None:
+        return [(n, n, n)]
+    dim = model.backbone.embed_dim
+    return [(batch * tokens, dim, 4 * dim), (n, n, n)]
 
 
 @dataclass

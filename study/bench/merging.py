@@ -116,8 +116,7 @@ def cost(model, crops: list[torch.Tensor], settings) -> dict:
 def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, rounds: int, iters: int,
                     device: str = "auto", precision: str = "auto", warmup: int = 2) -> dict:
     """Images/s of the plain and the merged model, timed in alternating rounds (see the module docstring)."""
-    from study.bench.speed import (BOOTSTRAP_RESAMPLES, _bootstrap_medians, _ratio_interval, device_context,
-                                   time_iterations)
+    from study.bench.speed import device_context, speed_ratios, time_iterations
     from study.device import autocast, resolve_device, resolve_precision, synchronize
 
     dev = resolve_device(device)
@@ -152,8 +151,8 @@ def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, roun
         out[f"fps_{name}_max"] = round(max(v), 2)
     out["speedup"] = round(out["fps_merged"] / out["fps_plain"], 3)
     # the speedup's interval resamples whole rounds, both arms of a round together (speed.py's ratios)
-    boot = _bootstrap_medians([seconds["plain"], seconds["merged"]], BOOTSTRAP_RESAMPLES, 0)
-    out["speedup_ci"] = [round(x, 3) for x in _ratio_interval(boot, 1, 0)]
+    merged = speed_ratios([seconds["plain"], seconds["merged"]], reference=0)[1]
+    out["speedup_ci"] = [round(merged["ci_low"], 3), round(merged["ci_high"], 3)]
     return out
 
 

@@ -661,7 +661,7 @@ def time_interleaved(entries: list[Entry], breakdown: bool = False, reference: i
                 r["breakdown_of"] = f"none ({e.no_breakdown})"
         if limit and ep.scope != "model":
             r["limit_skipped"] = "scope end_to_end: pre- and post-processing are not in the matmul limit"
-        if e.gflops is not None and e.gflops > 0 and ep.precision in probes:
+        if e.gflops and ep.precision in probes:
             mine = [(pr, all_times[j], j) for j, pr in enumerate(flat, start=len(entries)) if pr.precision == ep.precision]
             r.update(limit_fields(t, mine, e.gflops, ep.batch, boot, row=len(results), ci_level=CI_LEVEL))
         compile_desc = (ep.compile_mode + ("+freezing" if ep.freezing else "")) if ep.compile else "off"

@@ -47,7 +47,6 @@ def _load_json(root: Path, name: str, zips, top: type = dict) -> tuple[dict, str
     return js, where
 
 
-
 def _fields(obj, keys: dict, what: str, where: str) -> None:
     """``obj`` is a dict holding each of ``keys`` (name -> required type: int, str, list, dict or None = any)."""
     if not isinstance(obj, dict):

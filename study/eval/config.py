@@ -63,7 +63,7 @@ class EvalConfig:
             raise bad("queue_size", "must be >= 1")
         if self.query_chunk < 1 or self.query_chunk % QUERY_CHUNK_MULTIPLE:
             raise bad("query_chunk", f"must be a positive multiple of {QUERY_CHUNK_MULTIPLE} (see "
-                                     "study/eval/inference.py QUERY_CHUNK)")
+                                     "study/eval/inference.py, above iter_query_chunks)")
         if self.input_size is not None and self.input_size < 1:
             raise bad("input_size", "must be positive")
         for name in ("score_threshold", "overlap_threshold", "mask_threshold"):

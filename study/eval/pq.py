@@ -72,7 +72,6 @@ def _rows(flat: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(keys[pos] == flat, pos + 2, np.where(flat == 0, _VOID_ROW, _UNLISTED_ROW))
 
 
-
 class PQAccumulator:
     """Per-category sums of IoU, TP, FP, FN over images; :meth:`summary` gives panopticapi's numbers.
 

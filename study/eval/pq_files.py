@@ -37,7 +37,6 @@ def read_json(path: str | os.PathLike, what: str, top: Optional[type | tuple] = 
     return js
 
 
-
 def check_annotations(js: dict, where: str, what: str) -> list[dict]:
     """The ``annotations`` of a panoptic JSON, each with an integer ``image_id``, a ``file_name`` and a
     ``segments_info`` list of segments with integer ``id`` and ``category_id``; every image id once, every

@@ -193,12 +193,6 @@ def top_ops(step: Callable[[], object], k: int = 8) -> tuple[list[tuple[str, flo
     return [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in rows[:k]], total, linear
 
 
-def count_tokens(model: torch.nn.Module, img_size: int) -> int:
-    """Tokens of the first blocks' attention: the ViT's prefix and patch tokens (EoMT adds its queries later)."""
-    bb = model.backbone
-    return bb.num_prefix_tokens + (img_size // bb.patch_size) ** 2
-
-
 def main(argv: list[str] | None = None) -> int:
     from study.device import cpu_threads
 
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _measure(a: argparse.Namespace, modes: list[str]) -> int:
     from study.bench.flops import count_flops
-    from study.bench.limit import probe_shapes
+    from study.bench.limit import probe_shapes, vit_tokens
     from study.bench.speed import Entry, SpeedProtocol, time_interleaved
     from study.config import load_config
     from study.models.build import build_model
@@ -262,7 +256,7 @@ def _measure(a: argparse.Namespace, modes: list[str]) -> int:
               + (f"  ({r['limit_note']})" if r.get("limit_note") else ""))
     if a.attention:
         blk = model.backbone.blocks[0].attn
-        n = count_tokens(model, a.img_size)
+        n = vit_tokens(model, a.img_size)
         att, ref = attention_variants(n, blk.num_heads, blk.head_dim)
         att_times = interleaved(att, a.rounds)
         flops = 4.0 * blk.num_heads * n * n * blk.head_dim  # q @ k^T and @ v, 2 FLOPs per multiply-add
