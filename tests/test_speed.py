@@ -333,3 +333,15 @@ def test_onnxruntime_is_a_runtime_of_the_benchmark_timed_in_the_same_rounds():
     rows, _ = time_interleaved(entries)
     assert [r["protocol"]["runtime"] for r in rows] == ["pytorch", "onnxruntime"]
     assert all(r["n_iters"] >= 2 and r["ms_median"] > 0 for r in rows)
+
+
+def test_end_to_end_rows_compile_like_model_rows(monkeypatch):
+    """Both scopes compile through speed.compiled, so a 'freeze' row of bench.scope=end_to_end freezes too
+    (it compiled with plain torch.compile, ignoring bench.freezing)."""
+    seen = []
+    monkeypatch.setattr(speed, "compiled", lambda model, mode="default", freezing=False: seen.append(
+        (mode, freezing)) or model)
+    for scope in ("model", "end_to_end"):
+        p = speed.apply_mode("freeze", speed.SpeedProtocol(device="cpu", scope=scope))
+        speed.build_entry(scope, _eomt("eomt"), 64, p)
+    assert seen == [("default", True), ("default", True)]

@@ -424,7 +424,8 @@ def build_entry(label: str, model: nn.Module, img_size: int, protocol: SpeedProt
         if p.runtime != "pytorch":
             raise UserError(f"bench.scope=end_to_end times the PyTorch model inside study/eval's pre- and "
                             f"post-processing; runtime '{p.runtime}' supports bench.scope=model only")
-        run_model = torch.compile(model, mode=p.compile_mode) if p.compile else model  # run_padded autocasts
+        # run_padded autocasts; compiled as the model scope is (freezing included)
+        run_model = compiled(model, p.compile_mode, p.freezing) if p.compile else model
         run, inputs = _end_to_end(run_model, model, img_size, device, p.precision, p.batch)
     else:  # the model alone on a batch of random images (the end-to-end scope makes its own raw images)
         images = torch.rand(p.batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
