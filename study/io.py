@@ -7,6 +7,11 @@ usual umask 022), so a team can share run folders, reports and benchmark files. 
 quota: EDQUOT) ends in one :class:`~study.errors.UserError` naming the path and the bytes needed; the
 temporary file is removed and the previous file stays intact.
 
+Ownership: every output folder that the suite writes into keeps a manifest (``.study-manifest.json``) of the
+files it wrote there. A guarded write (``guard=True``, or :func:`refuse_foreign` before a writer of another
+library such as ``savefig``, then :func:`record_written`) refuses to replace a file that the manifest does not
+list, so a user's own ``index.md`` or ``panoptic_pred.json`` in that folder is never overwritten.
+
 Reads: :func:`read_torch_file` loads a ``torch.save`` file without running pickled code
 (``weights_only=True``) and turns a damaged file into one message naming it.
 """
@@ -59,10 +64,57 @@ def _human(n: float) -> str:
     return f"{n} bytes"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int]) -> None:
-    """Write ``path`` through ``write(tmp)``; ``size()`` estimates the bytes needed (for a full disk)."""
+MANIFEST = ".study-manifest.json"
+
+
+def _manifest(folder: Path) -> set[str]:
+    try:
+        names = json.loads((folder / MANIFEST).read_text())["written"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def written_by_suite(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is listed in its folder's manifest (the suite wrote it)."""
+    path = Path(path)
+    return path.name in _manifest(path.parent)
+
+
+def refuse_foreign(path: str | os.PathLike) -> None:
+    """A UserError if ``path`` exists and the suite did not write it (not in its folder's manifest)."""
+    path = Path(path)
+    if path.name == MANIFEST:
+        return
+    if (path.exists() or path.is_symlink()) and not written_by_suite(path):
+        what = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{path} is {what} that this suite did not write, and it is not replaced; move it away, "
+                        f"or write to another folder")
+
+
+def record_written(*paths: str | os.PathLike) -> None:
+    """Add ``paths`` to their folders' manifests (after they were written)."""
+    by_folder: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        if p.name != MANIFEST:
+            by_folder.setdefault(p.parent, set()).add(p.name)
+    for folder, names in by_folder.items():
+        have = _manifest(folder)
+        if not names <= have:
+            text = json.dumps({"written": sorted(have | names)}, indent=1) + "\n"
+            atomic_write(folder / MANIFEST, lambda tmp, t=text: Path(tmp).write_text(t), lambda t=text: len(t))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int],
+                 guard: bool = False) -> None:
+    """Write ``path`` through ``write(tmp)``; ``size()`` estimates the bytes needed (for a full disk).
+
+    ``guard``: refuse to replace a file the suite did not write, and list ``path`` in its folder's manifest.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if guard:
+        refuse_foreign(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
@@ -73,6 +125,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Ca
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
+        if guard:
+            record_written(path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -88,18 +142,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Ca
                         f"{free}; {kept}. Free some space (or point the output elsewhere) and run again") from None
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, guard: bool = False) -> None:
     data = text.encode("utf-8")
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    atomic_write(path, write, lambda: len(data))
+    atomic_write(path, write, lambda: len(data), guard=guard)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, guard: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n", guard=guard)
 
 
 def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
@@ -119,7 +173,7 @@ def _tensor_bytes(obj: Any, seen: Optional[set] = None) -> int:
     return 0
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, guard: bool = False) -> None:
     import torch
 
     def write(tmp: str) -> None:
@@ -128,7 +182,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
 
-    atomic_write(path, write, lambda: _tensor_bytes(obj))
+    atomic_write(path, write, lambda: _tensor_bytes(obj), guard=guard)
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
