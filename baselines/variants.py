@@ -116,7 +116,16 @@ def _builder(name: str) -> Callable[[ModelConfig], Segmenter]:
 BUILDERS: dict[str, Callable[[ModelConfig], Segmenter]] = {name: _builder(name) for name in VARIANTS}
 
 
+def components(row: ChainRow) -> tuple[str, ...]:
+    """The parts of a row's time and GFLOPs breakdowns, in forward order (BaselineSegmenter.components)."""
+    return ("backbone", "adapter" if row.neck == "adapter" else "pyramid",
+            "pixel_decoder" if row.pixel_decoder else "projection", "decoder")
+
+
 def register_variants(register: Callable[..., object]) -> None:
-    """The ``study.variants`` entry point: register rows 0-3 with ``register`` (study's ``register_variant``)."""
+    """The ``study.variants`` entry point: register rows 0-3 with ``register`` (study's ``register_variant``),
+    with their traits: not EoMT, masked attention kept at inference (Mask2Former's; Table 1 was measured so),
+    their components."""
     for name, row in VARIANTS.items():
-        register(name, BUILDERS[name], row=row.row, label=row.label, options=BaselineConfig)
+        register(name, BUILDERS[name], row=row.row, label=row.label, options=BaselineConfig, eomt=False,
+                 masked_inference=True, components=components(row))

@@ -9,8 +9,9 @@ How variants get registered (and why this way)
 - EoMT's two rows (4 and 5) are registered here, by study itself.
 - Every other package registers its variants through a Python entry point of group ``study.variants``
   (declared in its ``pyproject.toml``), naming a function ``hook(register)`` that calls
-  ``register(name, builder, row=..., label=...)`` once per variant. The baseline chain (rows 0-3) is
-  ``baselines = "baselines.variants:register_variants"`` in this project's ``pyproject.toml``.
+  ``register(name, builder, row=..., label=..., eomt=..., masked_inference=..., components=...)`` once per
+  variant: the variant's traits live in its record, and the tables, plots and evaluation read them from
+  here. The baseline chain (rows 0-3) is ``baselines = "baselines.variants:register_variants"`` in this project's ``pyproject.toml``.
 - The entry points are loaded once, explicitly, on the first read of the registry (``variants()``,
   ``check_variant()``, ``build_model()``, ``table1_rows()``), never as a side effect of importing something.
 
@@ -53,6 +54,11 @@ class Variant:
     # The dataclass that ``model.baseline`` must fit for this variant (checked when the config is loaded,
     # through study.config.build_dataclass); None: the variant takes no ``model.baseline`` options.
     options: Optional[type] = None
+    eomt: bool = False  # an EoMT model (token merging and the EoMT-only settings apply)
+    # masked attention kept at inference when model.mask_setting / model.masked_inference are unset
+    masked_inference: bool = True
+    # the names of ``model.components()`` in forward order: the parts of the time and GFLOPs breakdowns
+    components: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -60,8 +66,10 @@ _loaded = False  # entry points loaded (or being loaded)
 
 
 def register_variant(name: str, builder: Callable[[ModelConfig], Segmenter], row: int | None = None,
-                     label: str | None = None, options: type | None = None) -> Variant:
-    """Add a variant to the registry; a name or a Table 1 row registered twice is refused (ValueError)."""
+                     label: str | None = None, options: type | None = None, eomt: bool = False,
+                     masked_inference: bool = True, components: tuple[str, ...] = ()) -> Variant:
+    """Add a variant to the registry with its traits (see :class:`Variant`); a name or a Table 1 row registered
+    twice is refused (ValueError)."""
     if name in _REGISTRY:
         old = _REGISTRY[name]
         raise ValueError(f"variant '{name}' is already registered (builder {_where(old.builder)}); "
@@ -70,7 +78,8 @@ def register_variant(name: str, builder: Callable[[ModelConfig], Segmenter], row
         taken = [v.name for v in _REGISTRY.values() if v.row == row]
         if taken:
             raise ValueError(f"Table 1 row {row} is already registered as '{taken[0]}'; refusing '{name}'")
-    variant = Variant(name, builder, row, label or name, options)
+    variant = Variant(name, builder, row, label or name, options, bool(eomt), bool(masked_inference),
+                      tuple(components))
     _REGISTRY[name] = variant
     return variant
 
@@ -114,6 +123,25 @@ _HOW = (f"variants are registered by study/models/build.py (EoMT) and by the '{E
 
 def _registered() -> str:
     return ", ".join(variants()) or "none"
+
+
+def eomt_variants() -> tuple[str, ...]:
+    """The names of the registered EoMT variants (``Variant.eomt``)."""
+    return tuple(v.name for v in variants().values() if v.eomt)
+
+
+def unmasked_at_inference() -> tuple[str, ...]:
+    """The variants that drop masked attention at inference by default (``Variant.masked_inference`` False)."""
+    return tuple(v.name for v in variants().values() if not v.masked_inference)
+
+
+def all_components() -> list[str]:
+    """Every registered variant's components, each once, in registry order (then 'other', the breakdowns'
+    remainder): one fixed order, so that a component keeps one colour in every figure."""
+    out: list[str] = []
+    for v in variants().values():
+        out += [c for c in v.components if c not in out]
+    return out + (["other"] if "other" not in out else [])
 
 
 def get_variant(name: str) -> Variant:
@@ -183,13 +211,16 @@ def _eomt_builder(masked_inference_default: bool) -> Callable[[ModelConfig], Seg
     return build
 
 
+# The parts of EoMT's time and GFLOPs breakdowns (EoMT.components, study/models/eomt.py).
+EOMT_COMPONENTS = ("patch_embed", "blocks_before_queries", "blocks_with_queries", "mask_module_and_upscaler")
 # Table 1 rows 4 and 5 (docs/paper.md section 2), labels as printed there.
 register_variant("eomt_masked", _eomt_builder(True), row=4,  # masked attention kept at inference
-                 label="w/o Transformer decoder")
+                 label="w/o Transformer decoder", eomt=True, masked_inference=True, components=EOMT_COMPONENTS)
 register_variant("eomt", _eomt_builder(False), row=5,  # masking annealed away, off at inference
-                 label="w/o Masking = EoMT")
+                 label="w/o Masking = EoMT", eomt=True, masked_inference=False, components=EOMT_COMPONENTS)
 
 
 def describe(v: Variant) -> dict[str, Any]:
     """One line's worth of a variant, for ``study bench --list``."""
-    return {"name": v.name, "row": v.row, "label": v.label, "builder": _where(v.builder)}
+    return {"name": v.name, "row": v.row, "label": v.label, "builder": _where(v.builder), "eomt": v.eomt,
+            "masked_inference": v.masked_inference, "components": list(v.components)}
