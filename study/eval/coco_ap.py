@@ -35,7 +35,7 @@ from study.eval.errors import (EvalInputError, EvalTimeoutError, SizeMismatchErr
                                UnknownImageError)
 
 # pycocotools' 12 summary numbers, in the order of COCOeval.stats.
-STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+from study.eval.engines import STAT_NAMES  # noqa: E402  (pycocotools' 12 summary numbers, in order)
 
 
 def _to_int(value, what: str) -> int:
@@ -176,7 +176,8 @@ def default_timeout(gt: dict, results: list) -> float:
     return TIMEOUT_BASE_S + TIMEOUT_PER_ITEM_S * (len(results) + len(gt.get("annotations", [])))
 
 
-def _cocoeval(gt: dict, results: list[dict]) -> dict:
+def cocoeval_pycocotools(gt: dict, results: list[dict]) -> dict:
+    """pycocotools' COCOeval (segm) on a prepared GT and checked results."""
     coco_gt = quiet_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
@@ -189,13 +190,11 @@ def _cocoeval(gt: dict, results: list[dict]) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = [float(s) for s in ev.stats]
-    precision = ev.eval["precision"]  # (T iou thresholds, R recall points, K classes, A areas, M max dets)
-    per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        per_class[int(cat_id)] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
-    return {"stats": stats, "per_class": per_class, "summary": text.getvalue()}
+    from study.eval.engines import per_class_ap
+
+    # precision: (T iou thresholds, R recall points, K classes, A areas, M max dets)
+    return {"stats": [float(s) for s in ev.stats], "per_class": per_class_ap(ev.eval["precision"], ev.params.catIds),
+            "summary": text.getvalue()}
 
 
 def _child(conn, fn, args) -> None:
@@ -248,7 +247,7 @@ def run_with_time_limit(fn, args: tuple, timeout_s: Optional[float], what: str):
 
 
 def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeout_s: Optional[float] = -1.0,
-                   where: str = "the results") -> dict:
+                   where: str = "the results", engine: str = "hotcoco") -> dict:
     """Mask AP of COCO results (RLE masks) against a COCO instance dict, with pycocotools' COCOeval.
 
     Returns ``stats`` (the 12 summary numbers), each under its name (``AP``, ``AP50``, ...), the summary
@@ -256,16 +255,23 @@ def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeou
     COCOeval runs in a child process stopped after ``timeout_s`` seconds (-1: :func:`default_timeout`;
     None: in this process, no limit). ``where`` names the results (e.g. their file) in error messages.
     """
+    from study.eval.engines import ap_engine
+    from study.eval.strict import check_results_fast
+
+    score = ap_engine(engine)
     gt = gt if prepared else prepare_ground_truth(gt)
-    check_results(gt, results, where)
-    limit = default_timeout(gt, results) if timeout_s is not None and timeout_s < 0 else timeout_s
-    out = run_with_time_limit(_cocoeval, (gt, results), limit, "COCOeval")
+    check_results_fast(gt, results, where)
+    if engine == "pycocotools":  # the one engine that can hang: in a child process with a time limit
+        limit = default_timeout(gt, results) if timeout_s is not None and timeout_s < 0 else timeout_s
+        out = run_with_time_limit(score, (gt, results), limit, "COCOeval")
+    else:
+        out = score(gt, results)
     stats = out["stats"]
     return {"stats": stats, **dict(zip(STAT_NAMES, stats)), "per_class": out["per_class"],
-            "summary": out["summary"]}
+            "summary": out["summary"], "engine": engine}
 
 
-def score_instance_files(gt_json, pred_json, timeout_s: Optional[float] = -1.0) -> dict:
+def score_instance_files(gt_json, pred_json, timeout_s: Optional[float] = -1.0, engine: str = "hotcoco") -> dict:
     """:func:`evaluate_masks` of a COCO results file (a list; a dict's ``annotations`` is taken) against a
     COCO instance ground-truth file; errors name the files. Adds ``categories`` (the GT's)."""
     from study.eval.pq_files import read_json
@@ -280,7 +286,8 @@ def score_instance_files(gt_json, pred_json, timeout_s: Optional[float] = -1.0) 
         gt_ready = prepare_ground_truth(gt)
     except EvalInputError as e:
         raise type(e)(f"ground-truth JSON {gt_json}: {e}") from None
-    result = evaluate_masks(gt_ready, pred, prepared=True, timeout_s=timeout_s, where=f"prediction JSON {pred_json}")
+    result = evaluate_masks(gt_ready, pred, prepared=True, timeout_s=timeout_s, where=f"prediction JSON {pred_json}",
+                            engine=engine)
     result["categories"] = gt_ready["categories"]
     return result
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from study.data.rle import is_int
-from study.eval.errors import EvalInputError, MissingPredictionError, UnknownImageError
+from study.eval.errors import EvalInputError, MissingPredictionError, UnknownCategoryError, UnknownImageError
 from study.eval.image_pool import accumulate
 from study.eval.pq import PQAccumulator, check_categories
 
@@ -75,7 +75,18 @@ def check_annotations(js: dict, where: str, what: str) -> list[dict]:
                 raise EvalInputError(f"{what} {where}: image id {image}: segment id {s['id']} is listed twice "
                                      f"(field 'id')")
             ids.add(s["id"])
+            if what.startswith("ground"):  # panopticapi ignores a prediction's crowd flags
+                check_crowd_flag(s, f"{what} {where}: image id {image} segment {s['id']}")
     return anns
+
+
+def check_crowd_flag(segment: dict, where: str) -> None:
+    """``iscrowd`` absent, 0 or 1 (false / true): any other value (2, "1", "0") is refused. panopticapi
+    reads only 1 as crowd, hotcoco any non-zero number, and a reader that takes ``bool(value)`` makes "0"
+    a crowd; refusing the rest gives one rule wherever an annotation is read (score and eval)."""
+    v = segment.get("iscrowd", 0)
+    if v not in (0, 1) or not isinstance(v, (int, bool)):
+        raise EvalInputError(f"{where} has iscrowd {v!r:.40}; expected 0 or 1")
 
 
 ID_MASK = 0xFFFFFF  # the id bits of a word of read_id_words: R + 256 G + 256^2 B
@@ -138,6 +149,11 @@ def read_id_words(path: Path, image: str, what: str) -> np.ndarray:
     try:
         with Image.open(path) as f:
             f.load()
+            if f.mode not in ("RGB", "RGBA", "P"):  # 16-bit or grayscale: ids would be read wrong
+                from study.eval.png_header import describe_png
+
+                raise EvalInputError(f"image {image}: {what} PNG {path} is {describe_png(path)}; the COCO "
+                                     f"panoptic format needs 8-bit RGB, the segment id = R + 256 G + 256^2 B")
             im = f if f.mode == "RGB" else f.convert("RGB")
             # A PNG's pixels are decoded into memory Pillow owns (never a map of the file).
             if f.format == "PNG" and hasattr(im, "__arrow_c_array__"):
@@ -196,12 +212,20 @@ def score_pairs(pairs: list[tuple[dict, dict]], categories: list[dict], gt_dir: 
 
 def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLike,
                          gt_dir: Optional[str | os.PathLike] = None, pred_dir: Optional[str | os.PathLike] = None,
-                         workers: int = 0, categories_json: Optional[str | os.PathLike] = None) -> dict:
+                         workers: int = 0, categories_json: Optional[str | os.PathLike] = None,
+                         engine: str = "hotcoco", gt: Optional[dict] = None) -> dict:
     """PQ of a COCO panoptic prediction (JSON + PNG folder) against the GT; folders default to the JSON
     path without ``.json`` (panopticapi's default). The categories come from the GT JSON, or from
     ``categories_json`` (a list, or a dict with ``categories``) when the GT keeps them in a separate file
-    (panopticapi's sample does). ``workers``: threads, 0 = all cores. Returns :meth:`PQAccumulator.summary`."""
-    gt = read_json(gt_json, "ground-truth JSON", dict)
+    (panopticapi's sample does). ``engine``: :data:`study.eval.engines.PQ_ENGINES` (hotcoco by default);
+    ``workers``: threads of the ``ours`` engine, 0 = all cores. ``gt``: the GT JSON's content when the
+    caller has it already (``gt_json`` then only names it). Our JSON checks run first whatever the engine
+    (:func:`check_annotations`, :func:`pair_annotations`, categories); the pixel checks are the engine's
+    (:mod:`study.eval.engines`). Returns the summary of :meth:`PQAccumulator.summary`, with ``engine``."""
+    from study.eval.engines import PQ_ENGINES, check_engine, pq_hotcoco, pq_panopticapi
+
+    check_engine(engine, PQ_ENGINES)
+    gt = read_json(gt_json, "ground-truth JSON", dict) if gt is None else gt
     pred = read_json(pred_json, "prediction JSON", dict)
     gt_dir = Path(gt_dir) if gt_dir is not None else Path(str(gt_json)[:-len(".json")])
     pred_dir = Path(pred_dir) if pred_dir is not None else Path(str(pred_json)[:-len(".json")])
@@ -215,6 +239,28 @@ def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLik
     else:
         categories = check_categories(gt.get("categories"), str(gt_json))
     pairs = pair_annotations(gt, pred, str(gt_json), str(pred_json))
-    result = score_pairs(pairs, categories, gt_dir, pred_dir, workers).summary()
+    check_pair_categories(pairs, categories, str(gt_json), str(pred_json))
+    if engine == "hotcoco":
+        gt_sel = {**gt, "annotations": [g for g, _ in pairs], "categories": categories}
+        pred_sel = {"annotations": [p for _, p in pairs]}
+        result = pq_hotcoco(gt_sel, pred_sel, gt_dir, pred_dir, categories, str(gt_json), str(pred_json))
+    elif engine == "panopticapi":
+        result = pq_panopticapi(Path(gt_json), Path(pred_json), gt_dir, pred_dir, categories, pairs)
+    else:
+        result = score_pairs(pairs, categories, gt_dir, pred_dir, workers).summary()
+    result["engine"] = engine
     result["categories"] = categories
     return result
+
+
+def check_pair_categories(pairs: list[tuple[dict, dict]], categories: list[dict], gt_where: str,
+                          pred_where: str) -> None:
+    """Every segment's category is one of the GT categories (one set look-up per segment)."""
+    known = {c["id"] for c in categories}
+    for g, p in pairs:
+        for ann, where in ((g, gt_where), (p, pred_where)):
+            for s in ann["segments_info"]:
+                if s["category_id"] not in known:
+                    raise UnknownCategoryError(f"image {_image_name(g)}: segment {s['id']} in {where} has "
+                                               f"category id {s['category_id']}, unknown to the ground truth "
+                                               f"categories")
