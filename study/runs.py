@@ -6,9 +6,10 @@ read and written only through RunDir (writes are atomic):
         status.json          the trainer's {"state": running | interrupted | failed | finished, "step",
                              "total_steps", "updated", ...}
         metrics.json         final numbers, one entry per step (see below)
-        failure.json         the last attempt's error {"step", "error", "time"}; removed when a new attempt
-                             starts, and ignored when older than the latest submission in launch.json
-        launch.json          the latest submission {"job_id", "cluster", "steps", "submitted", "logs", "host"}
+        failure.json         the last attempt's error {"step", "error", "time", "seq"}; removed when a new
+                             attempt starts, ignored when its seq is below the latest submission's
+        launch.json          the latest submission {"job_id", "cluster", "steps", "submitted", "logs", "host",
+                             "seq"} (seq: the run's event order, never wall-clock time)
                              and ``jobs``, every submission the run ever had (a job of an older launch may
                              still run: study/launch/submit.py's job_active asks about each one)
         writer.lock          the one-writer lock (:class:`FolderLock`): whoever writes the run (the trainer,
@@ -51,14 +52,15 @@ from typing import Iterable, Iterator, Optional
 
 import yaml
 
+from study.bench.config import timing_settings
 from study.config import Config, build_dataclass, config_hash, run_name, save_config, to_dict
 from study.errors import UserError
 from study.io import atomic_write_json
+from study.launch.config import STEPS, check_steps  # noqa: F401 (re-exported: the steps of a run)
 
-STEPS = ("train", "eval", "bench")
-# What a benchmark result depends on besides the model (the eval step depends on the whole eval section).
-BENCH_SETTINGS = ("fps", "device", "precision", "compile", "compile_mode", "warmup", "iters", "min_time", "batch",
-                  "threads", "scope", "breakdown", "counter", "runtime")
+# What a benchmark result depends on besides the model, derived from the bench section's one declaration
+# (study/bench/config.py); the eval step depends on the whole eval section.
+BENCH_SETTINGS = timing_settings()
 # Parts of an evaluation result that stay in the eval file, out of metrics.json: per-class tables, the
 # category list, COCOeval's printed summary.
 EVAL_DETAILS = ("per_class", "categories", "summary")
@@ -183,14 +185,6 @@ def describe_holder(holder: dict) -> str:
             f"{holder.get('since', '?')})")
 
 
-def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
-    steps = tuple(steps)
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown or not steps:
-        raise UserError(f"unknown step(s) {unknown}; steps are {', '.join(STEPS)}")
-    return steps
-
-
 def step_settings(step: str, config: dict) -> dict:
     """The settings a step's result depends on, from a configuration as a dict (``to_dict(cfg)``)."""
     if step == "eval":
@@ -206,7 +200,17 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: Config) -> "RunDir":
-        return cls(Path(cfg.output_dir) / run_name(cfg))
+        """The run folder of ``cfg`` under its ``output_dir``: the existing folder of its identity (the hash
+        suffix, whatever readable name precedes it: folders named before readable names existed still
+        read), else a new ``<name>-<hash>``."""
+        root, digest = Path(cfg.output_dir), config_hash(cfg)
+        new = root / run_name(cfg)
+        if new.is_dir() or not root.is_dir():
+            return cls(new)
+        for folder in sorted(root.glob(f"*-{digest}")):
+            if (folder / "config.yaml").is_file():
+                return cls(folder)
+        return cls(new)
 
     @classmethod
     def holding(cls, file: str | Path) -> Optional["RunDir"]:
@@ -272,6 +276,16 @@ class RunDir:
     def launch_record(self) -> dict:
         return self._read(self.launch_file)
 
+    def _seq_of(self, record: dict) -> int:
+        seq = record.get("seq")
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+
+    def next_seq(self) -> int:
+        """The next number of the run's event sequence (launch records, failures): events are ordered by it,
+        never by wall-clock time, which differs between hosts (a login node and a compute node)."""
+        records = [self.launch_record(), self._read(self.failure_file)]
+        return 1 + max(self._seq_of(r) for r in records)
+
     def launch_jobs(self) -> list[dict]:
         """Every job the run was ever submitted as, oldest first (each like launch.json's latest record)."""
         record = self.launch_record()
@@ -296,11 +310,25 @@ class RunDir:
     @contextmanager
     def writing(self, doing: str) -> Iterator[None]:
         """Be the run's one writer for the block (a UserError names the holder when another process is).
-        Taking it first removes the temporary files of writes a killed writer never finished."""
+        Taking it first removes the temporary files of writes a killed writer never finished. An exception
+        leaving the block (not SystemExit or Ctrl-C: those interrupt) is recorded in failure.json unless the
+        block recorded its own: a run that fails before its first step (a data error, a setting refused at
+        setup) shows as failed, not pending."""
         with self._lock().hold(doing) as first:
             if first:
                 self.remove_orphans()
-            yield
+            start = self.next_seq() if first else None
+            try:
+                yield
+            except Exception as e:
+                if start is not None and self.config.is_file():
+                    try:
+                        recorded = self._seq_of(self._read(self.failure_file)) >= start
+                    except UserError:  # a damaged failure.json: replace it
+                        recorded = False
+                    if not recorded:
+                        self.write_failure(doing, f"{type(e).__name__}: {e}")
+                raise
 
     def remove_orphans(self) -> list[Path]:
         """Remove the temporary files of atomic writes that never finished (study/io.py names them
@@ -316,11 +344,17 @@ class RunDir:
         return removed
 
     def failure(self) -> dict:
-        """failure.json (step, error, time) when it belongs to the latest submission, else {}: a job that
-        dies before its first step cannot remove the previous attempt's record."""
+        """failure.json (step, error, time, seq) when it belongs to the latest submission, else {}: a job that
+        dies before its first step cannot remove the previous attempt's record. Ordered by the run's sequence
+        number (:meth:`next_seq`); only records written before sequence numbers existed compare times."""
         failure = self._read(self.failure_file)
-        submitted = self.launch_record().get("submitted")
-        if failure and submitted and failure.get("time", "") < submitted:  # ISO times compare as strings
+        launch = self.launch_record()
+        if not failure or not launch:
+            return failure
+        if "seq" in failure and "seq" in launch:
+            return failure if self._seq_of(failure) >= self._seq_of(launch) else {}
+        submitted = launch.get("submitted")
+        if submitted and failure.get("time", "") < submitted:  # ISO times compare as strings (same host)
             return {}
         return failure
 
@@ -333,7 +367,7 @@ class RunDir:
         in the folder): training finished, evaluation and benchmark recorded with the same settings."""
         metrics = self.metrics()
         config = to_dict(cfg) if cfg is not None else self.saved_config()
-        trained = self.status().get("state") == "finished"
+        trained = self.status().get("state") == "finished" and not self.weights_missing()
         todo = []
         for step in steps:
             if step == "train":
@@ -344,6 +378,10 @@ class RunDir:
                 todo.append(step)
         return todo
 
+    def weights_missing(self) -> bool:
+        """Training says it finished but its final weights are gone (deleted, or lost with a disk)."""
+        return self.status().get("state") == "finished" and not self.final_weights.is_file()
+
     # ---------------------------------------------------------------------------------------- writing
 
     def write_status(self, state: str, **fields) -> None:
@@ -353,16 +391,19 @@ class RunDir:
         atomic_write_json(self.metrics_file, {**self.metrics(), **fields})
 
     def write_failure(self, step: Optional[str], error: str) -> None:
-        atomic_write_json(self.failure_file, {"step": step, "error": error, "time": now()})
+        atomic_write_json(self.failure_file, {"step": step, "error": error, "time": now(), "seq": self.next_seq()})
 
     def clear_failure(self) -> None:
         self.failure_file.unlink(missing_ok=True)
 
     def write_launch_record(self, job_id: str, cluster: str, steps: Iterable[str], submitted: str,
-                            logs: Optional[Path] = None, **extra) -> None:
-        """Record a submission: the latest one at the top of launch.json, and appended to its ``jobs``."""
+                            logs: Optional[Path] = None, seq: Optional[int] = None, **extra) -> None:
+        """Record a submission: the latest one at the top of launch.json, and appended to its ``jobs``.
+        ``seq``: the sequence number taken before the job was submitted (a failure the job records before
+        this record is written then still counts as the job's), else the next one."""
         job = {"job_id": job_id, "cluster": cluster, "steps": list(steps), "submitted": submitted,
-               "logs": str(logs) if logs else None, "host": socket.gethostname(), **extra}
+               "logs": str(logs) if logs else None, "host": socket.gethostname(),
+               "seq": self.next_seq() if seq is None else seq, **extra}
         atomic_write_json(self.launch_file, {**job, "jobs": self.launch_jobs() + [job]})
 
     def write_evaluation(self, result: dict) -> dict:
@@ -390,6 +431,17 @@ class RunDir:
         """Whether the folder's saved configuration has the identity of ``cfg``."""
         saved = self.saved_config()
         return bool(saved) and config_hash(build_dataclass(Config, saved)) == config_hash(cfg)
+
+
+def display_name(run: RunDir | str | Path) -> str:
+    """A run's readable name, for tables, figures, curve files, logs and errors (e.g. ``eomt-L640-lr3e-4-s1``):
+    the folder name without its hash suffix. Names are unique inside a grid (the grid gives each run the keys
+    that set it apart; an explicit ``name`` that repeats keeps uniqueness only through the hash, so use
+    ``run.path.name`` where a name must be unique). A folder of the old ``<grid name>-<hash>`` form reads as its
+    grid name. Stable: callers may rely on it."""
+    name = (run.path if isinstance(run, RunDir) else Path(run)).name
+    head, _, tail = name.rpartition("-")
+    return head if head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else name
 
 
 def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None = None) -> list[str]:

@@ -7,7 +7,7 @@ loaded (study/config.py), the rest here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, get_args
 
 from study.models.config import SizeName
@@ -88,3 +88,15 @@ class BenchConfig:
             variant = self.reference.split(":", 1)[0]
             if variant not in self.variants:
                 raise ValueError(f"reference '{self.reference}' names no variant of bench.variants {self.variants}")
+
+
+# Keys of the bench section that only `study bench` reads (which rows, at what size); every other key is a
+# timing setting of the launcher's bench step (it measures the run's own model at model.img_size).
+STUDY_BENCH_ONLY = ("variants", "sizes", "img_size")
+
+
+def timing_settings() -> tuple[str, ...]:
+    """The settings a run's recorded benchmark depends on: every field of :class:`BenchConfig` but
+    ``STUDY_BENCH_ONLY``, so that a setting added here is part of it with no other file touched
+    (study/runs.py compares them to decide whether a relaunch re-runs the bench step)."""
+    return tuple(f.name for f in fields(BenchConfig) if f.name not in STUDY_BENCH_ONLY)

@@ -3,7 +3,20 @@ left out of the run's identity hash)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Iterable, Literal, Optional
+
+from study.errors import UserError
+
+# The steps of a run, in the order a job runs them (what each writes: study/runs.py).
+STEPS = ("train", "eval", "bench")
+
+
+def check_steps(steps: Iterable[str]) -> tuple[str, ...]:
+    steps = tuple(steps)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        raise UserError(f"unknown step(s) {unknown}; steps are {', '.join(STEPS)}")
+    return steps
 
 
 @dataclass
@@ -27,15 +40,13 @@ class LaunchConfig:
     # default of 3 would fail a long training after 3 x timeout_min.
     max_requeues: int = 50
     slurm_extra: dict[str, str] = field(default_factory=dict)  # more sbatch options, e.g. {account: ..., qos: ...}
-    # The steps each job runs, in this order (study/runs.py STEPS: train, eval, bench); `study launch --steps`.
+    # The steps each job runs, in this order (STEPS: train, eval, bench); `study launch --steps`.
     steps: list[str] = field(default_factory=lambda: ["train", "eval", "bench"])
 
     def tasks(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
     def validate(self) -> None:
-        from study.runs import check_steps  # here, not at the top: study.runs imports the configuration
-
         check_steps(self.steps)  # its message names "steps", which study/config.py turns into launch.steps
         for name in ("nodes", "timeout_min", "mem_gb", "cpus_per_task", "array_parallelism", "max_requeues"):
             if getattr(self, name) < 1:

@@ -17,18 +17,30 @@ A grid file is a run configuration (it may build on another with ``base:``) plus
 
 Each run's configuration is validated like any other (an unknown key or a wrong value names the run and the
 key), its folder is ``<output_dir>/<grid name>/<name>-<hash>`` and the hash makes launching a grid twice find
-the runs that already exist.
+the runs that already exist (whatever readable name their folder has: study/runs.py ``RunDir.for_config``).
+
+Names: a run's ``name`` is made from the keys that set it apart inside the grid (``eomt-L640-lr3e-4-s1``: the
+fewest keys, in file order, that tell the runs apart; :func:`readable_names`), unless its entry gives a
+``name``. The name is not part of the identity: two entries differing only in ``name`` are the same
+configuration and are refused. Every name that becomes a folder (run names, ``grid.name``) passes the one
+containment rule of study/schema.py (:func:`path_component`).
+
+Refused: a key written twice in the file (the YAML loader), two axes that set the same key (an axis and a
+bundle axis, or two bundles), two runs of the same configuration, an empty ``grid:`` section.
 """
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from study.config import Config, ConfigError, apply_overrides, build_dataclass, load_yaml_tree, run_name
+from study.config import (Config, ConfigError, apply_overrides, build_dataclass, config_hash, load_yaml_tree,
+                          path_component)
+from study.runs import RunDir
 
 _GRID_KEYS = {"name", "axes", "runs"}
 _TOP_LEVEL = {f.name for f in fields(Config)}
@@ -45,7 +57,7 @@ class GridRun:
 
     @property
     def folder(self) -> Path:
-        return Path(self.config.output_dir) / run_name(self.config)
+        return RunDir.for_config(self.config).path
 
 
 def _override(key: str, value: Any) -> str:
@@ -74,15 +86,18 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
     path = Path(path)
     origin: dict = {}
     tree = load_yaml_tree(path, origin)
-    spec = tree.pop("grid", None)
-    if spec is None:
+    if "grid" not in tree:
         raise ConfigError(f"{path} has no 'grid:' section; a single run is launched with `study train`")
+    spec = tree.pop("grid")
+    if not spec:
+        raise ConfigError(f"the 'grid:' section of {path} is empty: give grid.axes (lists of values) or grid.runs "
+                          f"(a list of mappings); see study/launch/grid.py")
     spec = _dotted(f"'grid' in {path}", spec)
     unknown = set(spec) - _GRID_KEYS
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in the 'grid' section of {path}; it accepts: "
                           f"{', '.join(sorted(_GRID_KEYS))}")
-    name = str(spec.get("name") or path.stem)
+    name = path_component(spec.get("name") or path.stem, f"grid.name in {path}")
     axes = _dotted(f"grid.axes in {path}", spec.get("axes") or {})
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -90,8 +105,15 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
     changes: list[dict] = []
     for combo in (itertools.product(*axes.values()) if axes else ()):
         change: dict = {}
-        for key, value in zip(axes, combo):
-            change.update(value if _is_bundle(key, value) else {key: value})
+        set_by: dict[str, str] = {}
+        for axis, value in zip(axes, combo):
+            for key, v in (value if _is_bundle(axis, value) else {axis: value}).items():
+                if key in set_by:
+                    raise ConfigError(f"grid.axes in {path}: axes '{set_by[key]}' and '{axis}' both set '{key}' "
+                                      f"(one of the values would be dropped without a word); set each key in one "
+                                      f"axis")
+                set_by[key] = axis
+                change[key] = v
         changes.append(change)
     explicit = spec.get("runs") or []
     if not isinstance(explicit, list):
@@ -101,6 +123,7 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
         raise ConfigError(f"the grid in {path} has no runs: give grid.axes or grid.runs")
 
     base_tree = apply_overrides(tree, list(overrides or []), origin)
+    auto = readable_names(changes)
     runs, seen = [], {}
     for i, change in enumerate(changes):
         where = ", ".join(f"{k}={v}" for k, v in change.items())
@@ -109,12 +132,67 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
             cfg = build_dataclass(Config, run_tree, dict(origin))  # registry names and sizes checked too
         except (ConfigError, ValueError) as e:
             raise ConfigError(f"grid {path}, run {i} ({where}): {e}") from None
-        cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name))
-        folder = run_name(cfg)
-        if folder in seen:
-            raise ConfigError(f"grid {path}: runs {seen[folder]} and {i} ({where}) are the same configuration "
-                              f"(they differ at most in name, launch, bench or eval settings, which do not "
-                              f"change the trained model) and would share one run folder")
-        seen[folder] = i
+        cfg = replace(cfg, output_dir=str(Path(cfg.output_dir) / name),
+                      name=cfg.name if "name" in change or not auto[i] else auto[i])
+        identity = config_hash(cfg)
+        if identity in seen:
+            raise ConfigError(f"grid {path}: runs {seen[identity]} and {i} ({where}) are the same configuration "
+                              f"(hash {identity}: they differ at most in name, launch, bench or eval settings, "
+                              f"which do not change the trained model); a second seed is a seed axis")
+        seen[identity] = i
         runs.append(GridRun(change, cfg))
     return name, runs
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value and (abs(value) < 1e-2 or abs(value) >= 1e5):
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 0.0003 -> 3e-4
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return Path(value).stem if "/" in value else value  # a weights path: its file name
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+# Keys whose token is the value alone (words that say what they are) or a short prefix; any other key's token
+# is its last part and the value (``weight_decay0.1``).
+_PREFIX = {"model.variant": "", "model.size": "", "model.img_size": "", "model.backbone": "", "task": "",
+           "data.dataset": "", "train.lr": "lr", "seed": "s", "model.num_queries": "q", "train.max_steps": "steps",
+           "train.batch_size": "bs"}
+
+
+def _token(key: str, value: Any) -> str:
+    prefix = _PREFIX.get(key, key.rsplit(".", 1)[-1])
+    text = _value_text(value)
+    return (prefix + text) if not isinstance(value, bool) else (f"{prefix}-{text}" if prefix else text)
+
+
+def readable_names(changes: list[dict]) -> list[str]:
+    """A readable name per run from the keys that differ inside the grid, in file order; of keys that change
+    together (a bundle's, e.g. ``model.size`` with its ``model.pretrained``) the first gives the token;
+    ``model.size`` and ``model.img_size`` join (``L640``). Sanitised (:func:`path_component`); '' when nothing
+    differs."""
+    keys = list(dict.fromkeys(k for c in changes for k in c if k != "name"))
+
+    def partition(key: str) -> tuple[int, ...]:  # runs labelled by the first run holding the same value
+        first: dict[str, int] = {}
+        return tuple(first.setdefault(json.dumps(c.get(key), sort_keys=True, default=str), i)
+                     for i, c in enumerate(changes))
+
+    chosen, taken = [], set()
+    for key in keys:
+        p = partition(key)
+        if len(set(p)) > 1 and p not in taken:
+            chosen.append(key)
+            taken.add(p)
+    names = []
+    for c in changes:
+        tokens = {k: _token(k, c[k]) for k in chosen if k in c}
+        if "model.size" in tokens and "model.img_size" in tokens:
+            tokens["model.size"] += tokens.pop("model.img_size")
+        text = "-".join(t for t in tokens.values() if t).replace("/", "_").replace("\\", "_").lstrip(".")
+        names.append(path_component(text, "readable run name") if text else "")
+    return names
