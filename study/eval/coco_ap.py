@@ -176,7 +176,7 @@ def default_timeout(gt: dict, results: list) -> float:
     return TIMEOUT_BASE_S + TIMEOUT_PER_ITEM_S * (len(results) + len(gt.get("annotations", [])))
 
 
-def cocoeval_pycocotools(gt: dict, results: list[dict]) -> dict:
+def cocoeval_pycocotools(gt: dict, results: list[dict], thresholds=None) -> dict:
     """pycocotools' COCOeval (segm) on a prepared GT and checked results."""
     coco_gt = quiet_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -185,6 +185,8 @@ def cocoeval_pycocotools(gt: dict, results: list[dict]) -> dict:
         else:  # loadRes cannot take an empty list; an empty result set scores 0
             coco_dt = quiet_coco({"images": gt["images"], "categories": gt["categories"], "annotations": []})
     ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+    if thresholds is not None:
+        ev.params.iouThrs, ev.params.recThrs = (np.array(t, np.float64) for t in thresholds)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ev.evaluate()
@@ -247,7 +249,7 @@ def run_with_time_limit(fn, args: tuple, timeout_s: Optional[float], what: str):
 
 
 def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeout_s: Optional[float] = -1.0,
-                   where: str = "the results", engine: str = "hotcoco") -> dict:
+                   where: str = "the results", engine: str = "hotcoco", thresholds=None) -> dict:
     """Mask AP of COCO results (RLE masks) against a COCO instance dict, with pycocotools' COCOeval.
 
     Returns ``stats`` (the 12 summary numbers), each under its name (``AP``, ``AP50``, ...), the summary
@@ -263,9 +265,9 @@ def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeou
     check_results_fast(gt, results, where)
     if engine == "pycocotools":  # the one engine that can hang: in a child process with a time limit
         limit = default_timeout(gt, results) if timeout_s is not None and timeout_s < 0 else timeout_s
-        out = run_with_time_limit(score, (gt, results), limit, "COCOeval")
+        out = run_with_time_limit(score, (gt, results, thresholds), limit, "COCOeval")
     else:
-        out = score(gt, results)
+        out = score(gt, results, thresholds)
     stats = out["stats"]
     return {"stats": stats, **dict(zip(STAT_NAMES, stats)), "per_class": out["per_class"],
             "summary": out["summary"], "engine": engine}

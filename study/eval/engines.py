@@ -149,12 +149,24 @@ def per_class_ap(precision: np.ndarray, cat_ids) -> dict:
     return out
 
 
-def ap_hotcoco(gt: dict, results: list[dict]) -> dict:
+def _set_thresholds(params, thresholds, snake: bool) -> None:
+    """(IoU thresholds, recall thresholds) into an engine's params (the official protocol's float32 ones)."""
+    if thresholds is None:
+        return
+    iou, rec = thresholds
+    if snake:
+        params.iou_thrs, params.rec_thrs = list(iou), list(rec)
+    else:
+        params.iouThrs, params.recThrs = np.array(iou, np.float64), np.array(rec, np.float64)
+
+
+def ap_hotcoco(gt: dict, results: list[dict], thresholds=None) -> dict:
     import hotcoco
 
     coco_gt = hotcoco.COCO(gt)
     coco_dt = coco_gt.load_res(results) if results else hotcoco.COCO({**gt, "annotations": []})
     ev = hotcoco.COCOeval(coco_gt, coco_dt, "segm")
+    _set_thresholds(ev.params, thresholds, snake=True)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ev.evaluate()
@@ -165,7 +177,7 @@ def ap_hotcoco(gt: dict, results: list[dict]) -> dict:
             "summary": text.getvalue()}
 
 
-def ap_faster_coco_eval(gt: dict, results: list[dict]) -> dict:
+def ap_faster_coco_eval(gt: dict, results: list[dict], thresholds=None) -> dict:
     import copy
 
     from faster_coco_eval import COCO, COCOeval_faster
@@ -174,6 +186,7 @@ def ap_faster_coco_eval(gt: dict, results: list[dict]) -> dict:
         coco_gt = COCO(copy.deepcopy(gt))
         coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else COCO({**gt, "annotations": []})
     ev = COCOeval_faster(coco_gt, coco_dt, "segm")
+    _set_thresholds(ev.params, thresholds, snake=False)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ev.evaluate()
