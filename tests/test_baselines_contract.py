@@ -107,9 +107,11 @@ def test_components_are_disjoint_submodules(variant, expected):
 
 
 def test_component_breakdown_covers_the_time():
-    from study.bench.speed import SpeedProtocol, component_breakdown
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.speed import measure_fps
 
-    ms = component_breakdown(tiny("vit_adapter_m2f"), IMG, SpeedProtocol(device="cpu", warmup=1, iters=2))
+    ms = measure_fps(tiny("vit_adapter_m2f"), IMG, SpeedProtocol(device="cpu", warmup=1, iters=2),
+                     breakdown=True)["breakdown_ms"]
     assert {"backbone", "adapter", "pixel_decoder", "decoder", "other", "total"} <= set(ms)
     assert sum(v for k, v in ms.items() if k not in ("other", "total")) <= ms["total"] * 1.01
 

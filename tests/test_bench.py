@@ -128,18 +128,19 @@ def test_cli_bad_input_one_line(argv, message, capsys):
 def test_end_to_end_scope_times_pre_and_post_processing(monkeypatch):
     """What the timed region holds with scope end_to_end: the padded pre-processing + forward and the
     panoptic merge of every image of the batch run between the two clock reads of each timed iteration."""
-    from study.bench import speed
+    from study.bench import speed, timing
+    from study.bench.protocol import SpeedProtocol
     from study.eval import inference, postprocess
 
     log = []
     real_run, real_merge = inference.run_padded, postprocess.panoptic_merge
-    monkeypatch.setattr(speed, "_clock", lambda: log.append("clock") or float(len(log)))
+    monkeypatch.setattr(timing, "_clock", lambda: log.append("clock") or float(len(log)))
     monkeypatch.setattr(inference, "run_padded", lambda *a, **k: log.append("pre+forward") or real_run(*a, **k))
     monkeypatch.setattr(postprocess, "panoptic_merge", lambda *a, **k: log.append("merge") or real_merge(*a, **k))
     model = build_model(load_config(None, ["model.size=tiny", "model.img_size=64", "model.num_queries=5",
                                            "model.num_classes=3"]).model)
-    p = speed.SpeedProtocol(device="cpu", warmup=0, iters=2, scope="end_to_end", batch=2)
-    speed.time_rounds([speed.build_entry("e2e", model, 64, p)], torch.device("cpu"), p.warmup, p.iters)
+    p = SpeedProtocol(device="cpu", warmup=0, iters=2, scope="end_to_end", batch=2)
+    timing.time_rounds([speed.build_entry("e2e", model, 64, p)], torch.device("cpu"), p.warmup, p.iters)
     assert log == ["clock", "pre+forward", "merge", "merge", "clock"] * 2
 
 

@@ -47,7 +47,7 @@ def test_interleaved_fps_reports_both_arms():
 def test_interleaved_fps_times_each_arm_with_its_setting_in_alternating_rounds(monkeypatch):
     """With a clock that makes the merged forward take half the plain one: FPS = iters x batch / seconds for
     each arm, speedup 2, and the rounds alternate plain, merged / merged, plain."""
-    import study.bench.speed as speed
+    import study.bench.timing as timing
 
     model, seen = tiny(), []
 
@@ -55,7 +55,7 @@ def test_interleaved_fps_times_each_arm_with_its_setting_in_alternating_rounds(m
         seen.append("plain" if model.token_merging is None else "merged")
         return [0.1 if model.token_merging is None else 0.05] * iters
 
-    monkeypatch.setattr(speed, "time_iterations", fake)
+    monkeypatch.setattr(timing, "time_iterations", fake)
     out = merging.interleaved_fps(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"), batch=2,
                                   rounds=4, iters=3, device="cpu", warmup=0)
     assert seen == ["plain", "merged", "merged", "plain"] * 2
@@ -67,7 +67,7 @@ def test_interleaved_fps_times_each_arm_with_its_setting_in_alternating_rounds(m
 def test_speedup_interval_pairs_the_rounds(monkeypatch):
     """A slowdown common to a round (both arms 3x slower in rounds 2 and 3) leaves the paired speedup at 2 in
     every resample: the interval is a point (resampling each arm by itself would spread it)."""
-    import study.bench.speed as speed
+    import study.bench.timing as timing
 
     model, calls = tiny(), []
 
@@ -76,7 +76,7 @@ def test_speedup_interval_pairs_the_rounds(monkeypatch):
         slow = 3.0 if (len(calls) - 1) // 2 in (2, 3) else 1.0
         return [slow * (0.1 if model.token_merging is None else 0.05)] * iters
 
-    monkeypatch.setattr(speed, "time_iterations", fake)
+    monkeypatch.setattr(timing, "time_iterations", fake)
     out = merging.interleaved_fps(model, crops(), TokenMergingConfig(enabled=True).resolve("tiny"), batch=1,
                                   rounds=7, iters=1, device="cpu", warmup=0)
     assert out["speedup_ci"] == pytest.approx([2.0, 2.0]) and out["fps_plain_min"] < out["fps_plain_max"]

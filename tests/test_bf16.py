@@ -103,7 +103,7 @@ def test_autocast_training_step_close_to_fp32(tmp_path):
 
 def test_bf16_benchmark_prints_every_mode(capsys):
     """The benchmark runs end to end on tiny EoMT (its figures are printed, never asserted)."""
-    from study.export.bench_bf16 import MODES, main
+    from study.bench.bf16 import MODES, main
 
     assert main(["--size", "tiny", "--img-size", "32", "--rounds", "1", "--threads", "1", "--top", "2"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The bf16 CPU speed paths of EoMT (study/export/bench_bf16.py measures them).
+"""The bf16 CPU speed paths of EoMT (study/bench/bf16.py measures them).
 
 - The mask product on the upscaler's channels-last map (study/models/eomt.py ``mask_product``) gives the values of
   ``einsum("bqc,bchw->bqhw")`` within the rounding bound of a C-term dot product (:func:`dot_bound`; the two
@@ -152,7 +152,7 @@ def test_flop_counts_unchanged_S640_fvcore(variant):
 
 @pytest.mark.parametrize("mode", ["bf16_compile", pytest.param("bf16_weights_compile", marks=pytest.mark.slow)])
 def test_compiled_bf16_rows_close_to_fp32_and_to_eager(mode, one_thread):
-    from study.export.bench_bf16 import compiled
+    from study.bench.bf16 import compiled
 
     model = tiny("eomt")
     _shuffle_weights(model)
@@ -178,7 +178,7 @@ def test_compiled_bf16_rows_close_to_fp32_and_to_eager(mode, one_thread):
 
 def test_unknown_benchmark_mode_is_a_user_error():
     from study.errors import UserError
-    from study.export.bench_bf16 import main
+    from study.bench.bf16 import main
 
     with pytest.raises(UserError, match="--modes"):
         main(["--size", "tiny", "--img-size", "32", "--modes", "bf16,int8"])
@@ -187,7 +187,7 @@ def test_unknown_benchmark_mode_is_a_user_error():
 def test_attention_variants_agree_with_fp32_sdpa():
     """The bf16 attention alternatives the benchmark times (``--attention``) all compute SDPA: each within 2u
     relative of fp32 SDPA (measured 1.7e-3 to 4.4e-3 at EoMT-S's shape), and not bitwise (bf16 ran)."""
-    from study.export.bench_bf16 import attention_variants
+    from study.bench.bf16 import attention_variants
 
     steps, ref = attention_variants(tokens=37, heads=2, head_dim=16, chunk=16)  # three chunks, the last short
     assert set(steps) == {"sdpa", "sdpa_math", "matmul_softmax_bf16", "matmul_softmax_fp32", "chunked_16"}
@@ -198,7 +198,7 @@ def test_attention_variants_agree_with_fp32_sdpa():
 
 
 def test_benchmark_prints_the_attention_table(capsys):
-    from study.export.bench_bf16 import main
+    from study.bench.bf16 import main
 
     assert main(["--size", "tiny", "--img-size", "32", "--rounds", "1", "--threads", "1", "--top", "0",
                  "--modes", "bf16", "--attention"]) == 0

@@ -124,12 +124,13 @@ def test_compiled_training_step_gives_eager_losses(monkeypatch):
 
 
 def test_frozen_rows_equal_eager_and_really_freeze_whatever_compiled_before():
-    """``study bench``'s ``freeze`` rows (study/bench/speed.py ``compiled`` with freezing): the output equals
+    """``study bench``'s ``freeze`` rows (study/bench/runtimes.py ``compiled`` with freezing): the output equals
     eager within 1e-4, and the parameters really are constants of the graph (an in-place change of a weight
     after the first call does not move a frozen row's output, and does move a plain compiled row's), also when a
     plain compiled row of the same model ran first in the process: with freezing as a config patch alone, the
     frozen row then reused the unfrozen graph (its output moved by the whole change)."""
-    from study.bench.speed import SpeedProtocol, pytorch_runner
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.runtimes import pytorch_runner
 
     model = tiny("eomt").eval()
     x = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from study.bench import limit, speed
+from study.bench import limit, speed, stats, timing
+from study.bench.protocol import SpeedProtocol
 from study.bench.limit import MatmulProbe, limit_fields, probe_shapes
 from study.models.build import build_model
 from study.models.config import ModelConfig
@@ -57,7 +58,7 @@ def test_the_interval_resamples_rounds_with_row_and_probe_paired():
     probe = _probe((4, 8, 16), 1)
     factor = np.random.default_rng(0).uniform(1, 4, size=15)
     row, probe_times = list(2e-3 * factor), list(1e-3 * factor)
-    boot = speed._bootstrap_medians([row, probe_times], 500, 0)
+    boot = stats.bootstrap_medians([row, probe_times], 500, 0)
     out = limit_fields(row, [(probe, probe_times, 1)], gflops=1e-6, batch=1, boot=boot, row=0)
     lo, hi = out["limit_ratio_ci"]
     assert lo == pytest.approx(out["limit_ratio"]) and hi == pytest.approx(out["limit_ratio"])
@@ -80,7 +81,7 @@ def test_probes_run_in_the_same_rounds_sized_to_the_forward(monkeypatch):
     """Two rows, fp32 50 ms and bf16 80 ms a forward; a probe call takes 1 ms (fp32) or 0.5 ms (bf16) on the
     stand-in clock. Each precision has two probes, each sized to half its rows' forward: 25 and 80 calls."""
     clock, log = FakeClock(), []
-    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(timing, "_clock", clock)
     cost = {"fp32": 1e-3, "bf16": 5e-4}
     forward = {"fp32": 0.05, "bf16": 0.08}
 
@@ -89,13 +90,13 @@ def test_probes_run_in_the_same_rounds_sized_to_the_forward(monkeypatch):
         clock.now += cost[self.precision]
 
     monkeypatch.setattr(MatmulProbe, "call", call)
-    base = speed.SpeedProtocol(device="cpu", warmup=1, iters=3).resolved()
+    base = SpeedProtocol(device="cpu", warmup=1, iters=3).resolved()
     entries = []
     for prec in ("fp32", "bf16"):
         def run(_inputs, prec=prec):
             log.append(f"row {prec}")
             clock.now += forward[prec]
-        entries.append(speed.Entry(f"row {prec}", run, None, replace(base, precision=prec), gflops=1e-3,
+        entries.append(timing.Entry(f"row {prec}", run, None, replace(base, precision=prec), gflops=1e-3,
                                    limit_shapes=[(2, 3, 4), (5, 5, 5)]))
     rows, _ = speed.time_interleaved(entries, limit=True)
     assert [r["mode"] for r in rows] == ["row fp32", "row bf16"]  # the probes are not rows
@@ -121,7 +122,7 @@ def test_probes_run_in_the_same_rounds_sized_to_the_forward(monkeypatch):
 def test_min_time_counts_the_rows_not_the_probes(monkeypatch):
     """min_time 0.19 s: the 50 ms row needs 4 rounds; its probes (25 ms an iteration) would need 8."""
     clock, log = FakeClock(), []
-    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(timing, "_clock", clock)
 
     def call(self):
         clock.now += 1e-3
@@ -131,8 +132,8 @@ def test_min_time_counts_the_rows_not_the_probes(monkeypatch):
     def run(_inputs):
         log.append("row")
         clock.now += 0.05
-    p = speed.SpeedProtocol(device="cpu", warmup=1, iters=1, min_time=0.19).resolved()
-    (row,), _ = speed.time_interleaved([speed.Entry("r", run, None, p, gflops=1e-3,
+    p = SpeedProtocol(device="cpu", warmup=1, iters=1, min_time=0.19).resolved()
+    (row,), _ = speed.time_interleaved([timing.Entry("r", run, None, p, gflops=1e-3,
                                                     limit_shapes=[(2, 3, 4), (5, 5, 5)])], limit=True)
     assert row["n_iters"] == 4 and "limit_ratio" in row
 
@@ -158,6 +159,6 @@ def test_study_bench_prints_the_limit_of_every_row_and_can_drop_it(capsys):
 def test_an_end_to_end_row_gets_no_limit():
     """Its timed region holds pre- and post-processing, which a forward's matmul limit does not count."""
     model = build_model(ModelConfig(variant="eomt", size="tiny", img_size=64, num_classes=3, num_queries=5))
-    p = speed.SpeedProtocol(device="cpu", warmup=1, iters=1, scope="end_to_end", threads=1)
+    p = SpeedProtocol(device="cpu", warmup=1, iters=1, scope="end_to_end", threads=1)
     (row,), _ = speed.time_interleaved([speed.build_entry("e2e", model, 64, p, gflops=1.0)], limit=True)
     assert "limit_ratio" not in row and "end_to_end" in row["limit_skipped"]

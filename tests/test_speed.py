@@ -18,7 +18,8 @@ from conftest import require
 from torch import nn
 from torch.nn import functional as F
 
-from study.bench import speed
+from study.bench import environment, runtimes, speed, stats, timing
+from study.bench.protocol import SpeedProtocol
 from study.errors import UserError
 from study.models.build import build_model
 from study.models.config import ModelConfig
@@ -32,11 +33,11 @@ def test_kernel_taken_is_recorded():
     q = torch.rand(1, 2, 8, 16)
     mask = torch.rand(1, 1, 8, 8) > 0.3
     with torch.no_grad():
-        plain = speed.sdpa_kernels_taken(lambda: F.scaled_dot_product_attention(q, q, q))
-        masked = speed.sdpa_kernels_taken(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
-        none = speed.sdpa_kernels_taken(lambda: q @ q.transpose(-1, -2))
+        plain = environment.sdpa_kernels_taken(lambda: F.scaled_dot_product_attention(q, q, q))
+        masked = environment.sdpa_kernels_taken(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+        none = environment.sdpa_kernels_taken(lambda: q @ q.transpose(-1, -2))
     assert plain == {"aten::_scaled_dot_product_flash_attention_for_cpu": 1}
-    assert set(masked) <= set(speed.SDPA_KERNELS) and sum(masked.values()) == 1
+    assert set(masked) <= set(environment.SDPA_KERNELS) and sum(masked.values()) == 1
     assert none == {}
 
 
@@ -50,7 +51,7 @@ def test_kernel_recording_drops_the_profilers_notices_and_keeps_other_output(cap
         return F.scaled_dot_product_attention(torch.rand(1, 1, 4, 8), torch.rand(1, 1, 4, 8), torch.rand(1, 1, 4, 8))
 
     with torch.no_grad():
-        assert speed.sdpa_kernels_taken(step)
+        assert environment.sdpa_kernels_taken(step)
     err = capfd.readouterr().err
     assert "profiler_start" not in err and "profiler_stop" not in err
     assert "a line the step writes" in err
@@ -58,7 +59,7 @@ def test_kernel_recording_drops_the_profilers_notices_and_keeps_other_output(cap
 
 def test_fps_rows_name_the_kernels_of_the_model():
     """tiny masked EoMT: one SDPA call in each of its 4 blocks (the 2 query blocks with a boolean mask)."""
-    row = speed.measure_fps(_eomt("eomt_masked"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=2))
+    row = speed.measure_fps(_eomt("eomt_masked"), 64, SpeedProtocol(device="cpu", warmup=1, iters=2))
     assert row["sdpa_kernels"] == {"aten::_scaled_dot_product_flash_attention_for_cpu": 4}
     assert "flash_attention_for_cpu x4" in row["attention_kernels"]
     assert row["protocol"]["cudnn_benchmark"] is False and row["sdpa_enabled"].startswith("cpu")
@@ -106,11 +107,11 @@ class FakeCuda:
 def test_cuda_timing_happens_on_the_measured_device(monkeypatch):
     fake = FakeCuda()
     monkeypatch.setattr(speed.torch, "cuda", fake)
-    monkeypatch.setattr(speed, "synchronize", lambda d: fake.synchronize(d))
+    monkeypatch.setattr(timing, "synchronize", lambda d: fake.synchronize(d))
     device = torch.device("cuda", 1)
     seen = []
-    with speed.device_context(device):
-        times = speed.time_iterations(lambda: seen.append(fake.current), device, 3)
+    with timing.device_context(device):
+        times = timing.time_iterations(lambda: seen.append(fake.current), device, 3)
     assert times == [0.005] * 3
     assert seen == [1, 1, 1]  # the step ran with GPU 1 current
     records = [entry for entry in fake.log if entry[0] == "record"]
@@ -122,10 +123,10 @@ def test_cudnn_benchmark_is_on_for_cuda_and_restored():
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        with speed.cudnn_benchmark(torch.device("cuda", 1)):
+        with timing.cudnn_benchmark(torch.device("cuda", 1)):
             assert torch.backends.cudnn.benchmark
         assert torch.backends.cudnn.benchmark is False
-        with speed.cudnn_benchmark(torch.device("cpu")):
+        with timing.cudnn_benchmark(torch.device("cpu")):
             assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -135,7 +136,7 @@ def test_cudnn_benchmark_is_on_for_cuda_and_restored():
 
 
 class FakeClock:
-    """Stands in for speed._clock: time advances only when a stand-in step says how long it took."""
+    """Stands in for timing._clock: time advances only when a stand-in step says how long it took."""
 
     def __init__(self):
         self.now = 0.0
@@ -146,7 +147,7 @@ class FakeClock:
 
 def _entries(durations: dict[str, list[float]], clock: FakeClock, log: list, protocol=None):
     """Entries whose run(inputs) logs its label and advances the clock by the next of its durations (s)."""
-    protocol = (protocol or speed.SpeedProtocol(device="cpu", warmup=1, iters=4)).resolved()
+    protocol = (protocol or SpeedProtocol(device="cpu", warmup=1, iters=4)).resolved()
     out = []
     for label, seq in durations.items():
         it = iter(seq)
@@ -155,15 +156,15 @@ def _entries(durations: dict[str, list[float]], clock: FakeClock, log: list, pro
             log.append(label)
             clock.now += next(it, last)
 
-        out.append(speed.Entry(label, run, None, protocol))
+        out.append(timing.Entry(label, run, None, protocol))
     return out
 
 
 def test_rounds_interleave_every_row_with_a_rotating_start(monkeypatch):
     clock, log = FakeClock(), []
-    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(timing, "_clock", clock)
     entries = _entries({"a": [0.01], "b": [0.01], "c": [0.01]}, clock, log)
-    times, _ = speed.time_rounds(entries, torch.device("cpu"), warmup=1, iters=4)
+    times, _ = timing.time_rounds(entries, torch.device("cpu"), warmup=1, iters=4)
     assert log[:3] == ["a", "b", "c"]  # the warm-up round
     rounds = [log[3 + 3 * r: 6 + 3 * r] for r in range(4)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
@@ -172,16 +173,16 @@ def test_rounds_interleave_every_row_with_a_rotating_start(monkeypatch):
 
 def test_min_time_adds_rounds_until_every_row_has_it(monkeypatch):
     clock, log = FakeClock(), []
-    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(timing, "_clock", clock)
     entries = _entries({"fast": [1 / 64], "slow": [1 / 8]}, clock, log)
-    times, _ = speed.time_rounds(entries, torch.device("cpu"), warmup=0, iters=2, min_time=0.5)
+    times, _ = timing.time_rounds(entries, torch.device("cpu"), warmup=0, iters=2, min_time=0.5)
     # the fast row needs 32 iterations of 1/64 s; the slow one comes along in the same rounds
     assert len(times[0]) == len(times[1]) == 32
 
 
 def test_median_statistics_ignore_an_outlier_and_fps_counts_the_batch():
     times = [0.010] * 19 + [1.0]
-    s = speed.summarize(times, batch=2)
+    s = stats.summarize(times, batch=2)
     assert s["ms_median"] == pytest.approx(10.0) and s["fps"] == pytest.approx(200.0)  # 2 images / 10 ms
     assert s["ms_mean"] == pytest.approx((19 * 10 + 1000) / 20) and s["n_iters"] == 20
     assert s["ms_p5"] == pytest.approx(10.0) and 10.0 < s["ms_p95"] < 1000.0
@@ -191,15 +192,15 @@ def test_ratios_with_intervals_and_a_warning_naming_rows_that_cannot_be_ranked()
     rng = torch.Generator().manual_seed(0)
     noisy = (0.01 * (1 + 0.5 * torch.rand(40, generator=rng))).tolist()
     times = [[0.01] * 40, [0.02] * 40, noisy]
-    ratios = speed.speed_ratios(times, reference=0)
+    ratios = stats.speed_ratios(times, reference=0)
     assert ratios[1] == {"ratio": pytest.approx(0.5), "ci_low": pytest.approx(0.5), "ci_high": pytest.approx(0.5)}
     assert ratios[2]["ci_low"] < ratios[2]["ratio"] < ratios[2]["ci_high"] < 1.0
-    assert speed.unrankable(times, ["a", "b", "c"]) == []  # every pair is apart
+    assert stats.unrankable(times, ["a", "b", "c"]) == []  # every pair is apart
     same_law = (0.01 * (1 + 0.5 * torch.rand(40, generator=rng))).tolist()  # another draw of noisy's law
-    pairs = speed.unrankable([[0.01] * 40, noisy, same_law], ["a", "noisy", "near"])
+    pairs = stats.unrankable([[0.01] * 40, noisy, same_law], ["a", "noisy", "near"])
     assert len(pairs) == 1 and {pairs[0][0], pairs[0][1]} == {"noisy", "near"}
     assert pairs[0][2] <= 1.0 <= pairs[0][3]
-    warning = speed.rank_warning(pairs)
+    warning = stats.rank_warning(pairs)
     assert "noisy" in warning and "near" in warning and "contains 1" in warning and "a vs" not in warning
 
 
@@ -224,7 +225,7 @@ class Nested(nn.Module):
 
 def test_breakdown_comes_from_the_timed_iterations_and_adds_up(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(timing, "_clock", clock)
     model = Nested(clock)
 
     def timed_identity(module, inputs, output):  # every Identity call costs 3 ms
@@ -232,7 +233,7 @@ def test_breakdown_comes_from_the_timed_iterations_and_adds_up(monkeypatch):
 
     for m in (model.inner, model.tail):
         m.register_forward_hook(timed_identity)
-    entry = speed.build_entry("nested", model, 8, speed.SpeedProtocol(device="cpu", warmup=1, iters=3))
+    entry = speed.build_entry("nested", model, 8, SpeedProtocol(device="cpu", warmup=1, iters=3))
     (row,), warning = speed.time_interleaved([entry], breakdown=True)
     parts = row["breakdown_ms"]
     assert parts["outer"] == pytest.approx(3.0) and parts["inner"] == 0.0  # nested: counted once, for outer
@@ -243,7 +244,7 @@ def test_breakdown_comes_from_the_timed_iterations_and_adds_up(monkeypatch):
 
 
 def test_breakdown_of_a_real_model_adds_up_to_its_measured_forward():
-    entry = speed.build_entry("eomt", _eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=2))
+    entry = speed.build_entry("eomt", _eomt("eomt"), 64, SpeedProtocol(device="cpu", warmup=1, iters=2))
     (row,), _ = speed.time_interleaved([entry], breakdown=True)
     parts = row["breakdown_ms"]
     assert set(parts) == {"patch_embed", "blocks_before_queries", "blocks_with_queries",
@@ -266,9 +267,9 @@ def test_a_runtime_times_any_runner_with_the_batch_and_threads_recorded(monkeypa
 
         return run
 
-    monkeypatch.setitem(speed.RUNTIMES, "counting", build)
+    monkeypatch.setitem(runtimes.RUNTIMES, "counting", build)
     before = torch.get_num_threads()
-    p = speed.apply_mode("counting", speed.SpeedProtocol(device="cpu", warmup=1, iters=2, batch=3, threads=1))
+    p = runtimes.apply_mode("counting", SpeedProtocol(device="cpu", warmup=1, iters=2, batch=3, threads=1))
     entry = speed.build_entry("x", _eomt("eomt"), 64, p)
     (row,), _ = speed.time_interleaved([entry], breakdown=True)
     assert seen == {"example": (3, 3, 64, 64), "built_for": "counting", "threads": 1}
@@ -284,7 +285,7 @@ def test_every_row_records_its_environment():
 
     from conftest import REPO
 
-    row = speed.measure_fps(_eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", warmup=1, iters=1))
+    row = speed.measure_fps(_eomt("eomt"), 64, SpeedProtocol(device="cpu", warmup=1, iters=1))
     env = row["env"]
     for key in ("torch", "cuda", "device_name", "precision", "compile_mode", "sdpa_kernel_taken", "threads",
                 "batch", "git_commit"):
@@ -297,32 +298,33 @@ def test_every_row_records_its_environment():
 
 
 def test_modes_and_their_mistakes():
-    base = speed.SpeedProtocol(device="cpu")
-    p = speed.apply_mode("compile+bf16", base)
+    base = SpeedProtocol(device="cpu")
+    p = runtimes.apply_mode("compile+bf16", base)
     assert (p.compile, p.precision, p.runtime) == (True, "bf16", "pytorch")
-    assert speed.apply_mode("eager", p).compile is False
-    frozen = speed.apply_mode("freeze+bf16", base)
+    assert runtimes.apply_mode("eager", p).compile is False
+    frozen = runtimes.apply_mode("freeze+bf16", base)
     assert (frozen.compile, frozen.freezing, frozen.precision) == (True, True, "bf16")
-    assert speed.apply_mode("eager", frozen).resolved().freezing is False  # no freezing without compile
+    assert runtimes.apply_mode("eager", frozen).resolved().freezing is False  # no freezing without compile
     # bench.freezing with modes: the compiled rows freeze, the others are eager rows as asked
-    assert speed.apply_mode("bf16", replace(base, freezing=True)).resolved().freezing is False
-    assert speed.apply_mode("compile", replace(base, freezing=True)).resolved().freezing is True
+    assert runtimes.apply_mode("bf16", replace(base, freezing=True)).resolved().freezing is False
+    assert runtimes.apply_mode("compile", replace(base, freezing=True)).resolved().freezing is True
     with pytest.raises(UserError, match="bench.freezing applies to compiled rows"):
-        speed.SpeedProtocol(device="cpu", freezing=True).resolved()
+        SpeedProtocol(device="cpu", freezing=True).resolved()
     with pytest.raises(UserError, match="unknown word 'fast'"):
-        speed.apply_mode("compile+fast", base)
-    entry = speed.build_entry("c", _eomt("eomt"), 64, speed.SpeedProtocol(device="cpu", compile=True, warmup=0))
+        runtimes.apply_mode("compile+fast", base)
+    entry = speed.build_entry("c", _eomt("eomt"), 64, SpeedProtocol(device="cpu", compile=True, warmup=0))
     with pytest.raises(UserError, match="bench.warmup=0 with torch.compile"):
         speed.time_interleaved([entry])
     with pytest.raises(UserError, match="bench.compile_mode"):
-        speed.SpeedProtocol(compile_mode="fastest").resolved()
+        SpeedProtocol(compile_mode="fastest").resolved()
 
 
 def test_onnxruntime_is_a_runtime_of_the_benchmark_timed_in_the_same_rounds():
     """--modes eager,onnxruntime times ONNX Runtime beside PyTorch (the export is fp32 whatever the
     protocol's precision was; tiny EoMT at 64 px)."""
     require("onnxruntime")
-    from study.bench.speed import SpeedProtocol, apply_mode, build_entry, time_interleaved
+    from study.bench.runtimes import apply_mode
+    from study.bench.speed import build_entry, time_interleaved
     from study.config import load_config
     from study.models.build import build_model
 
@@ -336,12 +338,12 @@ def test_onnxruntime_is_a_runtime_of_the_benchmark_timed_in_the_same_rounds():
 
 
 def test_end_to_end_rows_compile_like_model_rows(monkeypatch):
-    """Both scopes compile through speed.compiled, so a 'freeze' row of bench.scope=end_to_end freezes too
+    """Both scopes compile through runtimes.compiled, so a 'freeze' row of bench.scope=end_to_end freezes too
     (it compiled with plain torch.compile, ignoring bench.freezing)."""
     seen = []
-    monkeypatch.setattr(speed, "compiled", lambda model, mode="default", freezing=False: seen.append(
+    monkeypatch.setattr(runtimes, "compiled", lambda model, mode="default", freezing=False: seen.append(
         (mode, freezing)) or model)
     for scope in ("model", "end_to_end"):
-        p = speed.apply_mode("freeze", speed.SpeedProtocol(device="cpu", scope=scope))
+        p = runtimes.apply_mode("freeze", SpeedProtocol(device="cpu", scope=scope))
         speed.build_entry(scope, _eomt("eomt"), 64, p)
     assert seen == [("default", True), ("default", True)]

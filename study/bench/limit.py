@@ -12,7 +12,7 @@ How the rate is measured (our protocol; issue 11 asks for the rate "measured in 
   tokens) x dim -> 4 dim), and a square 2048 one (8192 on a GPU; a model without a ViT backbone has only
   that one). The limit takes the faster (the stricter limit): at tiny sizes the MLP's product is too small
   for the matrix units' steady rate, at real sizes it was the faster one here;
-- the probes are entries of the same interleaved rounds as the rows (study/bench/speed.py ``time_rounds``),
+- the probes are entries of the same interleaved rounds as the rows (study/bench/timing.py ``time_rounds``),
   so that a noisy spell hits them like the rows;
 - **one iteration of all the probes of a precision lasts about as long as one forward of its rows**: each
   probe's call is repeated ``repeats`` times, calibrated after the warm-up from the median forward (an equal
@@ -24,7 +24,7 @@ How the rate is measured (our protocol; issue 11 asks for the rate "measured in 
   same mixture; what it cannot remove is a run spent mostly in one mode (the README's runs: bf16 probe 330
   to 980 GFLOP/s), which moves every bf16 ratio with it;
 - the ratio's interval resamples whole rounds (the row's and the probe's iteration of one round stay
-  paired), as the speed ratios do (``speed.CI_LEVEL``).
+  paired), as the speed ratios do (``stats.CI_LEVEL``).
 """
 from __future__ import annotations
 

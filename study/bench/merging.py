@@ -21,7 +21,7 @@ merging:
   interleaved: ``--rounds`` rounds, each times ``--iters`` forwards of the plain model then of the merged one
   (the order alternates between rounds), so that drifts of the machine hit both alike; the median images/s over
   the rounds and its spread (min, max) are reported, and the speedup with a 95% bootstrap interval that
-  resamples whole rounds (study/bench/speed.py's ratio interval).
+  resamples whole rounds (study/bench/stats.py's ratio interval).
 
 This is a benchmark: it prints figures and asserts nothing.
 """
@@ -116,7 +116,8 @@ def cost(model, crops: list[torch.Tensor], settings) -> dict:
 def interleaved_fps(model, crops: list[torch.Tensor], settings, batch: int, rounds: int, iters: int,
                     device: str = "auto", precision: str = "auto", warmup: int = 2) -> dict:
     """Images/s of the plain and the merged model, timed in alternating rounds (see the module docstring)."""
-    from study.bench.speed import device_context, speed_ratios, time_iterations
+    from study.bench.stats import speed_ratios
+    from study.bench.timing import device_context, time_iterations
     from study.device import autocast, resolve_device, resolve_precision, synchronize
 
     dev = resolve_device(device)

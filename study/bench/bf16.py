@@ -1,4 +1,4 @@
-"""bf16 on the CPU against its limit: ``python -m study.export.bench_bf16 [--size S] [--img-size 640]``.
+"""bf16 on the CPU against its limit: ``python -m study.bench.bf16 [--size S] [--img-size 640]``.
 
 For each precision mode the forward of one model (EoMT-S at 640 by default, batch 1, no grad) is timed in
 interleaved rounds together with the matmul probes of its precision, the protocol of ``study bench``'s "x limit"
@@ -17,7 +17,7 @@ same two compiled by inductor with freezing (:func:`compiled`). ``--attention`` 
 block's attention in bf16 (:func:`attention_variants`) against fp32 SDPA. Each profile line gives the rate the
 model's own linear layers reached.
 
-Measured with the window probes (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.export.bench_bf16
+Measured with the window probes (1 thread, 2 shared cores, torch 2.14.1), ``python -m study.bench.bf16
 --threads 1 --rounds 11 --modes fp32,bf16,bf16_weights,bf16_compile,bf16_weights_compile --top 0``, twice, a few
 minutes apart (load average 0.7-1.0); median ms, ratio to the limit [95% interval]:
 
@@ -92,10 +92,10 @@ def load() -> float:
 
 
 def compiled(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor], object]:
-    """``model`` compiled for no-grad inference by inductor with freezing (study/bench/speed.py ``compiled``, what
+    """``model`` compiled for no-grad inference by inductor with freezing (study/bench/runtimes.py ``compiled``, what
     ``study bench`` runs for a ``freeze`` mode), under bf16 autocast or not. Compilation happens at the first
     call."""
-    from study.bench.speed import compiled as compile_model
+    from study.bench.runtimes import compiled as compile_model
 
     fn = compile_model(model, freezing=True)
 
@@ -134,9 +134,10 @@ def forwards(model: torch.nn.Module, img_size: int, modes=MODES) -> dict[str, Ca
 
 
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of every step in interleaved rounds (study/bench/speed.py ``time_rounds``: one call of
+    """Seconds per call of every step in interleaved rounds (study/bench/timing.py ``time_rounds``: one call of
     each in turn per round, the start rotating)."""
-    from study.bench.speed import Entry, SpeedProtocol, time_rounds
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.timing import Entry, time_rounds
 
     proto = SpeedProtocol(device="cpu", threads=torch.get_num_threads()).resolved()
     entries = [Entry(name, lambda _inputs, fn=fn: fn(), None, proto) for name, fn in steps.items()]
@@ -183,7 +184,7 @@ def top_ops(step: Callable[[], object], k: int = 8) -> tuple[list[tuple[str, flo
     self CPU ms (the sum over every operator of that same call) and the ms of its linear layers (LINEAR_OPS)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from study.bench.speed import without_profiler_notices
+    from study.bench.environment import without_profiler_notices
 
     with torch.no_grad(), without_profiler_notices(), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -196,7 +197,7 @@ def top_ops(step: Callable[[], object], k: int = 8) -> tuple[list[tuple[str, flo
 def main(argv: list[str] | None = None) -> int:
     from study.device import cpu_threads
 
-    p = argparse.ArgumentParser(prog="python -m study.export.bench_bf16", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m study.bench.bf16", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="eomt")
     p.add_argument("--size", default="S")
     p.add_argument("--img-size", type=int, default=640)
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
 def _measure(a: argparse.Namespace, modes: list[str]) -> int:
     from study.bench.flops import count_flops
     from study.bench.limit import probe_shapes, vit_tokens
-    from study.bench.speed import Entry, SpeedProtocol, time_interleaved
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.speed import time_interleaved
+    from study.bench.timing import Entry
     from study.config import load_config
     from study.models.build import build_model
 
