@@ -36,26 +36,55 @@ def score_panoptic(args) -> int:
 
     t0 = time.perf_counter()
     result = score_panoptic_files(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, args.workers,
-                                  args.categories)
+                                  args.categories, engine=args.engine)
+    result["protocol"] = "standard"
     result["seconds"] = time.perf_counter() - t0
     print(format_table(result, result["categories"], per_class=not args.no_per_class))
-    print(f"{result['num_images']} images in {result['seconds']:.2f} s")
+    print(f"{result['num_images']} images in {result['seconds']:.2f} s (engine {args.engine}, standard protocol: "
+          f"panopticapi's)")
+    if args.protocol == "official":
+        result["official"] = _official_panoptic(args, result["categories"])
+        print("\nthe paper's protocol (official EoMT code: torchmetrics PanopticQuality, mean over every class):")
+        print(format_table(result["official"], result["categories"], per_class=False))
     _write(args, result)
     return 0
 
 
-def score_instance(args) -> int:
-    from study.eval.coco_ap import evaluate_masks, format_table
-    from study.eval.pq_files import read_json
+def _official_panoptic(args, categories: list[dict]) -> dict:
+    from pathlib import Path
 
-    gt = read_json(args.gt_json, "ground-truth JSON")
-    pred = read_json(args.pred_json, "prediction JSON")
-    if isinstance(pred, dict) and "annotations" in pred:  # a full COCO dict instead of a results list
-        pred = pred["annotations"]
-    if not isinstance(pred, list):
-        raise UserError(f"prediction JSON {args.pred_json} must hold a list of COCO results")
-    result = evaluate_masks(gt, pred)
-    print(format_table(result, gt.get("categories", []), per_class=not args.no_per_class))
+    from study.eval.pq_files import pair_annotations, read_json
+    from study.eval.protocol import official_pq_files
+
+    gt, pred = read_json(args.gt_json, "ground-truth JSON", dict), read_json(args.pred_json, "prediction JSON", dict)
+    gt_dir = Path(args.gt_dir) if args.gt_dir else Path(str(args.gt_json)[:-len(".json")])
+    pred_dir = Path(args.pred_dir) if args.pred_dir else Path(str(args.pred_json)[:-len(".json")])
+    return official_pq_files(pair_annotations(gt, pred, str(args.gt_json), str(args.pred_json)), categories, gt_dir,
+                             pred_dir, args.workers)
+
+
+def score_instance(args) -> int:
+    from study.eval.coco_ap import format_table, score_instance_files
+
+    t0 = time.perf_counter()
+    result = score_instance_files(args.gt_json, args.pred_json, engine=args.engine)
+    result["protocol"] = "standard"
+    result["seconds"] = time.perf_counter() - t0
+    print(format_table(result, result["categories"], per_class=not args.no_per_class))
+    print(f"scored in {result['seconds']:.2f} s (engine {args.engine}, standard protocol: pycocotools')")
+    if args.protocol == "official":
+        from study.eval.coco_ap import prepare_ground_truth
+        from study.eval.pq_files import read_json
+        from study.eval.protocol import official_ap
+
+        pred = read_json(args.pred_json, "prediction JSON", (dict, list))
+        pred = pred["annotations"] if isinstance(pred, dict) else pred
+        official = official_ap(prepare_ground_truth(read_json(args.gt_json, "ground-truth JSON", dict)), pred,
+                               engine=args.engine, where=f"prediction JSON {args.pred_json}")
+        official.pop("summary", None)
+        result["official"] = official
+        print("\nthe paper's protocol (official EoMT code: torchmetrics MeanAveragePrecision, segm):")
+        print(format_table(official, [], per_class=False))
     _write(args, result)
     return 0
 
@@ -66,9 +95,10 @@ def score_semantic(args) -> int:
     result = score_semantic_dirs(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index,
                                  args.label_offset, args.pred_label_offset)
     names = Path(args.class_names).read_text().split("\n") if args.class_names else None
-    result["reported"] = "miou_all_classes" if args.average == "all" else "miou"
+    result["reported"] = "miou_all_classes" if args.average == "all" or args.protocol == "official" else "miou"
+    result["protocol"] = args.protocol  # official: torchmetrics MulticlassJaccardIndex's mean over all classes
     print(format_table(result, [n.strip() for n in names] if names else None, per_class=not args.no_per_class))
-    print(f"reported mIoU ({'all classes, ADE20K official' if args.average == 'all' else 'classes present'}): "
+    print(f"reported mIoU ({'all classes' if result['reported'] == 'miou_all_classes' else 'classes present'}): "
           f"{100 * result[result['reported']]:.2f}")
     _write(args, result)
     return 0
@@ -133,7 +163,15 @@ def register(subparsers) -> None:
                                   description="Score predictions stored in the official file formats.")
     kinds = score.add_subparsers(dest="kind", required=True, metavar="KIND")
 
-    def common(p):
+    def common(p, engines=None):
+        from study.eval.engines import DEFAULT_ENGINE
+
+        if engines:
+            p.add_argument("--engine", choices=engines, default=DEFAULT_ENGINE,
+                           help=f"implementation that scores (default {DEFAULT_ENGINE}; all give the same numbers)")
+        p.add_argument("--protocol", choices=("standard", "official"), default="standard",
+                       help="official: also report the paper's protocol (the official EoMT code's torchmetrics "
+                            "metrics; docs/scoring.md)")
         p.add_argument("--json", help="also write the numbers to this JSON file")
         p.add_argument("--no-per-class", action="store_true", help="print only the summary")
 
@@ -144,15 +182,16 @@ def register(subparsers) -> None:
     p.add_argument("--pred-dir", help="prediction PNG folder (default: the prediction JSON path without .json)")
     p.add_argument("--categories", help="JSON with the categories, when the GT JSON does not hold them "
                                         "(e.g. panoptic_coco_categories.json)")
-    p.add_argument("--workers", type=int, default=0, help="threads reading and scoring images (0: all cores)")
-    common(p)
+    p.add_argument("--workers", type=int, default=0, help="threads of the 'ours' engine and of the official "
+                                                          "protocol (0: all cores)")
+    common(p, ("hotcoco", "panopticapi", "ours"))
     p.set_defaults(func=score_panoptic)
 
-    p = kinds.add_parser("instance", help="mask AP with pycocotools (12 summary numbers as 'stats')")
+    p = kinds.add_parser("instance", help="mask AP, pycocotools' protocol (12 summary numbers as 'stats')")
     p.add_argument("--gt-json", required=True, help="COCO instance ground truth")
     p.add_argument("--pred-json", required=True, help="COCO results: list of image_id, category_id, "
                                                       "segmentation (RLE), score")
-    common(p)
+    common(p, ("hotcoco", "pycocotools", "faster-coco-eval"))
     p.set_defaults(func=score_instance)
 
     p = kinds.add_parser("semantic", help="mIoU of label PNGs (classes present; ADE20K all-classes too)",
@@ -186,7 +225,30 @@ def register(subparsers) -> None:
     p.add_argument("--json", help="also write the result here (default: recorded in the run folder of the "
                                   "checkpoint, else beside it as eval_<task>_<split>.json)")
     config_flag(p, "--max-images", "eval.max_images", type=int, metavar="N", help="score only the first N images")
+    config_flag(p, "--protocol", "eval.protocol", type=str, metavar="NAME",
+                help="official: also report the paper's protocol (docs/scoring.md); eval.protocol")
+    config_flag(p, "--engine", "eval.engine", type=str, metavar="NAME",
+                help="segm AP engine: hotcoco (default), pycocotools, faster-coco-eval; eval.engine")
     p.add_argument("--masked", choices=("on", "off"), default=None,
                    help="masked attention at inference (default: the model variant's setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
+
+
+def main(argv=None) -> int:
+    """``python -m study.eval.cli score ...``: the scoring commands without the rest of ``study``'s imports."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m study.eval.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,6 +48,12 @@ class EvalConfig:
     max_images: Optional[int] = None
     # Write predictions in the official formats under this folder (None: do not export).
     export_dir: Optional[str] = None
+    # The scoring engine of segm AP (study/eval/engines.py): hotcoco, pycocotools or faster-coco-eval, equal
+    # numbers. Panoptic PQ during evaluation streams through our accumulator (hotcoco reads only files).
+    engine: str = "hotcoco"
+    # standard (panopticapi / pycocotools / mIoU over classes present), or official: the paper's protocol
+    # (study/eval/protocol.py) reported beside the standard one.
+    protocol: str = "standard"
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on the CPU), fp32, bf16, fp16
 
@@ -73,5 +79,9 @@ class EvalConfig:
             raise bad("top_k", "must be >= 1")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise bad("precision", "must be auto, fp32, bf16 or fp16")
+        if self.engine not in ("hotcoco", "pycocotools", "faster-coco-eval"):
+            raise bad("engine", "must be hotcoco, pycocotools or faster-coco-eval")
+        if self.protocol not in ("standard", "official"):
+            raise bad("protocol", "must be standard or official")
         if self.max_images is not None and self.max_images < 1:
             raise bad("max_images", "must be >= 1")

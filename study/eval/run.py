@@ -34,13 +34,15 @@ from study.config import Config, to_dict
 from study.data.types import DatasetInfo, Sample
 from study.device import resolve_device, resolve_precision
 from study.errors import UserError
-from study.eval.coco_ap import encode_mask, evaluate_masks
+from study.eval.coco_ap import encode_mask, evaluate_masks, prepare_ground_truth
 from study.eval.config import EvalConfig
 from study.eval.export import InstanceExporter, PanopticExporter, SemanticExporter
 from study.eval.inference import iter_windowed, padded_forward, windowed_forward
 from study.eval.miou import ConfusionMatrix
 from study.eval.postprocess import instance_topk_chunks, panoptic_merge_chunks
+from study.eval.engines import describe
 from study.eval.pq import PQAccumulator
+from study.eval.protocol import OfficialPQ, official_ap
 from study.runs import RunDir, step_settings
 
 
@@ -147,6 +149,7 @@ class PanopticEvaluator(TaskEvaluator):
     def __init__(self, info: DatasetInfo, settings: EvalConfig):
         super().__init__(info, settings)
         self.pq = PQAccumulator(self.categories)
+        self.official = OfficialPQ(self.categories) if settings.protocol == "official" else None
         self.exporter = PanopticExporter(settings.export_dir) if settings.export_dir else None
 
     def consume(self, samples, pred) -> None:
@@ -159,11 +162,17 @@ class PanopticEvaluator(TaskEvaluator):
             ids = r.ids.cpu().numpy()
             gt_ids, gt_segs = panoptic_ground_truth(s, info)
             self.pq.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
+            if self.official is not None:
+                self.official.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
             if self.exporter:
                 self.exporter.add(s.image_id, s.file_name, ids, segs)
 
     def summarise(self) -> dict:
-        out = self.pq.summary()
+        # PQ streams through our accumulator (equal to panopticapi and hotcoco: tests/test_engines_parity.py);
+        # hotcoco's PQ reads only JSON and PNG folders.
+        out = {**self.pq.summary(), **describe("ours", "standard")}
+        if self.official is not None:
+            out["official"] = self.official.summary()
         if self.exporter:
             out["exported"] = str(self.exporter.finish(self.categories))
         return out
@@ -197,11 +206,15 @@ class InstanceEvaluator(TaskEvaluator):
                 self.exporter.add(res)
 
     def summarise(self) -> dict:
-        if self.official_json is not None:
-            out = {"ground_truth": str(self.official_json),
-                   **evaluate_masks(_official_instance_gt(self.official_json, self.image_ids), self.results)}
-        else:
-            out = {"ground_truth": "sample masks", **evaluate_masks(self.gt.gt, self.results)}
+        engine = self.settings.engine
+        gt = _official_instance_gt(self.official_json, self.image_ids) if self.official_json is not None else self.gt.gt
+        gt = prepare_ground_truth(gt)
+        out = {"ground_truth": str(self.official_json) if self.official_json is not None else "sample masks",
+               **evaluate_masks(gt, self.results, prepared=True, engine=engine), **describe(engine, "standard")}
+        if self.settings.protocol == "official":
+            official = official_ap(gt, self.results, engine=engine)
+            official.pop("summary", None)
+            out["official"] = official
         if self.exporter:
             out["exported"] = str(self.exporter.finish())
         return out
@@ -229,7 +242,9 @@ class SemanticEvaluator(TaskEvaluator):
                 self.exporter.add(s.image_id, s.file_name, np.asarray(self.info.category_ids)[pred])
 
     def summarise(self) -> dict:
-        out = self.cm.summary()
+        out = {**self.cm.summary(), **describe("ours", "standard")}
+        if self.settings.protocol == "official":  # torchmetrics MulticlassJaccardIndex, mean over all classes
+            out["official"] = {"protocol": "official", "miou": out["miou_all_classes"]}
         if self.exporter:  # one PNG per image, written as it goes
             out["exported"] = str(self.exporter.png_dir)
         return out
