@@ -154,7 +154,7 @@ def test_failure_keeps_the_written_checkpoint(tmp_path, synthetic_root):
     assert run.status()["state"] == "failed" and "png" in run.status()["error"]
 
 
-# ---- the step, the state, the device (study.train.loop.run_step, study.train.state)
+# ---- the step, the state, the device (study.train.trainer.run_step, study.train.state)
 
 def _trainer(root, tmp_path, *extra):
     from study.device import ProcessEnv
@@ -186,11 +186,11 @@ def test_logged_loss_is_the_mean_over_micro_batches(tmp_path, synthetic_root):
 
 
 def test_one_host_read_per_step(tmp_path, synthetic_root, monkeypatch):
-    """The trainer's own code leaves a step's numbers on the device in run_step, and log_values reads them
-    with one tolist() (the loss and matcher have their own reads, not counted here)."""
+    """The trainer's own code (study/train/trainer.py) leaves a step's numbers on the device in run_step, and
+    log_values reads them with one tolist() (the loss and matcher have their own reads, not counted here)."""
     import sys
 
-    import study.train.loop as loop
+    import study.train.trainer as core
     from study.train.loop import batches, log_values, run_step
 
     tr = _trainer(synthetic_root, tmp_path, "train.max_steps=3")
@@ -201,7 +201,7 @@ def test_one_host_read_per_step(tmp_path, synthetic_root, monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def read(self, *args):
-            if sys._getframe(1).f_code.co_filename == loop.__file__:
+            if sys._getframe(1).f_code.co_filename == core.__file__:
                 reads.append(name)
             return original(self, *args)
         return read

@@ -6,6 +6,7 @@ modules (``loss.py``, ``optim.py``, ``schedules.py``) take plain arguments; ``bu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -80,6 +81,15 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 1000  # optimiser steps between checkpoints (and always at the end)
     tensorboard: bool = True  # also log to TensorBoard (the CSV log is always written)
+    # ---- following a run (our choices; docs/training.md). A line to stdout and logs/train.log every log_every
+    # steps or log_every_s seconds, whichever comes first (0 turns that criterion off; the first and last step
+    # are always logged).
+    log_every: int = 0
+    log_every_s: float = 30.0
+    # Evaluation during training every eval_every optimiser steps (0 = off), on eval.split with the eval
+    # section's settings, at most eval_max_images images (None: eval.max_images); metrics.json's eval_history.
+    eval_every: int = 0
+    eval_max_images: Optional[int] = None
 
     def total_steps(self, batches_per_epoch: Optional[int] = None) -> int:
         """T: ``epochs * batches_per_epoch`` (optimiser steps) when ``epochs`` is set, else ``max_steps``."""
@@ -96,6 +106,17 @@ class TrainConfig:
             raise UserError(f"train.epochs must be >= 1 (or null), got {self.epochs}")
         if self.batch_size < 1:
             raise UserError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        for key in ("log_every", "eval_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"train.{key} must be a whole number of steps >= 0 (0 = off), got {value!r}")
+        if isinstance(self.log_every_s, bool) or not isinstance(self.log_every_s, (int, float)) \
+                or not math.isfinite(self.log_every_s) or self.log_every_s < 0:
+            raise UserError(f"train.log_every_s must be a finite number of seconds >= 0 (0 = off), got "
+                            f"{self.log_every_s!r}")
+        if self.eval_max_images is not None and (isinstance(self.eval_max_images, bool) or self.eval_max_images < 1):
+            raise UserError(f"train.eval_max_images must be >= 1 (or null for eval.max_images), got "
+                            f"{self.eval_max_images!r}")
         if self.checkpoint_every < 1:
             raise UserError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.accumulate is not None and self.accumulate < 1:

@@ -23,7 +23,7 @@ from study.errors import UserError
 from study.io import atomic_torch_save
 
 if TYPE_CHECKING:
-    from study.train.loop import Trainer
+    from study.train.trainer import Trainer
 
 
 def rng_state(device: torch.device) -> dict:
