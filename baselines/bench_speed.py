@@ -9,17 +9,21 @@ interleaved rounds, eval mode, no_grad, warm-up, FPS from the median iteration),
 bootstrap interval, then the per-component breakdown (ms) of the same timed iterations.
 Part 2: our pixel decoder and Transformer decoder against HF's ``Mask2FormerPixelDecoder`` and
 ``Mask2FormerTransformerModule`` (+ class predictor) with the same weights on the same inputs (the features an
-S-size adapter gives at the input size); the largest output difference is reported next to the times.
+S-size adapter gives at the input size), each pair timed with the same protocol (ours and HF's in the same
+interleaved rounds, medians, HF/ours with its bootstrap interval); the largest output difference is reported
+next to the times.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import replace
 
 import torch
 
-from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
+from study.bench.protocol import SpeedProtocol
+from study.bench.speed import build_entry, time_interleaved
+from study.bench.timing import Entry
 from study.models.build import build_model, table1_rows
 from study.models.config import ModelConfig
 
@@ -39,19 +43,20 @@ def bench_rows(size: str, img: int, protocol: SpeedProtocol) -> tuple[list[dict]
     return rows, warning
 
 
-def _time(fn, warmup: int, iters: int) -> float:
-    """Mean milliseconds of ``fn()`` after ``warmup`` calls."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-    return 1000 * (time.perf_counter() - t0) / iters
+def time_pair(ours, theirs, protocol: SpeedProtocol) -> tuple[dict, dict]:
+    """Our and HF's callables timed in the same interleaved rounds under ``protocol`` (on the CPU in fp32, one
+    input: the callables run as given, no autocast); their result rows, HF's the reference of the ratio (so
+    ours' ``ratio`` is HF's median time over ours)."""
+    p = replace(protocol, device="cpu", precision="fp32", compile=False, freezing=False, batch=1).resolved()
+    entries = [Entry(label, lambda _inputs, fn=fn: fn(), None, p, no_breakdown="a part, not a model")
+               for label, fn in (("ours", ours), ("hf", theirs))]
+    (mine, hf), _ = time_interleaved(entries, reference=1)
+    return mine, hf
 
 
-def bench_against_hf(in_dim: int, img: int, warmup: int, iters: int) -> list[dict]:
-    """Our pixel decoder and decoder vs HF's, same weights, same inputs (Mask2Former's default widths)."""
+def bench_against_hf(in_dim: int, img: int, protocol: SpeedProtocol) -> list[dict]:
+    """Our pixel decoder and decoder vs HF's, same weights, same inputs (Mask2Former's default widths), on the
+    CPU, timed with ``protocol`` (:func:`time_pair`)."""
     from transformers.models.mask2former import modeling_mask2former as m2f
 
     from baselines.config import BaselineConfig
@@ -96,10 +101,11 @@ def bench_against_hf(in_dim: int, img: int, warmup: int, iters: int) -> list[dic
     results = []
     for part, ours, theirs, err in (("pixel_decoder", lambda: ours_pd(fmap), lambda: hf_pd(feats), pd_err),
                                     ("decoder", our_decoder, hf_decoder, dec_err)):
-        ms_theirs = _time(theirs, warmup, iters)
-        ms_ours = _time(ours, warmup, iters)
-        results.append(dict(kind="hf", part=part, in_dim=in_dim, img_size=img, ms_ours=ms_ours, ms_hf=ms_theirs,
-                            speedup=ms_theirs / ms_ours, max_abs_diff=err))
+        mine, hf = time_pair(ours, theirs, protocol)
+        results.append(dict(kind="hf", part=part, in_dim=in_dim, img_size=img, ms_ours=mine["ms_median"],
+                            ms_hf=hf["ms_median"], n_iters=mine["n_iters"], speedup=mine["ratio"],
+                            speedup_ci=mine["ratio_ci"], max_abs_diff=err, protocol=mine["protocol"],
+                            env=mine["env"]))
     return results
 
 
@@ -134,12 +140,13 @@ def main(argv=None) -> None:
             print(warning)
     if not args.skip_hf:
         in_dim = 384  # ViT-S width: the features our S-size pixel decoder reads
-        hf = bench_against_hf(in_dim, args.img_size, args.warmup, args.iters)
+        hf = bench_against_hf(in_dim, args.img_size, protocol)
         out += hf
         print(f"\n== ours vs Hugging Face Mask2Former, same weights, inputs of width {in_dim} at {args.img_size}")
         for r in hf:
-            print(f"{r['part']:14s} ours {r['ms_ours']:8.1f} ms   HF {r['ms_hf']:8.1f} ms   "
-                  f"HF/ours {r['speedup']:.2f}x   max |diff| {r['max_abs_diff']:.1e}")
+            print(f"{r['part']:14s} ours {r['ms_ours']:8.1f} ms   HF {r['ms_hf']:8.1f} ms   (medians of {r['n_iters']})  "
+                  f"HF/ours {r['speedup']:.2f}x [{r['speedup_ci'][0]:.2f}-{r['speedup_ci'][1]:.2f}]   "
+                  f"max |diff| {r['max_abs_diff']:.1e}")
     if args.json:
         with open(args.json, "a") as f:
             for r in out:
