@@ -280,6 +280,23 @@ def test_a_runtime_times_any_runner_with_the_batch_and_threads_recorded(monkeypa
     assert row["fps"] == pytest.approx(3000 / row["ms_median"])
 
 
+def test_measure_fps_is_one_row_with_the_breakdown_where_the_row_can_give_one(monkeypatch):
+    """measure_fps, the one way to time a single model (the pipeline's bench step): an eager row's breakdown
+    adds up to its measured forward; a row that cannot give one (another runtime: no module hooks) has no
+    breakdown keys rather than an empty breakdown; neither row carries the ratio fields of a group."""
+    model = _eomt("eomt")
+    eager = speed.measure_fps(model, 64, SpeedProtocol(device="cpu", warmup=1, iters=2, threads=1), breakdown=True)
+    parts = eager["breakdown_ms"]
+    assert set(parts) == set(model.components()) | {"other", "total"}
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], rel=1e-9)
+    assert parts["total"] == pytest.approx(eager["ms_mean"], rel=1e-9)  # the same timed iterations
+    monkeypatch.setitem(runtimes.RUNTIMES, "plain", lambda m, example, p: (lambda inputs: m(inputs)))
+    other = speed.measure_fps(model, 64, SpeedProtocol(device="cpu", warmup=1, iters=2, threads=1, runtime="plain"),
+                              breakdown=True)
+    assert "breakdown_ms" not in other and other["env"]["runtime"] == "plain" and other["n_iters"] == 2
+    assert not {"mode", "ratio", "ratio_ci", "ratio_to"} & (set(eager) | set(other))
+
+
 def test_every_row_records_its_environment():
     import subprocess
 
