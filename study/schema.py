@@ -192,7 +192,7 @@ def _convert(value: Any, tp: Any, key: str, origin: dict) -> Any:
     """Check ``value`` against type ``tp``; return it converted (lists to tuples, dicts to dataclasses)."""
 
     def fail(why: str = "") -> ConfigError:
-        src = origin.get(key, "defaults")
+        src = origin.get(key) or origin.get(re.sub(r"\[\d+\]", "", key), "defaults")  # a list item: its list's
         msg = f"config key '{key}' (from {src}) must be {_type_name(tp)}, got {value!r}"
         return ConfigError(msg + (f": {why}" if why else ""))
 

@@ -130,7 +130,7 @@ def test_cli_flags_set_model_keys(tmp_path, capsys, one_thread):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"model:\n  size: tiny\n  num_classes: {CLASSES}\n  num_queries: {QUERIES}\n")
     out = tmp_path / "sfp.onnx"
-    assert main(["export", str(config), "--variant", "eomt_masked", "--img-size", "32", str(out), "--no-verify"]) == 0
+    assert main(["export", str(config), "--variant", "eomt_masked", "--img-size", "32", str(out), "--no-verify", "--random-weights"]) == 0
     assert "eomt_masked (tiny, 32px" in capsys.readouterr().out
     graph = onnx.load(out).graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]

@@ -172,6 +172,14 @@ def test_dry_run_checks_the_files_a_run_names(tmp_path, synthetic_root, capsys):
     assert main(["launch", str(path), "--dry-run"]) == 2
     assert f"model.init_from {tmp_path / 'coco_run'} is not an existing file or run folder" in capsys.readouterr().err
     (tmp_path / "coco_run").mkdir()
+    assert main(["launch", str(path), "--dry-run"]) == 2  # a folder, but no trained run in it
+    assert "is a folder but not a trained run: it has no checkpoints/model_final.pt" in capsys.readouterr().err
+    final = tmp_path / "coco_run" / "checkpoints" / "model_final.pt"
+    final.parent.mkdir()
+    final.write_bytes(b"")  # a 0-byte weights file: opened, refused (it used to pass: it existed)
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    assert f"model.init_from {tmp_path / 'coco_run'} does not load" in capsys.readouterr().err
+    torch.save({"w": torch.zeros(2)}, final)
     assert main(["launch", str(path), "--dry-run"]) == 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from study.errors import UserError
 from study.flags import add_set_flag, config_flag
 
 FORMATS = ("onnx",)
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "study/export/onnx.py for why")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 16 at least)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check after export")
+    p.add_argument("--random-weights", action="store_true",
+                   help="export without trained weights (random heads; for testing a deployment path only)")
     p.set_defaults(func=run)
 
 
@@ -50,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     m = cfg.model
+    if not (m.checkpoint or args.random_weights):
+        raise UserError(f"no trained weights: give --checkpoint PATH (a run's checkpoints/model_final.pt) or "
+                        f"model.checkpoint in {args.config}; --random-weights exports an untrained model on purpose")
     model = build_model(m).eval()
     t0 = time.perf_counter()
     out = ox.export_onnx(model, Path(args.output), m.img_size, exporter=args.exporter,

@@ -99,15 +99,18 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, *, exporter: 
         raise UserError(f"ONNX opset {opset} (--opset) has no GridSample (the deformable attention needs 16+); "
                         f"use {DEFAULT_OPSET}")
     onnx = _require("onnx")
-    from study.io import atomic_write
+    from study.io import atomic_write, refuse_foreign
 
     check_exportable(model)
     param = next(model.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     model = model.eval().cpu()
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
+    refuse_foreign(path)  # before the export's minutes: a file the suite did not write is never replaced
     wrapper = FinalPrediction(model).eval()
     images = example_images(img_size)
-    path = Path(path)
 
     def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
@@ -132,7 +135,7 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, *, exporter: 
 
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        atomic_write(path, write, lambda: size)
+        atomic_write(path, write, lambda: size, guard=True)
     finally:
         model.to(home)
     return path

@@ -8,7 +8,7 @@ from study.errors import UserError
 from study.flags import add_set_flag, config_flag, csv
 
 # Columns of the status table (those present), after the run's changes from the grid's base.
-_SHOWN = ["state", "step", "total_steps", "PQ", "AP", "mIoU", "params_M", "GFLOPs", "FPS", "job_id", "error"]
+_SHOWN = ["state", "step", "total_steps", "PQ", "AP", "mIoU", "params_M", "GFLOPs", "FPS", "FPS_trusted", "job_id", "error"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +53,14 @@ def run_launch(args: argparse.Namespace) -> int:
     steps = check_steps(steps.pop())
     grid_dir = Path(runs[0].config.output_dir)
     print(f"study launch: grid '{name}', {len(runs)} runs in {grid_dir} (steps: {', '.join(steps)})")
+    if any(r.config.launch.cluster == "slurm" for r in runs):
+        from study.launch.submit import check_slurm, executor_settings
+
+        sbatch = check_slurm()  # a clear line when Slurm is missing, before anything is written
+        if args.dry_run:
+            for launch_cfg in {repr(r.config.launch): r.config.launch for r in runs}.values():
+                settings = ", ".join(f"{k}={v}" for k, v in executor_settings(launch_cfg, name).items())
+                print(f"  sbatch ({sbatch}): {settings}")
     submitted = launch(runs, grid_dir, steps, dry_run=args.dry_run)
     counts: dict[str, int] = {}
     for s in submitted:
@@ -61,16 +69,20 @@ def run_launch(args: argparse.Namespace) -> int:
             job = f"job {s.job.job_id}"
         elif s.ran:
             job = "failed here" if s.error else "ran here"
+        elif s.action == "damaged":
+            job = f"not submitted: {s.error}"
         else:
             job = {"skip": "complete", "active": "its job is still queued or running"}.get(s.action, "dry run")
         print(f"  {s.action:<7}{Path(s.run.folder).name:<30}{_changes(s.run.changes):<50} {job}")
     print("  " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    damaged = counts.get("damaged", 0)
     if args.dry_run:
-        return 0
+        return 1 if damaged else 0
     finished = wait([s for s in submitted if s.ran or args.wait])  # runs done here, and jobs if --wait
     failed = [r for r, error in finished if error]
-    if failed:
-        print(f"study launch: {len(failed)} run(s) failed; `study status {args.grid}` lists them")
+    if failed or damaged:
+        print(f"study launch: {len(failed)} run(s) failed, {damaged} damaged (not submitted); "
+              f"`study status {args.grid}` lists them")
         return 1
     return 0
 

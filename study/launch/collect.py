@@ -16,7 +16,7 @@ from typing import Callable, Union
 import pandas as pd
 
 from study.errors import UserError
-from study.runs import STEPS, RunDir
+from study.runs import STEPS, RunDir, display_name
 
 
 def run_failure(run: RunDir) -> dict:
@@ -49,6 +49,8 @@ def run_state(run: RunDir, steps=None, active: Active = None) -> str:
     status = run.status().get("state")  # the trainer's: running, interrupted, failed, finished (or none)
     if run.failure() or status == "failed":
         return "failed"
+    if run.weights_missing() and run.writer() != "held":
+        return "weights missing"
     if not run.pending_steps(steps or record.get("steps") or STEPS):
         return "complete"
     lock = run.writer()  # "held", "free", or None (cannot tell)
@@ -81,7 +83,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """The numbers a paper table prints, in percent (PQ, AP, mIoU) and in its units (M, GFLOPs, FPS)."""
+    """The numbers a paper table prints, in percent (PQ, AP, mIoU) and in its units (M, GFLOPs, FPS). A
+    ``metrics.json`` missing one of them (an eval entry without "All") raises a UserError naming it."""
+    try:
+        return _headline(metrics)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"metrics.json is damaged or partial: {type(e).__name__} {e} in its "
+                        f"{'eval' if 'eval' in metrics else 'bench'} entry; evaluate the run again (study eval, "
+                        f"or launch it) to rewrite it") from None
+
+
+def _headline(metrics: dict) -> dict:
     out = {}
     ev = metrics.get("eval") or {}
     if ev.get("task") == "panoptic":
@@ -95,6 +107,8 @@ def headline(metrics: dict) -> dict:
         out.update(params_M=b["params"] / 1e6, GFLOPs=b["gflops"])
     if b.get("fps") is not None:
         out["FPS"] = b["fps"]
+        if b.get("fps_trusted") is not None:  # False: the machine was busy while timing (bench.fps_warning)
+            out["FPS_trusted"] = b["fps_trusted"]
     return out
 
 
@@ -104,15 +118,21 @@ def run_row(run: RunDir, active: Active = None) -> dict:
     try:
         return _run_row(run, active)
     except UserError as e:
-        return {"run": run.path.name, "path": str(run.path), "state": "damaged", "error": str(e)}
+        text = str(e) if str(run.path) in str(e) else f"{run.path}: {e}"
+        return {"run": run.path.name, "name": display_name(run), "path": str(run.path), "state": "damaged",
+                "error": text}
 
 
 def _run_row(run: RunDir, active: Active) -> dict:
+    if not run.config.is_file():
+        raise UserError(f"{run.config} is missing: the run's configuration (and identity) is unknown; restore it, "
+                        f"or remove the folder")
     config = run.saved_config()
     metrics = run.metrics()
     status = run.status()
     launch, failure = run.launch_record(), run.failure()
-    row = {"run": run.path.name, "path": str(run.path), "state": run_state(run, active=active),
+    row = {"run": run.path.name, "name": display_name(run), "path": str(run.path),
+           "state": run_state(run, active=active),
            "step": status.get("step"), "total_steps": status.get("total_steps"), "job_id": launch.get("job_id"),
            "error": failure.get("error") or status.get("error")}
     row.update(headline(metrics))
@@ -121,12 +141,18 @@ def _run_row(run: RunDir, active: Active) -> dict:
     return row
 
 
+# Files only a run folder holds: a folder with any of them is a run, even when its config.yaml is gone.
+_RUN_FILES = ("config.yaml", "status.json", "metrics.json", "launch.json", "failure.json", "writer.lock")
+
+
 def find_runs(root: str | Path) -> list[RunDir]:
-    """Every run folder (one holding config.yaml) under ``root``, ``root`` itself included, sorted by path."""
+    """Every run folder under ``root`` (``root`` itself included), sorted by path: a folder holding one of a
+    run's own files, so that a run whose config.yaml was deleted is listed (as damaged), never dropped."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}; give a folder of runs (e.g. runs/<grid>)")
-    return [RunDir(p.parent) for p in sorted(root.rglob("config.yaml"))]
+    folders = {p.parent for name in _RUN_FILES for p in root.rglob(name) if ".submitit" not in p.parts}
+    return [RunDir(p) for p in sorted(folders)]
 
 
 def collect(root: str | Path, active: Active = None) -> pd.DataFrame:

@@ -190,7 +190,8 @@ def readable_names(changes: list[dict]) -> list[str]:
             taken.add(p)
     names = []
     for c in changes:
-        tokens = {k: _token(k, c[k]) for k in chosen if k in c}
+        tokens = {k: _token(k, c[k]) for k in chosen if k in c} or {k: _token(k, v) for k, v in c.items()
+                                                                    if k != "name"}
         if "model.size" in tokens and "model.img_size" in tokens:
             tokens["model.size"] += tokens.pop("model.img_size")
         text = "-".join(t for t in tokens.values() if t).replace("/", "_").replace("\\", "_").lstrip(".")

@@ -29,14 +29,57 @@ def _untrained_model(cfg: Config):
                                reinit_class_head=False))
 
 
+# Threads of a local job's bench step when bench.threads is unset: the grid's other jobs run on the same machine
+# at the same time (our choice; the paper timed one process on an H100).
+LOCAL_JOB_THREADS = 1
+
+
+def _bench_threads(threads: Optional[int]) -> tuple[Optional[int], str]:
+    """The thread count the bench step times with, and why (recorded beside the FPS)."""
+    if threads is not None:
+        return threads, "bench.threads"
+    if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+        return LOCAL_JOB_THREADS, "a local job shares the machine with the grid's other jobs (bench.threads unset)"
+    return None, "bench.threads unset: every core this process may use"
+
+
+def _load_check(row: dict, before: Optional[float], after: Optional[float]) -> None:
+    """Record the machine's load around the timing (os.getloadavg, 1-minute) and whether the FPS can be trusted:
+    not when other processes wanted more cores than the timing left free (the load besides our own threads,
+    the larger of before and after-minus-ours, plus our threads, above the cores we may use)."""
+    from study.device import available_cores
+
+    cores, threads = available_cores(), row.get("threads") or 1
+    row.update(load_before=before, load_after=after, cores=cores)
+    if before is None or after is None:
+        row["fps_trusted"] = None  # no load average on this system: unknown
+        return
+    others = max(before, after - threads)
+    row["fps_trusted"] = others + threads <= cores
+    if not row["fps_trusted"]:
+        row["fps_warning"] = (f"the machine was busy: load {before:.1f} before and {after:.1f} after timing with "
+                              f"{threads} thread(s) on {cores} core(s); this FPS cannot be trusted, bench again on "
+                              f"a quiet machine (study launch GRID --steps bench)")
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _bench(cfg: Config) -> dict:
     """Parameters, GFLOPs by component (``bench.counter``) and, with ``bench.fps``, the speed under the
     protocol of study/bench/speed.py and (``bench.breakdown``) the milliseconds per component of one forward
-    (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on."""
+    (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on.
+    The timing states its thread count (:func:`_bench_threads`: 1 in a local job unless bench.threads says
+    otherwise) and records the machine's load, flagging an FPS that cannot be trusted (:func:`_load_check`)."""
     from study.bench.flops import count_flops, count_params
     from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
 
     b = cfg.bench
+    threads, why = _bench_threads(b.threads)
     model = _untrained_model(cfg)  # FLOPs and speed do not depend on the weights
     img = cfg.model.img_size
     flops = count_flops(model, img, counter=b.counter)
@@ -46,15 +89,18 @@ def _bench(cfg: Config) -> dict:
     row["settings"] = step_settings("bench", to_dict(cfg))
     if b.fps:
         protocol = SpeedProtocol(device=b.device, precision=b.precision, compile=b.compile, warmup=b.warmup,
-                                 iters=b.iters, scope=b.scope, batch=b.batch, threads=b.threads,
+                                 iters=b.iters, scope=b.scope, batch=b.batch, threads=threads,
                                  min_time=b.min_time, compile_mode=b.compile_mode, runtime=b.runtime,
                                  freezing=b.freezing)
         entry = build_entry("model", model, img, protocol)
+        before = _loadavg()
         # the breakdown comes from the timed iterations themselves, when they can give one (eager PyTorch)
         (timed,), _ = time_interleaved([entry], breakdown=b.breakdown and not entry.no_breakdown)
         for key in ("mode", "ratio", "ratio_ci", "ratio_to"):
             timed.pop(key, None)
         row.update(timed)
+        row["threads"], row["threads_why"] = timed.get("env", {}).get("threads", threads), why
+        _load_check(row, before, _loadavg())
     row["host"] = platform.node()
     return row
 
@@ -94,14 +140,17 @@ def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, prog
     try:
         if "train" in todo:
             step = "train"
+            if rank == 0 and run.weights_missing():
+                _train_again(run)
             train(cfg, run, progress=progress)
         if rank != 0:
             return run
         if "eval" in todo:
             step = "eval"
             if not run.final_weights.is_file():
-                raise UserError(f"{run.path} has no trained weights ({run.final_weights}); train it first "
-                                f"(steps include 'train')")
+                raise UserError(f"{run.path} has no trained weights ({run.final_weights}); launch it with steps "
+                                f"that include train (study launch GRID --steps train,{','.join(steps)}), which "
+                                f"trains it again")
             evaluate_run(cfg, run.final_weights, run, progress=progress)
         if "bench" in todo:
             step = "bench"
@@ -111,6 +160,19 @@ def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, prog
             run.write_failure(step, f"{type(e).__name__}: {e}")
         raise
     return run
+
+
+def _train_again(run: RunDir) -> None:
+    """A run whose training finished but whose final weights are gone trains again from step 0: its status
+    becomes interrupted, and its last checkpoint (at the final step, from which resuming would do nothing) is
+    kept beside, renamed, never deleted."""
+    kept = ""
+    if run.last_checkpoint.is_file():
+        aside = run.last_checkpoint.with_name(f"last.pt.before-retrain-{run.next_seq()}")
+        os.replace(run.last_checkpoint, aside)
+        kept = f"; its last checkpoint is kept as {aside.name}"
+    run.write_status("interrupted", step=0, reason="final weights missing: training again")
+    print(f"{run.path.name}: its final weights {run.final_weights} are missing; training it again{kept}")
 
 
 def join_submitit_job() -> Optional[int]:

@@ -15,6 +15,7 @@ the CPU, with a warning when GPUs are present.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import warnings
@@ -37,8 +38,20 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
                  gpus: Optional[tuple[str, ...]] = None) -> submitit.Executor:
     """A submitit executor for ``launch.cluster`` (local or slurm) with the resources of ``launch``; ``gpus``
     (local only) are the device ids, as this process's ``CUDA_VISIBLE_DEVICES`` names them, its jobs see."""
+    if launch.cluster == "slurm":
+        check_slurm()
     executor = submitit.AutoExecutor(  # max_num_timeout is a constructor argument (the local executor ignores it)
         folder=folder / "%j", cluster=launch.cluster, slurm_max_num_timeout=launch.max_requeues)
+    params = executor_settings(launch, job_name)
+    if launch.cluster != "slurm" and gpus:  # submitit would show the job GPUs 0..gpus_per_node-1 (its visible_gpus is not reachable
+        # through AutoExecutor, and takes integers only): the job's shell sets them before submitit starts
+        params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(gpus)}"]
+    executor.update_parameters(**params)
+    return executor
+
+
+def executor_settings(launch: LaunchConfig, job_name: str) -> dict:
+    """The resources submitit is given (for Slurm: the sbatch settings; a Slurm dry run prints them)."""
     params = dict(name=job_name, timeout_min=launch.timeout_min, nodes=launch.nodes,
                   tasks_per_node=launch.tasks(), gpus_per_node=launch.gpus_per_node,
                   cpus_per_task=launch.cpus_per_task, mem_gb=launch.mem_gb)
@@ -50,11 +63,17 @@ def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
             params["slurm_partition"] = launch.partition
         if launch.slurm_extra:
             params["slurm_additional_parameters"] = dict(launch.slurm_extra)
-    elif gpus:  # submitit would show the job GPUs 0..gpus_per_node-1 (its visible_gpus is not reachable
-        # through AutoExecutor, and takes integers only): the job's shell sets them before submitit starts
-        params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={','.join(gpus)}"]
-    executor.update_parameters(**params)
-    return executor
+    return params
+
+
+def check_slurm() -> str:
+    """The path of sbatch; a UserError when this machine cannot submit to Slurm (submitit would say only
+    "Could not detect srun")."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None or shutil.which("srun") is None:
+        raise UserError("launch.cluster=slurm, but this machine has no sbatch/srun on its PATH: launch from a "
+                        "Slurm login node, or use --cluster local (processes here) or --cluster debug")
+    return sbatch
 
 
 def visible_gpus() -> list[str]:
@@ -154,52 +173,94 @@ def _one_job_active(run: RunDir, job: dict) -> bool:
     return False  # another host's local job: only its lock (checked first) tells
 
 
-def check_inputs(r: GridRun) -> None:
-    """The files a run names exist (``data.root``, ``model.pretrained``, ``model.checkpoint``,
-    ``model.init_from``): a missing one fails here, at ``--dry-run`` or before submitting, not in a job hours
-    later. ``model.init_from`` may be a weights file or a run folder (whose final weights the run starts from)."""
+def check_inputs(r: GridRun, opened: dict | None = None) -> None:
+    """The inputs a run names open, at ``--dry-run`` or before submitting, not in a job hours later: the
+    weights files load (``model.pretrained``, ``model.checkpoint``, ``model.init_from``: a file, or a run
+    folder whose final weights the run starts from; a 0-byte or damaged file is refused) and the data set's
+    splits are read in their layout (``data.root``, ``data.dataset``: a folder of another layout is refused).
+    ``opened`` caches what was opened already (a grid's runs mostly share them)."""
+    from study.data.build import build_dataset
+    from study.models.checkpoint import read_weights
+
     cfg = r.config
-    named = [("data.root", cfg.data.root, Path.is_dir, "folder"),
-             ("model.pretrained", cfg.model.pretrained, Path.is_file, "file"),
-             ("model.checkpoint", cfg.model.checkpoint, Path.is_file, "file"),
-             ("model.init_from", cfg.model.init_from, Path.exists, "file or run folder")]
-    for key, value, exists, kind in named:
-        if value and not exists(Path(value)):
-            where = ", ".join(f"{k}={v}" for k, v in r.changes.items())
-            raise UserError(f"run {Path(r.folder).name} ({where}): {key} {value} is not an existing {kind} "
-                            f"(relative paths are from {Path.cwd()}); fix {key} in the grid or with --set")
+    opened = {} if opened is None else opened
+    where = ", ".join(f"{k}={v}" for k, v in r.changes.items())
+
+    def refuse(key: str, why: str) -> UserError:
+        return UserError(f"run {Path(r.folder).name} ({where}): {key} {why} (relative paths are from "
+                         f"{Path.cwd()}); fix {key} in the grid or with --set")
+
+    weights = [("model.pretrained", cfg.model.pretrained), ("model.checkpoint", cfg.model.checkpoint),
+               ("model.init_from", cfg.model.init_from)]
+    for key, value in weights:
+        if not value:
+            continue
+        path = Path(value)
+        if key == "model.init_from" and path.is_dir():
+            path = RunDir(path).final_weights
+            if not path.is_file():
+                raise refuse(key, f"{value} is a folder but not a trained run: it has no {path.relative_to(value)}")
+        if path not in opened:
+            if not path.is_file():
+                raise refuse(key, f"{value} is not an existing file" + (" or run folder" if "init" in key else ""))
+            try:
+                opened[path] = bool(read_weights(path, key))
+            except UserError as e:
+                raise refuse(key, f"{value} does not load: {e}") from None
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise refuse("data.root", f"{cfg.data.root} is not an existing folder")
+    if cfg.data.dataset != "synthetic":  # the synthetic set is generated by the run itself
+        for split in dict.fromkeys([cfg.data.train_split, cfg.eval.split or cfg.data.val_split]):
+            key = (repr(cfg.data), split, cfg.task)
+            if key not in opened:
+                try:
+                    opened[key] = len(build_dataset(cfg.data, split, cfg.task))
+                except UserError as e:
+                    raise refuse("data.root", f"{cfg.data.root}: split '{split}' of data.dataset={cfg.data.dataset} "
+                                          f"cannot be read in its layout: {e}") from None
 
 
 @dataclass
 class Submitted:
     run: GridRun
-    action: str  # "skip" (complete), "active" (its job runs), "submit" (new), "resume" (has progress)
+    # "skip" (complete), "active" (its job runs), "submit" (new), "resume" (has progress), "damaged" (a file of
+    # its folder cannot be read: reported in ``error``, nothing submitted, the other runs go on)
+    action: str
     job: Optional[submitit.Job] = None  # the submitted job (local, slurm)
     position: Optional[int] = None  # its place in the job's queue of runs (a local RunQueue job), else None
     ran: bool = False  # run here, in this process (debug), already finished
     error: Optional[str] = None  # of a run that ran here
 
 
-def plan(runs: list[GridRun], steps=STEPS) -> list[tuple[GridRun, str]]:
+def plan(runs: list[GridRun], steps=STEPS, errors: dict | None = None) -> list[tuple[GridRun, str]]:
     """What launching would do for each run: skip (complete), active (its job is still queued or running),
-    submit (new) or resume (has progress)."""
+    submit (new), resume (has progress) or damaged (a file of its folder cannot be read; its message goes to
+    ``errors[id(run)]``): one damaged run never stops the others."""
     out = []
     for r in runs:
         folder = RunDir(r.folder)
-        if not pending_steps(folder, steps, r.config):
-            out.append((r, "skip"))
-        elif job_active(folder):
-            out.append((r, "active"))
-        elif folder.last_checkpoint.is_file() or folder.status().get("state") == "finished":
-            out.append((r, "resume"))
-        else:
-            out.append((r, "submit"))
+        try:
+            if not pending_steps(folder, steps, r.config):
+                out.append((r, "skip"))
+            elif job_active(folder):
+                out.append((r, "active"))
+            elif folder.last_checkpoint.is_file() or folder.status().get("state") == "finished":
+                out.append((r, "resume"))
+            else:
+                out.append((r, "submit"))
+        except UserError as e:
+            out.append((r, "damaged"))
+            if errors is not None:
+                errors[id(r)] = str(e)
     return out
 
 
 def _error_of(r: GridRun, fallback: str) -> str:
     """The run's own record of what failed (failure.json), else ``fallback``."""
-    return RunDir(r.folder).failure().get("error") or fallback
+    try:
+        return RunDir(r.folder).failure().get("error") or fallback
+    except UserError:  # a damaged failure.json
+        return fallback
 
 
 def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = False,
@@ -210,8 +271,9 @@ def launch(runs: list[GridRun], grid_dir: Path, steps=STEPS, dry_run: bool = Fal
     Every run's input files are checked first (:func:`check_inputs`). Planning and submitting hold the
     grid's launch lock (``<grid>/.launch.lock``): two launches at once never both submit a run (the second
     sees the first one's jobs as active)."""
+    opened: dict = {}
     for r in runs:
-        check_inputs(r)
+        check_inputs(r, opened)
     inline: list[GridRun] = []
     if dry_run:  # writes nothing, not even the grid folder
         return list(_launch(runs, grid_dir, steps, True, progress, inline).values())
@@ -239,13 +301,15 @@ def _process_start() -> str:
 def _launch(runs: list[GridRun], grid_dir: Path, steps, dry_run: bool, progress,
             inline: list[GridRun]) -> dict[int, Submitted]:
     """Plan and submit (under the launch lock); the debug runs are recorded and appended to ``inline``."""
-    decided = plan(runs, steps)
-    out = {id(r): Submitted(r, a) for r, a in decided}
+    errors: dict = {}
+    decided = plan(runs, steps, errors)
+    out = {id(r): Submitted(r, a, error=errors.get(id(r))) for r, a in decided}
     todo = [(r, a) for r, a in decided if a in ("submit", "resume")]
     if dry_run or not todo:
         return out
     for r, _ in todo:
         RunDir(r.folder).claim(r.config)  # the folder exists, and belongs to this configuration, before the job
+    seqs = {id(r): RunDir(r.folder).next_seq() for r, _ in todo}  # taken before any job can record a failure
     groups: dict[str, list[GridRun]] = {}
     for r, _ in todo:
         groups.setdefault(repr(r.config.launch), []).append(r)
@@ -254,7 +318,7 @@ def _launch(runs: list[GridRun], grid_dir: Path, steps, dry_run: bool, progress,
         if launch_cfg.cluster == "debug":
             for r in members:
                 RunDir(r.folder).write_launch_record(f"inline-{os.getpid()}", "debug", steps, submitted=now(),
-                                                     process_start=_process_start())
+                                                     seq=seqs[id(r)], process_start=_process_start())
                 inline.append(r)
             continue
         logs = grid_dir / ".submitit"
@@ -271,7 +335,7 @@ def _launch(runs: list[GridRun], grid_dir: Path, steps, dry_run: bool, progress,
                 for k, i in enumerate(queue):
                     r = members[i]
                     RunDir(r.folder).write_launch_record(str(job.job_id), "local", steps, submitted,
-                                                         logs / str(job.job_id))
+                                                         logs / str(job.job_id), seq=seqs[id(r)])
                     out[id(r)].job, out[id(r)].position = job, (k if len(queue) > 1 else None)
             continue
         executor = executor_for(launch_cfg, logs, grid_dir.name)
@@ -279,7 +343,7 @@ def _launch(runs: list[GridRun], grid_dir: Path, steps, dry_run: bool, progress,
             jobs = [executor.submit(RunJob(), to_dict(r.config), tuple(steps)) for r in members]
         for r, job in zip(members, jobs):
             RunDir(r.folder).write_launch_record(str(job.job_id), launch_cfg.cluster, steps, submitted,
-                                                 logs / str(job.job_id))
+                                                 logs / str(job.job_id), seq=seqs[id(r)])
             out[id(r)].job = job
     return out
 
@@ -301,6 +365,9 @@ def wait(submitted: list[Submitted], progress=print) -> list[tuple[GridRun, Opti
         elif not s.ran:
             continue
         results.append((s.run, s.error))
-        progress(f"  {Path(s.run.folder).name}: {run_state(RunDir(s.run.folder), active=False)}"
-                 + (f" ({s.error})" if s.error else ""))
+        try:
+            state = run_state(RunDir(s.run.folder), active=False)
+        except UserError as e:  # a file of the run is damaged: said, and the other runs are reported
+            state, s.error = "damaged", s.error or str(e)
+        progress(f"  {Path(s.run.folder).name}: {state}" + (f" ({s.error})" if s.error else ""))
     return results
