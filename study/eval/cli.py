@@ -133,7 +133,9 @@ def run_eval(args) -> int:
         result = evaluate_run(cfg, weights, run, progress=not args.no_progress, masked=masked)
     _print_eval(result)
     if run is not None:
-        print(f"recorded in {run.eval_file(result['task'], result['split'])} and {run.metrics_file}")
+        subset = f" (a subset of the run's {result['subset_of']} images, kept apart from its full evaluation)" \
+            if "subset_of" in result else ""
+        print(f"recorded in {' and '.join(result['recorded_in'])}{subset}")
     if args.json or run is None:
         out = Path(args.json) if args.json else weights.parent / f"eval_{result['task']}_{result['split']}.json"
         atomic_write_json(out, result)

@@ -19,7 +19,17 @@ from PIL import Image
 
 from study.eval.coco_ap import encode_mask
 from study.eval.pq import id_to_rgb
-from study.io import atomic_write_json
+from study.io import atomic_write_json, record_written, refuse_foreign
+
+
+def claim_folder(folder: Path, *files: Path) -> None:
+    """Refuse (UserError) when ``folder`` or one of ``files`` exists and the suite did not write it (issue 28:
+    ``study eval --export DIR`` never replaces a user's file); then create ``folder`` and record it as ours,
+    so that the PNGs written into it are the suite's."""
+    for p in (folder, *files):
+        refuse_foreign(p)
+    folder.mkdir(parents=True, exist_ok=True)
+    record_written(folder)
 
 
 def image_stem(file_name: str, image_id) -> str:
@@ -33,7 +43,7 @@ class PanopticExporter:
     def __init__(self, folder: str | Path, name: str = "panoptic_pred"):
         self.json_path = Path(folder) / f"{name}.json"
         self.png_dir = Path(folder) / name
-        self.png_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(self.png_dir, self.json_path)
         self.annotations: list[dict] = []
 
     def add(self, image_id, file_name: str, ids: np.ndarray, segments: list[dict]) -> None:
@@ -44,7 +54,7 @@ class PanopticExporter:
         self.annotations.append({"image_id": image_id, "file_name": png, "segments_info": segments})
 
     def finish(self, categories: list[dict]) -> Path:
-        atomic_write_json(self.json_path, {"annotations": self.annotations, "categories": categories})
+        atomic_write_json(self.json_path, {"annotations": self.annotations, "categories": categories}, guard=True)
         return self.json_path
 
 
@@ -53,6 +63,7 @@ class InstanceExporter:
 
     def __init__(self, folder: str | Path, name: str = "instances_pred"):
         self.json_path = Path(folder) / f"{name}.json"
+        refuse_foreign(self.json_path)  # before the evaluation, not after it
         self.results: list[dict] = []
 
     @staticmethod
@@ -65,7 +76,7 @@ class InstanceExporter:
         self.results.extend(results)
 
     def finish(self) -> Path:
-        atomic_write_json(self.json_path, self.results)
+        atomic_write_json(self.json_path, self.results, guard=True)
         return self.json_path
 
 
@@ -74,7 +85,7 @@ class SemanticExporter:
 
     def __init__(self, folder: str | Path, name: str = "semantic_pred"):
         self.png_dir = Path(folder) / name
-        self.png_dir.mkdir(parents=True, exist_ok=True)
+        claim_folder(self.png_dir)
 
     def add(self, image_id, file_name: str, labels: np.ndarray) -> Path:
         """labels (H, W) dataset category ids (< 65536; 8-bit PNG when < 256)."""

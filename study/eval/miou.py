@@ -59,6 +59,7 @@ class ConfusionMatrix:
         gt, pred = gt.reshape(-1), pred.reshape(-1)
         starts, lengths = runs(gt, pred)
         gt, pred = gt[starts].astype(np.int64), pred[starts].astype(np.int64)
+        gt_raw, pred_raw = gt, pred  # the files' own values, named in errors (issue 28: 200, not 199)
         if gt_offset is not None:
             gt = decode_labels(gt, gt_offset, self.ignore_index)
         if pred_offset is not None:
@@ -67,13 +68,13 @@ class ConfusionMatrix:
         valid = gt != self.ignore_index
         bad = valid & ((gt < 0) | (gt >= c))
         if bad.any():
-            raise EvalInputError(f"image {image}: ground truth holds value(s) {np.unique(gt[bad])[:5].tolist()}, "
-                                 f"neither a class 0..{c - 1} nor the ignore index {self.ignore_index}")
+            raise EvalInputError(f"image {image}: ground truth holds value(s) {_values(gt_raw[bad], gt_offset)}, "
+                                 f"{_range_text(c, gt_offset, self.ignore_index)}")
         none = pred == self.ignore_index
         bad = valid & ~none & ((pred < 0) | (pred >= c))
         if bad.any():
-            raise EvalInputError(f"image {image}: prediction holds value(s) {np.unique(pred[bad])[:5].tolist()}, "
-                                 f"neither a class 0..{c - 1} nor the ignore index {self.ignore_index}")
+            raise EvalInputError(f"image {image}: prediction holds value(s) {_values(pred_raw[bad], pred_offset)}, "
+                                 f"{_range_text(c, pred_offset, self.ignore_index)}")
         pred = np.where(none, c, pred)
         self.matrix += weighted_counts(gt[valid] * (c + 1) + pred[valid], lengths[valid],
                                        c * (c + 1)).reshape(c, c + 1)
@@ -119,6 +120,20 @@ def format_table(result: dict, class_names: Optional[list[str]] = None, per_clas
     lines.append(f"mIoU (all classes, ADE20K official):  {100 * result['miou_all_classes']:.2f}")
     lines.append(f"pixel accuracy: {100 * result['pixel_accuracy']:.2f}")
     return "\n".join(lines)
+
+
+def _values(raw: np.ndarray, offset: Optional[int]) -> str:
+    """The file's values, and with an offset the classes they would be: '[200] (class 199)'."""
+    v = np.unique(raw)[:5].tolist()
+    return f"{v} (class {', '.join(str(x - offset) for x in v)})" if offset else str(v)
+
+
+def _range_text(c: int, offset: Optional[int], ignore_index: int) -> str:
+    """What a file's values may be: classes 0..C-1 stored as offset..offset+C-1, or the ignore index."""
+    if not offset:
+        return f"neither a class 0..{c - 1} nor the ignore index {ignore_index}"
+    return (f"outside {offset}..{offset + c - 1} (classes 0..{c - 1} with --label-offset {offset}), values below "
+            f"{offset} and the ignore index {ignore_index}")
 
 
 def decode_labels(raw: np.ndarray, offset: int, ignore_index: int) -> np.ndarray:

@@ -89,6 +89,21 @@ def check_crowd_flag(segment: dict, where: str) -> None:
         raise EvalInputError(f"{where} has iscrowd {v!r:.40}; expected 0 or 1")
 
 
+def annotations_by_image(json_path: str | os.PathLike) -> dict:
+    """The one reader of a ground-truth panoptic JSON for scoring, shared by ``study score`` and ``study eval``:
+    :func:`check_annotations` (crowd flags 0 / 1 only, ids once), then ``{image_id: annotation}``."""
+    js = read_json(json_path, "ground-truth JSON", dict)
+    return {a["image_id"]: a for a in check_annotations(js, str(json_path), "ground-truth JSON")}
+
+
+def listed_but_not_drawn(ann: dict, drawn_ids) -> list[dict]:
+    """The segments an annotation lists whose ids are not in ``drawn_ids``, as panopticapi scores them: with
+    the JSON's area (0 when absent), so an uncrowded one is a false negative in eval as in score."""
+    drawn = set(drawn_ids)
+    return [{"id": s["id"], "category_id": s["category_id"], "iscrowd": int(s.get("iscrowd", 0)),
+             "area": s.get("area", 0)} for s in ann["segments_info"] if s["id"] not in drawn]
+
+
 ID_MASK = 0xFFFFFF  # the id bits of a word of read_id_words: R + 256 G + 256^2 B
 
 

@@ -42,7 +42,9 @@ from study.eval.miou import ConfusionMatrix
 from study.eval.postprocess import instance_topk_chunks, panoptic_merge_chunks
 from study.eval.engines import describe
 from study.eval.pq import PQAccumulator
+from study.eval.pq_files import annotations_by_image, listed_but_not_drawn
 from study.eval.protocol import OfficialPQ, official_ap
+from study.io import atomic_write_json
 from study.runs import RunDir, step_settings
 
 
@@ -150,6 +152,10 @@ class PanopticEvaluator(TaskEvaluator):
         super().__init__(info, settings)
         self.pq = PQAccumulator(self.categories)
         self.official = OfficialPQ(self.categories) if settings.protocol == "official" else None
+        # The GT JSON read as `study score` reads it (crowd flags checked, listed segments the PNG lacks kept)
+        # when it is a plain file; inside a zip the samples' own segments are scored.
+        path = Path(str(info.extra.get("panoptic_json", "")))
+        self.listed = annotations_by_image(path) if path.suffix == ".json" and path.is_file() else None
         self.exporter = PanopticExporter(settings.export_dir) if settings.export_dir else None
 
     def consume(self, samples, pred) -> None:
@@ -161,6 +167,12 @@ class PanopticEvaluator(TaskEvaluator):
                      "isthing": int(g["isthing"])} for g in r.segments]
             ids = r.ids.cpu().numpy()
             gt_ids, gt_segs = panoptic_ground_truth(s, info)
+            ann = self.listed.get(s.image_id) if self.listed is not None else None
+            if ann is not None and s.segment_ids is not None and {g["id"] for g in gt_segs} <= \
+                    {g["id"] for g in ann["segments_info"]}:
+                js = {g["id"]: g for g in ann["segments_info"]}  # JSON areas, as panopticapi and score take them
+                gt_segs = [{**g, "area": js[g["id"]].get("area", g["area"])} for g in gt_segs] + \
+                    listed_but_not_drawn(ann, [g["id"] for g in gt_segs])
             self.pq.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
             if self.official is not None:
                 self.official.add(gt_ids, gt_segs, ids, segs, image=_image_name(s))
@@ -172,7 +184,7 @@ class PanopticEvaluator(TaskEvaluator):
         # hotcoco's PQ reads only JSON and PNG folders.
         out = {**self.pq.summary(), **describe("ours", "standard")}
         if self.official is not None:
-            out["official"] = self.official.summary()
+            out["official"] = {k: v for k, v in self.official.summary().items() if k != "per_class"}
         if self.exporter:
             out["exported"] = str(self.exporter.finish(self.categories))
         return out
@@ -213,8 +225,7 @@ class InstanceEvaluator(TaskEvaluator):
                **evaluate_masks(gt, self.results, prepared=True, engine=engine), **describe(engine, "standard")}
         if self.settings.protocol == "official":
             official = official_ap(gt, self.results, engine=engine)
-            official.pop("summary", None)
-            out["official"] = official
+            out["official"] = {k: v for k, v in official.items() if k not in ("summary", "per_class")}
         if self.exporter:
             out["exported"] = str(self.exporter.finish())
         return out
@@ -407,5 +418,19 @@ def evaluate_run(cfg: Config, weights: str | Path | None = None, run: RunDir | N
     result.update(split=split, weights=str(weights), seconds=round(time.perf_counter() - t0, 3),
                   settings=settings)
     if run is not None:
-        run.write_evaluation(result)
+        full = _full_count(run, len(dataset))
+        if result["num_images"] < full:  # a subset: recorded apart, the run's full evaluation stays
+            path = run.path / f"eval_{result['task']}_{split}_first{result['num_images']}.json"
+            result["subset_of"] = full
+            atomic_write_json(path, result, guard=True)
+            result["recorded_in"] = [str(path)]
+        else:
+            run.write_evaluation(result)
+            result["recorded_in"] = [str(run.eval_file(result["task"], split)), str(run.metrics_file)]
     return result
+
+
+def _full_count(run: RunDir, size: int) -> int:
+    """The images of the run's own evaluation: its saved eval.max_images (all when unset) of ``size``."""
+    limit = (run.saved_config().get("eval") or {}).get("max_images")
+    return size if not isinstance(limit, int) or isinstance(limit, bool) else min(size, limit)
