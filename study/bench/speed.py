@@ -184,7 +184,8 @@ def measure_fps(model: nn.Module, img_size: int, protocol: SpeedProtocol, breakd
 
 # moved: re-exported until callers switch (coordinator)
 # name          now in                         imported from here by
-# SpeedProtocol study/bench/protocol.py        study/bench/run.py, study/launch/pipeline.py (also used above)
+# SpeedProtocol study/bench/protocol.py        study/bench/run.py, study/launch/pipeline.py, scripts/gpu_steps.py
+#                                              (also used above)
 # apply_mode    study/bench/runtimes.py        study/bench/run.py
 # cpu_name      study/bench/environment.py     scripts/main_study.py
 from study.bench.environment import cpu_name  # noqa: E402,F401
