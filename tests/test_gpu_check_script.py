@@ -1,12 +1,17 @@
-"""scripts/gpu_check.sh: valid bash; on a machine without a GPU it stops at once with a clear message and exit
-status 3 (nothing installed, nothing run); a bad option is exit status 2; its CPU fallback (--device cpu --size
-tiny) runs the Table 1 bench and the DDP step and writes gpu_check.json (slow: a few minutes here)."""
+"""scripts/gpu_check.sh and its record (issue 23), the fast checks: valid bash; each way the set-up can stop has
+its own exit status and message, before anything is run (no GPU listed: 3 and nothing written; torch not
+importable: 4; torch without CUDA: 3; no wheels: 5; a bad option or a file in $OUT the suite did not write: 2);
+the record (scripts/gpu_record.py) never reads as finished before its last step and never as passed with a
+failed step; scripts/gpu_wheels.sh refuses a wheel whose requirement is neither on the device nor carried.
+The rehearsal itself (the whole device mode offline on this CPU) is tests/test_gpu_rehearsal.py."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -14,13 +19,16 @@ import torch
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_record  # noqa: E402
 
 
-def run_script(tmp_path, path_prefix=None):
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
+def run_script(tmp_path, *argv, path_prefix=None, **env):
+    full = {**os.environ, "OUT": str(tmp_path / "out"), "SCRATCH": str(tmp_path / "scratch"), **env}
     if path_prefix:
-        env["PATH"] = f"{path_prefix}:{env['PATH']}"
-    return subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        full["PATH"] = f"{path_prefix}:{full['PATH']}"
+    return subprocess.run(["bash", str(SCRIPT), *argv], cwd=REPO, env=full, capture_output=True, text=True,
+                          timeout=120)
 
 
 def fake_nvidia_smi(folder, listing: str):
@@ -32,30 +40,47 @@ def fake_nvidia_smi(folder, listing: str):
 
 
 def test_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    for name in ("gpu_check.sh", "gpu_wheels.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / "scripts" / name)], capture_output=True).returncode == 0
 
 
-def test_no_gpu_exits_early_with_a_clear_message(tmp_path):
-    # an nvidia-smi that finds no device; and, when this machine has no nvidia-smi at all, the real PATH
+def test_no_gpu_listed_exits_3_before_writing_anything(tmp_path):
     cases = [fake_nvidia_smi(tmp_path / "bin", "No devices were found\n")]
     if shutil.which("nvidia-smi") is None:
         cases.append(None)
     for prefix in cases:
-        proc = run_script(tmp_path, prefix)
+        proc = run_script(tmp_path, path_prefix=prefix)
         assert proc.returncode == 3, proc.stderr
         assert "gpu_check: no CUDA GPU on this machine" in proc.stderr and "nothing was run" in proc.stderr
-        assert not (tmp_path / "out").exists()  # nothing started, no log folder
+        assert not (tmp_path / "out").exists() and not (tmp_path / "scratch").exists()
 
 
-def test_gpu_listed_but_invisible_to_torch_stops_after_the_install_check(tmp_path):
+def test_python_without_torch_exits_4_not_blaming_cuda(tmp_path):
+    bare = tmp_path / "bare"  # a Python that holds no torch
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    gpu = fake_nvidia_smi(tmp_path / "bin", "GPU 0: Fake GPU (UUID: GPU-0)\n")
+    proc = run_script(tmp_path, path_prefix=gpu, PYTHON=str(bare / "bin" / "python"))
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "cannot import torch" in proc.stdout and "CUDA" not in proc.stdout.split("cannot import torch")[1]
+
+
+def test_torch_without_cuda_exits_3(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a real GPU machine: torch sees the GPU, the case cannot be simulated")
-    if subprocess.run(["make", "-q", "install"], cwd=REPO, capture_output=True).returncode != 0:
-        pytest.skip("make install is not up to date here: the script would install (network, minutes)")
-    proc = run_script(tmp_path, fake_nvidia_smi(tmp_path / "bin", "GPU 0: Fake GPU (UUID: GPU-0)\n"))
+    gpu = fake_nvidia_smi(tmp_path / "bin", "GPU 0: Fake GPU (UUID: GPU-0)\n")
+    proc = run_script(tmp_path, path_prefix=gpu, PYTHON=sys.executable)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "torch.cuda.is_available() is False" in proc.stderr
-    assert "install" in (tmp_path / "out" / "summary.txt").read_text()
+    assert "torch.cuda.is_available() is False" in proc.stdout
+    assert not (tmp_path / "scratch" / "site").exists()  # stopped before the install
+
+
+def test_no_wheels_is_a_setup_failure(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script(tmp_path, "--device", "cpu", "--size", "tiny", PYTHON=sys.executable,
+                      WHEELS=str(tmp_path / "empty"))
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "offline set-up failed: no wheels in" in proc.stdout and "gpu_wheels.sh" in proc.stdout
+    assert not (tmp_path / "out" / "gpu_check.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -64,50 +89,88 @@ def test_gpu_listed_but_invisible_to_torch_stops_after_the_install_check(tmp_pat
     (["--fast"], "unknown option '--fast'"),
 ])
 def test_bad_option_is_a_usage_error(tmp_path, argv, message):
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(["bash", str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = run_script(tmp_path, *argv)
     assert proc.returncode == 2 and message in proc.stderr and "usage:" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-def _cpu_fallback(tmp_path, *extra):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "BUDGET_S": "900"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(["bash", str(SCRIPT), "--device", "cpu", "--size", "tiny", *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    return proc, report
+def test_a_foreign_file_in_out_is_never_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / "gpu_check.log"
+    mine.write_text("a user's own log\n")
+    proc = run_script(tmp_path, "--device", "cpu", "--size", "tiny", PYTHON=sys.executable)
+    assert proc.returncode == 2 and "did not write" in proc.stderr
+    assert mine.read_text() == "a user's own log\n"
 
 
-def _check_report(proc, report, modes):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert report["passed"] and report["device"] == "cpu" and report["size"] == "tiny"
-    assert [s["step"] for s in report["steps"]] == ["versions", "bench_table1", "train_ddp"]
-    rows = report["bench_table1"]
-    variants = ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale", "eomt_masked", "eomt"]
-    assert [(r["variant"], r["mode"]) for r in rows] == [(v, m) for v in variants for m in modes]
-    for r in rows:
-        assert r["fps"] > 0 and r["n_iters"] == 3 and r["ratio_to"] == "vit_adapter_m2f:bf16"
-        assert r["env"]["precision"] == "bf16" and r["env"]["batch"] == 1
-        if r["mode"] == "bf16":  # eager rows: the breakdown from their timed iterations
-            assert r["breakdown_ms"]["total"] == pytest.approx(r["ms_mean"])
-        else:
-            assert r["breakdown_ms"] is None and r["env"]["compile_mode"] == "default"
-    ddp = report["train_ddp"]
-    assert [d["rank"] for d in ddp] == [0, 1] and all(d["world_size"] == 2 and d["rc"] == 0 for d in ddp)
-    assert all(d["peak_rss_gib"] > 0 for d in ddp)
+def _init(out, device="cuda", gpus=1):
+    ns = type("A", (), dict(device=device, size="L", img_size=640, budget=360, gpus=gpus, wheels=str(out / "w")))
+    gpu_record.init(out, ns)
 
 
-@pytest.mark.slow
-def test_cpu_fallback_eager_bench_and_ddp_one_json(tmp_path):
-    """--device cpu --size tiny --no-compile: the six Table 1 rows in bf16 in interleaved rounds, two gloo
-    ranks training EoMT-tiny with their peak memory, everything in gpu_check.json."""
-    proc, report = _cpu_fallback(tmp_path, "--no-compile")
-    _check_report(proc, report, ["bf16"])
+def test_record_is_finished_only_by_its_last_step(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "w").mkdir()
+    (out / "w" / "commit.txt").write_text("commit abc123\ndirty true\nwritten 2026-12-06T00:00:00Z\n")
+    _init(out)
+    gpu_record.record_step(out, "setup", "ok", 12, 0, None)
+    gpu_record.record_step(out, "table1_eager", "TIMEOUT", 160, 160, None)
+    report = json.loads((out / "gpu_check.json").read_text())  # what a killed run leaves
+    assert report["finished"] is False and report["passed"] is None
+    assert report["commit"]["commit"] == "abc123" and report["commit"]["dirty"] is True
+    assert report["ddp"] == "not tested (1 GPU)"
+    assert [s["step"] for s in report["steps"]] == ["setup", "table1_eager"]
+    assert report["steps"][1]["estimate_s_h100"] == gpu_record.STEPS["table1_eager"][0]
+    assert gpu_record.finish(out) is False  # a timed-out step: finished, not passed
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["finished"] is True and report["passed"] is False
 
 
-@pytest.mark.slow
-def test_cpu_fallback_with_compile(tmp_path):
-    proc, report = _cpu_fallback(tmp_path)
-    _check_report(proc, report, ["compile+bf16", "bf16"])
+def test_record_without_commit_file_says_why(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _init(out, device="cpu", gpus=0)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["commit"]["commit"] is None and "gpu_wheels.sh" in report["commit"]["why"]
+    assert report["ddp"] == "not tested (CPU rehearsal)"
+
+
+def test_estimates_fit_the_budget():
+    """The H100 estimates of every step, set-up included, fit the 6 minutes the issue allows; each step's limit
+    is at least its estimate."""
+    total = gpu_record.SETUP_ESTIMATE_S + sum(e for e, _ in gpu_record.STEPS.values())
+    assert total <= 360
+    assert all(limit >= estimate for estimate, limit in gpu_record.STEPS.values())
+    lines = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_record.py"), "estimates"],
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    assert lines[0].split()[0] == "setup" and [ln.split()[0] for ln in lines[1:] if ln] == list(gpu_record.STEPS)
+
+
+def _wheel(path, name, requires):
+    with zipfile.ZipFile(path, "w") as z:
+        meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{name}-1.0.dist-info/METADATA", meta)
+
+
+def test_wheels_requiring_what_the_device_lacks_are_refused(tmp_path):
+    """The requirement check of gpu_wheels.sh over a folder whose stamp is current (no download): a requirement
+    on the device (numpy), an extra's and a marker for another Python pass; one missing everywhere stops it."""
+    dest = tmp_path / "whl"
+    dest.mkdir()
+    script = (REPO / "scripts" / "gpu_wheels.sh").read_text()
+    binary = script.split('BINARY="')[1].split('"')[0]
+    sdist = script.split('SDIST="')[1].split('"')[0]
+    (dest / "stamp.txt").write_text(f"python 3.12: {binary} {sdist}\n")
+    _wheel(dest / "good-1.0-py3-none-any.whl", "good",
+           ["numpy>=1.20", "pytest; extra == 'test'", "tomli; python_version < '3.11'"])
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--dest", str(dest)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "every requirement on the device or carried" in proc.stdout
+    assert (dest / "commit.txt").read_text().startswith("commit ")
+    _wheel(dest / "bad-1.0-py3-none-any.whl", "bad", ["not-on-the-device>=2"])
+    proc = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--dest", str(dest)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "bad-1.0-py3-none-any.whl requires not-on-the-device>=2" in proc.stderr
