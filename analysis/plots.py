@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.tables import SIZES, TABLE1, complete, environment, summarize
+from analysis.names import file_stem, run_name
+from analysis.tables import complete, environment, summarize
 from study.errors import UserError
 
-LABELS = {"vit_adapter_m2f": "ViT-Adapter + M2F", "sfp_m2f": "w/o ViT-Adapter",
-          "sfp_no_pixel_decoder": "w/o pixel decoder", "single_scale": "w/o multi-scale",
-          "eomt_masked": "EoMT w/ masking", "eomt": "EoMT"}
 WIDTH = 3.3  # inches: one column of a two-column paper
 UNITS = {"FPS": "FPS (images/s, batch 1)", "GFLOPs": "GFLOPs per image", "params_M": "parameters (M)",
          "PQ": "PQ (%)", "AP": "AP (%)", "mIoU": "mIoU (%)"}
@@ -30,14 +28,41 @@ def _style():
     return plt
 
 
+def _registry() -> dict:
+    from study.models.build import variants
+
+    return variants()
+
+
+def variant_label(variant: str) -> str:
+    """A variant's label, from its record in the registry (study/models/build.py); its name if unregistered."""
+    v = _registry().get(variant)
+    return v.label if v is not None else str(variant)
+
+
 def _colour(variant: str) -> str:
-    order = TABLE1 + ["eomt_tiny"]
-    return f"C{order.index(variant) if variant in order else len(order)}"
+    """One colour per registered variant (its place in the registry: Table 1 order first)."""
+    order = list(_registry())
+    return f"C{(order.index(variant) if variant in order else len(order)) % 10}"
+
+
+def component_colour(component: str) -> str:
+    """One colour per component in every figure (the registry's list of all components, 'other' last)."""
+    from study.models.build import all_components
+
+    order = all_components()
+    cmap = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+            "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2"]
+    if component == "other":
+        return "#7f7f7f"
+    i = order.index(component) if component in order else len(order)
+    return cmap[i % len(cmap)]
 
 
 def _variants(names) -> list[str]:
     names = set(names)
-    return [v for v in TABLE1 if v in names] + sorted(names - set(TABLE1))
+    order = list(_registry())
+    return [v for v in order if v in names] + sorted(names - set(order))
 
 
 def _by_size(d: pd.DataFrame) -> pd.DataFrame:
@@ -111,63 +136,79 @@ def _our_lines(data: pd.DataFrame):
     seen: dict[str, int] = {}
     for variant, setting, d in series(data):
         k = seen[variant] = seen.get(variant, -1) + 1
-        yield (variant, LABELS.get(variant, variant) + (f" {setting}" if setting else "") + " (ours)",
+        yield (variant, variant_label(variant) + (f" {setting}" if setting else "") + " (ours)",
                MARKERS[k % len(MARKERS)], d)
 
 
-def _log_axis(axis) -> None:
-    """A log axis with plain numbers at 1, 2 and 5 per decade (matplotlib's 2x10^1 labels of the minor
-    ticks overlap on a short range)."""
+def _log_axis(axis, lo: float | None = None, hi: float | None = None) -> None:
+    """A log axis with plain numbers: at 1, 2 and 5 per decade over at most about a decade and a half, at each
+    power of ten over a wider range (2x10^1 labels of the minor ticks, or 1-2-5 labels over several decades,
+    run into each other at column width)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    wide = lo is not None and hi is not None and lo > 0 and hi / lo > 30
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
 
 def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: bool = True,
                   img_size: int = 640):
-    """``y`` against ``x`` through the sizes, one line per variant and setting (:func:`series`): ours (points
-    labelled size/input, or, where every point of ours has one size and input, that in the caption) and, with
-    ``paper``, the paper's points at ``img_size`` on the same axes. The paper's Figure 1 is ``x="FPS"``; the
-    title names the device and precision of our FPS."""
+    """``y`` against ``x`` through the sizes, one line per variant and setting (:func:`series`). With ``paper``
+    two panels side by side, ours (left, on our device and data) and the paper's points at ``img_size`` (right,
+    one H100, COCO): they never share axes, since a tiny model on a CPU and the paper's on an H100 do not
+    compare point by point. Points are labelled by size (ours: size/input when there is more than one). The
+    paper's Figure 1 is ``x="FPS"``; our panel's title names the device and precision of our FPS."""
     plt = _style()
     data = ours(results, x, y)
-    fig, ax = plt.subplots(figsize=(WIDTH, 3.3))
+    p = paper_points(img_size) if paper else None
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(WIDTH, 2.9), squeeze=False)
+    ax = axes[0, 0]
     where = {f"{r['model.size']}/{int(r['model.img_size'])}" for _, r in data.iterrows()}
+    entries: dict[str, object] = {}
     for variant, label, marker, d in _our_lines(data):
-        ax.plot(d[x], d[y], marker=marker, ms=3.5, lw=1, color=_colour(variant), label=label)
+        (h,) = ax.plot(d[x], d[y], marker=marker, ms=3.5, lw=1, color=_colour(variant), label=label)
+        entries[label.removesuffix(" (ours)")] = h
         if len(where) > 1:
             for _, r in d.iterrows():
                 ax.annotate(f"{r['model.size']}/{int(r['model.img_size'])}", (r[x], r[y]),
-                            textcoords="offset points", xytext=(3, 3), fontsize=5)
+                            textcoords="offset points", xytext=(2, 2), fontsize=4.5)
+    panels = [(ax, data)]
     if paper:
-        p = paper_points(img_size)
+        right = axes[0, 1]
         for variant in _variants(p["model.variant"]):
             d = _by_size(p[p["model.variant"] == variant]).dropna(subset=[x, y])
             if d.empty:
                 continue
-            ax.plot(d[x], d[y], marker="o", ms=3.5, lw=0.8, ls="--", mfc="none", color=_colour(variant),
-                    label=f"{LABELS.get(variant, variant)} (paper)")
+            (h,) = right.plot(d[x], d[y], marker="o", ms=3.5, lw=0.8, ls="--", mfc="none", color=_colour(variant),
+                              label=f"{variant_label(variant)} (paper)")
+            entries.setdefault(variant_label(variant), h)
             for _, r in d.iterrows():
-                ax.annotate(r["model.size"], (r[x], r[y]), textcoords="offset points", xytext=(3, -7), fontsize=5,
-                            color="0.35")
-    if x in ("FPS", "GFLOPs", "params_M"):
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis)
-    ax.set_xlabel(UNITS.get(x, x))
+                right.annotate(r["model.size"], (r[x], r[y]), textcoords="offset points", xytext=(2, -6),
+                               fontsize=4.5, color="0.35")
+        right.set_title(f"paper: COCO, {img_size} px" + ("\none H100, mixed precision" if "FPS" in (x, y) else ""))
+        panels.append((right, p.dropna(subset=[x, y])))
+    for a, d in panels:
+        if x in ("FPS", "GFLOPs", "params_M"):
+            a.set_xscale("log")
+            vals = pd.to_numeric(d[x], errors="coerce").dropna()
+            _log_axis(a.xaxis, vals.min() if len(vals) else None, vals.max() if len(vals) else None)
+            if len(vals) and vals.max() / vals.min() <= 30:
+                a.margins(x=0.15)
+        a.set_xlabel(UNITS.get(x, x))
+        a.grid(True, alpha=0.3, which="both", lw=0.4)
     ax.set_ylabel(UNITS.get(y, y))
-    title = f"{y} vs {x} through the model sizes"
-    only = f"ours: size/input {next(iter(where))}" if len(where) == 1 else ""
-    if x == "FPS" or y == "FPS":
-        caption = _fps_caption(results)
-        title += f"\n{caption}" + (f"; {only.removeprefix('ours: ')}" if only else "") \
-            + ("\npaper: one H100, mixed precision" if paper else "")
-    elif only:
+    only = f"size/input {next(iter(where))}" if len(where) == 1 else ""
+    title = "ours" + (f": {_fps_caption(results).removeprefix('ours: ')}" if "FPS" in (x, y) else "")
+    if only:
         title += f"\n{only}"
     ax.set_title(title)
-    ax.grid(True, alpha=0.3, which="both", lw=0.4)
-    _legend_below(fig, ax)
+    fig.suptitle(f"{y} vs {x} through the model sizes", fontsize=7)
+    handles = list(entries.values())
+    fig.legend(handles, list(entries), loc="lower center", ncol=2, frameon=False, fontsize=5.5)
+    fig.canvas.draw()
+    height = fig.legends[0].get_window_extent().height / fig.dpi
+    fig.tight_layout(rect=(0, (height + 0.05) / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -186,7 +227,7 @@ def size_plot(results: pd.DataFrame, paper: bool = True, img_size: int = 640):
         for variant in _variants(p["model.variant"]):
             d = _by_size(p[p["model.variant"] == variant]).dropna(subset=[col])
             ax.plot([sizes.index(z) for z in d["model.size"]], d[col], marker="o", ms=3, lw=0.8, ls="--",
-                    mfc="none", color=_colour(variant), label=f"{LABELS.get(variant, variant)} (paper)")
+                    mfc="none", color=_colour(variant), label=f"{variant_label(variant)} (paper)")
         ax.set_xticks(range(len(sizes)), sizes)
         ax.set_xlabel("model size")
         ax.set_ylabel(UNITS[col])
@@ -208,36 +249,52 @@ def component_columns(results: pd.DataFrame, quantity: str = "time") -> tuple[st
 
 
 def component_plot(results: pd.DataFrame, quantity: str = "time"):
-    """A stacked bar per Table 1 row with a complete run (rows 0-5 in order, one bar per size and input
-    size): the time per forward (``quantity="time"``) or GFLOPs of each component, from the benchmark's
-    breakdown in the results table."""
+    """A stacked horizontal bar per registered variant with a complete run and a breakdown (registry order:
+    Table 1 rows 0-5, then the others; one bar per size and input size, labelled by the variant's label): the
+    time per forward (``quantity="time"``) or GFLOPs of each component. The components and their order are
+    the registry's (``Variant.components``, then 'other'); a component has one colour in every figure."""
+    from study.models.build import all_components
+
     plt = _style()
     done = complete(results)
-    done = done[done["model.variant"].isin(TABLE1)]
+    registry = _registry()
+    done = done[done["model.variant"].isin(list(registry))]
     prefix, cols = component_columns(done, quantity)
     done = done.dropna(subset=cols, how="all")
     if done.empty:
-        raise UserError(f"no complete run of a Table 1 row with a per-component {quantity}")
+        raise UserError(f"no complete run of a registered variant with a per-component {quantity}")
     key = ["model.variant", "model.size", "model.img_size"]
     bars = done.groupby(key, sort=False)[cols].mean().reset_index()
-    bars = bars.assign(_r=bars["model.variant"].map(TABLE1.index)).sort_values(["model.size", "_r"])
-    parts = [c for c in cols if bars[c].fillna(0).gt(0).any()]
-    fig, ax = plt.subplots(figsize=(WIDTH, 2.4))
-    bottom = [0.0] * len(bars)
-    for i, c in enumerate(parts):
+    order = list(registry)
+    bars = bars.assign(_r=bars["model.variant"].map(order.index)).sort_values(["model.size", "_r"])
+    bars = bars.iloc[::-1].reset_index(drop=True)  # the first row at the top
+    known = all_components()
+    names = [c.removeprefix(prefix) for c in cols]
+    parts = sorted((c for c, n in zip(cols, names) if bars[c].fillna(0).gt(0).any()),
+                   key=lambda c: known.index(c.removeprefix(prefix)) if c.removeprefix(prefix) in known
+                   else len(known))
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.3 + 0.28 * len(bars) + 0.1 * len(parts)))
+    left = [0.0] * len(bars)
+    for c in parts:
         values = bars[c].fillna(0).tolist()
-        ax.bar(range(len(bars)), values, bottom=bottom, color=f"C{i}", label=c.removeprefix(prefix).replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xticks(range(len(bars)), [f"row {TABLE1.index(r['model.variant'])}\n{r['model.size']}/"
-                                     f"{int(r['model.img_size'])}" for _, r in bars.iterrows()])
-    ax.set_ylabel("ms per forward" if quantity == "time" else "GFLOPs per image")
-    title = "Time per component, Table 1 rows" if quantity == "time" else "GFLOPs per component, Table 1 rows"
+        name = c.removeprefix(prefix)
+        ax.barh(range(len(bars)), values, left=left, color=component_colour(name), label=name.replace("_", " "))
+        left = [b + v for b, v in zip(left, values)]
+    rows = [registry[v].row for v in bars["model.variant"]]
+    ax.set_yticks(range(len(bars)), [(f"{r}. " if r is not None else "") + f"{variant_label(v)} {z}/{int(i)}"
+                                     for r, v, z, i in zip(rows, bars["model.variant"], bars["model.size"],
+                                                           bars["model.img_size"])])
+    ax.set_xlabel("ms per forward" if quantity == "time" else "GFLOPs per image")
+    title = "Time per component" if quantity == "time" else "GFLOPs per component"
     if quantity == "time":
         title += f"\n{_fps_caption(done)}"
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(True, axis="y", alpha=0.3, lw=0.4)
-    fig.tight_layout()
+    ax.grid(True, axis="x", alpha=0.3, lw=0.4)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=5.5)
+    fig.canvas.draw()
+    height = fig.legends[0].get_window_extent().height / fig.dpi
+    fig.tight_layout(rect=(0, (height + 0.05) / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -280,21 +337,31 @@ def training_curves(results: pd.DataFrame, run: str):
         h, lab = right.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
     ax.legend(handles, labels, frameon=False, loc="upper right")
-    ax.set_title(f"{run}: {row.get('model.variant')} {row.get('model.size')}/{row.get('model.img_size')}")
+    setting = row.get("model.mask_setting")
+    ax.set_title(f"{run_name(row)}: {variant_label(row.get('model.variant'))} {row.get('model.size')}/"
+                 f"{row.get('model.img_size')}" + (f", {setting}" if isinstance(setting, str) and setting else ""))
     fig.tight_layout()
     return fig
 
 
 def save(fig, stem: str | Path, dpi: int = 300) -> list[Path]:
-    """Write ``stem``.png and ``stem``.pdf; returns the paths."""
+    """Write ``stem``.png and ``stem``.pdf (refusing to replace a file the suite did not write); returns the
+    paths."""
     import matplotlib.pyplot as plt
+
+    from study.io import record_written, refuse_foreign
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(f"{stem.name}.png"), stem.with_name(f"{stem.name}.pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=dpi)
-    plt.close(fig)
+    try:
+        for p in paths:  # never over a file the suite did not write (study/io.py's manifest)
+            refuse_foreign(p)
+        for p in paths:
+            fig.savefig(p, dpi=dpi)
+            record_written(p)
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -306,8 +373,9 @@ def figure_makers(results: pd.DataFrame) -> list[tuple[str, str, object]]:
                ("Time per component of each Table 1 row", "components_time", lambda: component_plot(results)),
                ("GFLOPs per component of each Table 1 row", "components_gflops",
                 lambda: component_plot(results, "GFLOPs"))]
-    for run in complete(results).get("run", []):
-        figures.append((f"Training curves of {run}", f"curves_{run}",
+    for _, r in complete(results).iterrows():
+        run = r.get("run")
+        figures.append((f"Training curves of {run_name(r)}", f"curves_{file_stem(run_name(r))}",
                         lambda run=run: training_curves(results, run)))
     return figures
 

@@ -353,6 +353,6 @@ def write_report(report: Report, stem) -> list:
     paths = []
     for ext, text in (("md", to_markdown(report)), ("tex", to_latex(report)), ("csv", to_csv(report))):
         path = stem.with_name(f"{stem.name}.{ext}")
-        atomic_write_text(path, text)
+        atomic_write_text(path, text, guard=True)  # never over a file the suite did not write
         paths.append(path)
     return paths

@@ -46,18 +46,25 @@ def test_missing_columns_named():
         summarize(pd.DataFrame({"model.variant": ["eomt"], "model.img_size": [640]}))
 
 
-def test_figure1_ours_and_the_papers_points_told_apart():
+def _line(ax, label):
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_figure1_ours_and_the_papers_points_side_by_side():
+    """Ours (left, our device) and the paper's (right, one H100) on separate axes: never one comparison."""
     fig = tradeoff_plot(results())
-    ax = fig.axes[0]
-    assert ax.get_xscale() == "log" and "FPS" in ax.get_xlabel() and "%" in ax.get_ylabel()
-    lines = {line.get_label(): line for line in ax.lines}
-    eomt = lines["EoMT (ours)"]
+    ours_ax, paper_ax = fig.axes
+    assert ours_ax.get_xscale() == "log" and "FPS" in ours_ax.get_xlabel() and "%" in ours_ax.get_ylabel()
+    eomt = _line(ours_ax, "w/o Masking = EoMT (ours)")  # the registry's label
     assert list(eomt.get_xdata()) == [300.0, 128.0] and list(eomt.get_ydata()) == [44.0, 56.0]  # S then L
-    paper = lines["EoMT (paper)"]  # Table 3 at 640 (H100 FPS): S, B, L, g
+    assert not any("(paper)" in line.get_label() for line in ours_ax.lines)
+    assert not any("(ours)" in line.get_label() for line in paper_ax.lines)
+    paper = _line(paper_ax, "w/o Masking = EoMT (paper)")  # Table 3 at 640 (H100 FPS): S, B, L, g
     assert list(paper.get_xdata()) == [330, 261, 128, 55] and list(paper.get_ydata()) == [44.7, 50.6, 56.0, 57.0]
     assert paper.get_linestyle() == "--" and eomt.get_linestyle() == "-"
-    assert "cuda:0 (NVIDIA H200), bf16, 16 threads" in ax.get_title() and "H100" in ax.get_title()
-    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {"EoMT (ours)", "EoMT (paper)"}
+    assert eomt.get_color() == paper.get_color()  # one colour per variant
+    assert "cuda:0 (NVIDIA H200), bf16, 16 threads" in ours_ax.get_title() and "H100" in paper_ax.get_title()
+    assert "w/o Masking = EoMT" in {t.get_text() for t in fig.legends[0].get_texts()}
     assert fig.get_figwidth() == pytest.approx(3.3)
     with pytest.raises(UserError, match="no 'AP' values"):
         tradeoff_plot(results(), y="AP")
@@ -71,28 +78,38 @@ def test_runs_of_one_variant_in_other_settings_are_separate_lines():
                                                                    "FPS": 140.0})
     r = pd.concat([r, extra], ignore_index=True)
     for fig, ax in ((f, f.axes[0]) for f in (tradeoff_plot(r), size_plot(r))):
-        lines = {line.get_label(): line for line in ax.lines}
-        assert len(lines["EoMT (ours)"].get_xdata()) == 2  # S and L of the default setting only
-        assert len(lines["EoMT unmasked (ours)"].get_xdata()) == 1
-        assert lines["EoMT unmasked (ours)"].get_marker() != lines["EoMT (ours)"].get_marker()
+        assert len(_line(ax, "w/o Masking = EoMT (ours)").get_xdata()) == 2  # S and L of the default setting
+        unmasked = _line(ax, "w/o Masking = EoMT unmasked (ours)")
+        assert len(unmasked.get_xdata()) == 1
+        assert unmasked.get_marker() != _line(ax, "w/o Masking = EoMT (ours)").get_marker()
     fig = tradeoff_plot(r)
     fig.canvas.draw()
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
-    assert labels and all(t.replace(".", "").isdigit() for t in labels), labels  # 20, 50, 100, ..., no 2x10^1
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all(t.replace(".", "").isdigit() for t in labels), labels  # 20, 50, 100, no 2x10^1
 
 
 def test_size_and_component_figures():
+    from analysis.plots import component_colour
+
     fig = size_plot(results())
     params, gflops = fig.axes
-    eomt = [line for line in params.lines if line.get_label() == "EoMT (ours)"][0]
+    eomt = _line(params, "w/o Masking = EoMT (ours)")
     assert [t.get_text() for t in params.get_xticklabels()] == ["S", "B", "L", "g"]
     assert list(eomt.get_ydata()) == [24.0, 300.0]
     bars = component_plot(results()).axes[0]
-    assert bars.get_ylabel() == "ms per forward"
-    # rows 0, 3, 5 at L: backbone (mean of seeds 5 and 6 ms) under decoder (2 ms)
-    heights = [round(p.get_height(), 2) for p in bars.patches]
-    assert heights == [5.5, 5.5, 5.5, 2.0, 2.0, 2.0]
-    assert [t.get_text().split("\n")[0] for t in bars.get_xticklabels()] == ["row 0", "row 3", "row 5"]
+    assert bars.get_xlabel() == "ms per forward"
+    # rows 0, 3, 5 at L (top to bottom): backbone (mean of seeds 5 and 6 ms), then decoder (2 ms)
+    widths = [round(p.get_width(), 2) for p in bars.patches]
+    assert widths == [5.5, 5.5, 5.5, 2.0, 2.0, 2.0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == [
+        "5. w/o Masking = EoMT L/640", "3. w/o Multi-scale L/640", "0. ViT-Adapter + Mask2Former L/640"]
+    legend = {t.get_text() for t in bars.figure.legends[0].get_texts()}
+    assert legend == {"backbone", "decoder"}
+    import matplotlib.colors as mc
+
+    assert mc.to_hex(bars.patches[0].get_facecolor()) == component_colour("backbone")
+    assert component_colour("adapter") != component_colour("patch_embed")  # every component its own colour
     with pytest.raises(UserError, match="gflops_by_component"):
         component_plot(results(), "GFLOPs")
 

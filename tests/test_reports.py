@@ -72,8 +72,13 @@ def test_tables_of_the_quickstart_in_three_formats(quickstart, tmp_path, table, 
 
 
 def test_defaults_follow_the_results_and_nothing_to_report_fails(quickstart, tmp_path, capsys):
-    assert main(["report", str(quickstart), "--size", "L"]) == 2  # the quickstart has tiny runs only
+    assert main(["report", str(quickstart), "--table", "1", "--size", "L"]) == 2  # tiny runs only
     assert "nothing to report for Table 1 at size L" in capsys.readouterr().err
+    assert main(["report", str(quickstart), "--size", "L"]) == 2
+    assert "no run there" in capsys.readouterr().err
+    assert main(["report", str(quickstart)]) == 0  # without --table: the study of the runs, axis model.variant
+    out = capsys.readouterr().out
+    assert out.startswith("## Study: variant\n") and "| w/o Pixel decoder " in out and "1 (no interval)" in out
     assert main(["report", str(quickstart), "--table", "3"]) == 2
     err = capsys.readouterr().err
     assert "nothing to report for Table 3" in err and "eomt tiny 64px" in err and len(err.splitlines()) == 1
@@ -101,6 +106,14 @@ def test_all_writes_tables_figures_and_an_index(quickstart, tmp_path):
     assert f"Times taken on: cpu, fp32, {threads} thread{'s' * (threads != 1)}" in index
     assert "[md](table_1.md)" in index and "[png](fig1_pq_fps.png)" in index
     assert "[png](components_time.png)" in index  # the pipeline records the per-component time
+    for ext in ("md", "tex", "csv"):  # a paper grid gets the generic study too
+        assert (out / f"study.{ext}").stat().st_size > 100
+    assert "## Study: variant" in index and "[png](study_model_variant.png)" in index
+    assert main(["report", str(quickstart), "--all", str(out)]) == 0  # the suite's own files: replaced
+    (out / "index.md").write_text("my own notes\n")  # a file the suite did not write is never replaced
+    (out / ".study-manifest.json").write_text('{"written": []}')
+    assert main(["report", str(quickstart), "--all", str(out)]) == 2
+    assert (out / "index.md").read_text() == "my own notes\n"
 
 
 # ------------------------------------------------------------------ every table on synthesised results
