@@ -10,7 +10,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train any variant (resumes an interrupted run)",
                        description="Train the configured model. The run folder is <output_dir>/<name>-<hash of "
                                    "the config>; running the same command again resumes an interrupted run and "
-                                   "skips a finished one.")
+                                   "skips a finished one. Progress: a line on stdout and in <run>/logs/train.log "
+                                   "every train.log_every steps or train.log_every_s seconds (default 30 s); "
+                                   "STUDY_PROGRESS=1 draws a bar; train.eval_every=N evaluates every N steps "
+                                   "(docs/training.md).")
     p.add_argument("config", nargs="?",
                    help="YAML config, e.g. experiments/quickstart.yaml (tiny EoMT on the built-in synthetic "
                         "set). Without one, the dataclass defaults of study/config.py apply, which describe "
