@@ -492,3 +492,17 @@ def test_evaluation_loads_a_delta_checkpoint_on_its_pretrained_backbone(tmp_path
     _logits_equal(trained_model(cfg, tmp_path / "delta.bin").eval(), hf, x)
     torch.save(build_model(cfg.model).state_dict(), tmp_path / "model_final.pt")  # a run's absolute weights
     _logits_equal(trained_model(cfg, tmp_path / "model_final.pt").eval(), hf, x)
+
+
+def test_the_weights_readers_sit_below_the_backbones():
+    """Issue 25 item 5: backbone.py, dinov3.py and checkpoint.py build on study/models/weights.py (readers, key
+    rules, the fit check) and no circle runs through the model files any more."""
+    from test_layering import REPO, circles, import_graph
+
+    graph = import_graph(REPO)
+    assert not graph["study/models/weights.py"] & {"study/models/backbone.py", "study/models/dinov3.py",
+                                                    "study/models/checkpoint.py"}
+    assert "study/models/backbone.py" not in graph["study/models/dinov3.py"]
+    assert "study/models/checkpoint.py" not in graph["study/models/dinov3.py"]
+    assert [sorted(c) for c in circles(graph) if any(f.startswith("study/models/") for f in c)
+            and not c <= {"study/config.py", "study/models/build.py"}] == []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
+from study.models.weights import read_state_dict, state_dict_mismatch  # noqa: F401 (also used by importers)
 
 # ImageNet statistics (docs/paper.md section 5: images in [0, 1], normalised with these).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,43 +111,6 @@ def check_size(size: str) -> SizeSpec:
     if size not in SIZES:
         raise UserError(f"unknown model size '{size}' (model.size); choose one of: {', '.join(SIZES)}")
     return SIZES[size]
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file without unpickling code (safetensors, or torch.load with weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file or one that would need code to unpickle
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(sd, dict):
-        raise UserError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
-    for key in ("model", "state_dict"):  # common wrappers
-        if key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
-
-
-def state_dict_mismatch(own: dict, sd: dict) -> str:
-    """'' when ``sd`` fits ``own`` key for key and shape for shape, else what does not fit (first few each)."""
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    parts = []
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
-    return "; ".join(parts)
 
 
 class ViTBackbone(nn.Module):

@@ -12,34 +12,12 @@ import torch
 from torch import nn
 
 from study.errors import UserError
-from study.io import read_torch_file
-from study.models.backbone import state_dict_mismatch
+from study.models.weights import (HF_HEAD_RULES, OFFICIAL_HEAD_RULES, read_weights,  # noqa: F401 (re-exported)
+                                  rename_key, rename_keys, state_dict_mismatch)
 
 # Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
-# The parts outside the ViT, the same in the official DINOv2 and DINOv3 EoMT (study/models/dinov3.py).
-OFFICIAL_HEAD_RULES: list[tuple[str, str]] = [
-    (r"^network\.encoder\.pixel_(mean|std)$", r"backbone.pixel_\1"),
-    (r"^network\.q\.", "q."),
-    (r"^network\.class_head\.", "head.class_head."),
-    (r"^network\.mask_head\.", "head.mask_head."),
-    (r"^network\.upscale\.", "head.upscale."),
-    (r"^network\.attn_mask_probs$", "attn_mask_probs"),
-]
 _OFFICIAL = [(r"^network\.encoder\.backbone\.", "backbone.vit."), *OFFICIAL_HEAD_RULES]
 _OFFICIAL_DROPPED = (r"^criterion\.",)  # criterion.empty_weight: a loss buffer, not part of the model
-
-# The parts outside the ViT, the same in Hugging Face's EomtForUniversalSegmentation and
-# EomtDinov3ForUniversalSegmentation (study/models/dinov3.py): queries, class head, mask MLP, upscaler, P_mask.
-HF_HEAD_RULES: list[tuple[str, str]] = [
-    (r"^query\.", "q."),
-    (r"^class_predictor\.", "head.class_head."),
-    (r"^mask_head\.fc1\.", "head.mask_head.0."),
-    (r"^mask_head\.fc2\.", "head.mask_head.2."),
-    (r"^mask_head\.fc3\.", "head.mask_head.4."),
-    (r"^upscale_block\.block\.(\d+)\.layernorm2d\.", r"head.upscale.\1.norm."),
-    (r"^upscale_block\.block\.(\d+)\.", r"head.upscale.\1."),  # conv1, conv2
-    (r"^attn_mask_probs$", "attn_mask_probs"),
-]
 
 # Hugging Face EomtForUniversalSegmentation -> ours (q, k, v projections are fused afterwards).
 _HF = [
@@ -68,19 +46,6 @@ def detect_layout(sd: dict) -> str:
     return "ours"
 
 
-def rename_key(key: str, rules: list, where="<state dict>") -> str:
-    """The first of ``rules`` (regex, replacement) that matches ``key`` renames it; no match is an error."""
-    for pat, rep in rules:
-        if re.match(pat, key):
-            return re.sub(pat, rep, key)
-    raise UserError(f"checkpoint {where}: key '{key}' has no counterpart in this suite's model")
-
-
-def rename_keys(sd: dict, rules: list, dropped: tuple = (), where="<state dict>") -> dict:
-    """A state dict renamed by ``rules``; keys matching a pattern of ``dropped`` are left out."""
-    return {rename_key(k, rules, where): v for k, v in sd.items() if not any(re.match(d, k) for d in dropped)}
-
-
 def _fuse_qkv(sd: dict) -> dict:
     """Hugging Face splits timm's fused qkv projection; put q, k, v back into one (3D, D) weight."""
     out = {}
@@ -102,37 +67,6 @@ def convert_state_dict(sd: dict, layout: str, path="<state dict>") -> dict:
         if "backbone.vit.pos_embed" in sd and sd["backbone.vit.pos_embed"].dim() == 2:
             sd["backbone.vit.pos_embed"] = sd["backbone.vit.pos_embed"][None]  # (N, D) -> (1, N, D)
         return sd
-    return sd
-
-
-def read_weights(path: str | os.PathLike, what: str = "checkpoint") -> dict:
-    """The tensors of a weights file without running pickled code: ``.safetensors``, or a ``torch.save``
-    file (``weights_only``), unwrapped from a ``model`` / ``state_dict`` entry. A missing, damaged or
-    unsafe file ends in one :class:`UserError` naming it."""
-    from pathlib import Path
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise UserError(f"{what} {path} does not exist")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise UserError(f"{what} {path} is damaged ({path.stat().st_size} bytes; safetensors says: {e}); "
-                            f"download or copy it again") from None
-    sd = read_torch_file(path, what)
-    if not isinstance(sd, dict):
-        raise UserError(f"{what} {path} holds a {type(sd).__name__}, not a state dict")
-    for key in ("model", "state_dict"):  # common wrappers
-        if key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise UserError(f"{what} {path}: entry '{bad[0]}' is a {type(sd[bad[0]]).__name__}, not a tensor; "
-                        f"expected a model state dict")
     return sd
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
-from study.models.checkpoint import HF_HEAD_RULES, OFFICIAL_HEAD_RULES
+from study.models.weights import HF_HEAD_RULES, OFFICIAL_HEAD_RULES, read_weights, state_dict_mismatch
 
 # Backbone: Hugging Face DINOv3ViTModel (and the official code's renamed copy of it) -> timm's Eva.
 # ``(?:model\.)?(?:layer|blocks)``: the file's ``layer.N``, transformers 5's ``model.layer.N``, the official
@@ -205,8 +205,6 @@ def load_dinov3_checkpoint(model: nn.Module, sd: dict, layout: str, where="<stat
     to the file the backbone was built from (``model.pretrained``). ``keep_own``: key prefixes of our model
     whose tensors stay as built (a re-initialised class head; study/models/checkpoint.py).
     """
-    from study.models.backbone import state_dict_mismatch
-
     sd = dinov3_checkpoint_to_ours(sd, layout, where)
     own = model.state_dict()
     kept = {k: own[k] for k in own if k.startswith(keep_own)} if keep_own else {}
@@ -229,8 +227,6 @@ def load_dinov3_checkpoint(model: nn.Module, sd: dict, layout: str, where="<stat
 def load_dinov3_checkpoint_file(model: nn.Module, path: str | os.PathLike, delta_weights: bool = False,
                                 backbone_file: str | os.PathLike | None = None) -> str:
     """Read ``path`` and load it with :func:`load_dinov3_checkpoint`; returns the layout."""
-    from study.models.checkpoint import read_weights
-
     sd = read_weights(path)
     layout = detect_dinov3_layout(sd)
     if layout is None:
