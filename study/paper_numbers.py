@@ -105,7 +105,7 @@ def resolve(keys: dict) -> dict:
     name and one configured key by key compare equal. ``eomt_masked`` is EoMT with masked inference by
     default: it resolves to ``eomt`` with the setting ``masked``."""
     from study.models.backbone import SIZES
-    from study.models.config import MASK_SETTINGS, Masking, mask_setting_name
+    from study.models.config import mask_setting_name, resolve_masking
 
     out = dict(keys)
     spec = SIZES.get(out.get("model.size"))
@@ -115,17 +115,10 @@ def resolve(keys: dict) -> dict:
         out["model.backbone"] = spec.backbone
     masking_keys = ("model.mask_setting", "model.masked_attention", "model.masked_inference", "train.mask_annealing")
     if any(k in out for k in masking_keys):
-        setting = out.get("model.mask_setting")
-        if setting:
-            m = MASK_SETTINGS[setting]
-        elif out.get("model.masked_attention") is False:
-            m = MASK_SETTINGS["unmasked"]
-        else:
-            inference = out.get("model.masked_inference")
-            if inference is None:
-                inference = out.get("model.variant") not in UNMASKED_AT_INFERENCE
-            annealing = out.get("train.mask_annealing")
-            m = Masking(True, inference, (not inference) if annealing is None else annealing)
+        # the one resolver of the model builder and the trainer (study/models/config.py)
+        m = resolve_masking(out.get("model.mask_setting") or None, out.get("model.masked_attention") is not False,
+                            out.get("model.masked_inference"),
+                            out.get("model.variant") not in UNMASKED_AT_INFERENCE, out.get("train.mask_annealing"))
         resolved = dict(zip(masking_keys, (mask_setting_name(m) or "custom", m.attention, m.inference, m.annealing)))
         out.update({k: v for k, v in resolved.items() if k in out})
     if out.get("model.variant") == "eomt_masked":

@@ -160,3 +160,54 @@ def test_config_fields_and_validation():
             load_config(None, bad)
     with pytest.raises(ValueError, match="steps per epoch"):
         TrainConfig(epochs=12).total_steps()
+
+
+# ---- the one mask-setting resolver (study/models/config.py; issue 25 item 3)
+
+@pytest.mark.parametrize("setting, train, expected", [
+    ("annealed", None, True), ("masked", None, False), ("masked_train_only", False, False),
+    (None, None, True),  # eomt: not masked at inference, so annealed by the trainer's rule
+    (None, False, False)])
+def test_one_resolver_for_builder_trainer_and_paper_rows(setting, train, expected):
+    from study.models.config import resolve_masking
+    from study.paper_numbers import resolve
+
+    m = resolve_masking(setting, True, None, False, train)
+    assert m.annealing is expected
+    cfg = build_mask_annealing(TrainConfig(mask_annealing=train), 60, 3, m.inference,
+                               None if setting is None else m.annealing)
+    assert (cfg is not None) is expected
+    keys = resolve({"model.variant": "eomt", "model.mask_setting": setting, "model.masked_attention": True,
+                    "model.masked_inference": None, "train.mask_annealing": train})
+    assert keys["train.mask_annealing"] is expected and keys["model.masked_inference"] is m.inference
+
+
+@pytest.mark.parametrize("over", [["model.mask_setting=masked", "train.mask_annealing=true"],
+                                  ["model.mask_setting=annealed", "train.mask_annealing=false"],
+                                  ["model.masked_attention=false", "train.mask_annealing=true"]])
+def test_the_resolver_refuses_a_clash(over):
+    from study.errors import UserError
+    from study.models.config import check_masking
+
+    cfg = load_config(None, ["model.size=tiny"] + [o for o in over if o.startswith("model.")])
+    annealing = {"true": True, "false": False}[over[1].split("=")[1]]
+    with pytest.raises(UserError, match="train.mask_annealing=.* contradicts model.mask_setting"):
+        check_masking(cfg.model, annealing)
+
+
+@pytest.mark.xfail(strict=True, reason="study/config.py check_config does not call study.models.config."
+                                       "check_masking yet (one line, owned by another change)")
+def test_dry_run_refuses_a_mask_setting_clash(tmp_path, capsys):
+    import yaml
+
+    from study.cli import main
+    from test_launch import write_grid
+
+    grid = write_grid(tmp_path, str(tmp_path / "synthetic"), {"runs": [{"seed": 1}]})
+    tree = yaml.safe_load(open(grid))
+    tree.setdefault("model", {})["mask_setting"] = "masked"
+    tree.setdefault("train", {})["mask_annealing"] = True
+    open(grid, "w").write(yaml.safe_dump(tree))
+    assert main(["launch", grid, "--dry-run"]) == 2
+    assert "train.mask_annealing=true contradicts model.mask_setting" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -47,6 +47,61 @@ def mask_setting_name(m: Masking) -> Optional[str]:
     return None
 
 
+# ---- the one mask-setting resolver (issue 25 item 3): the model builder, the trainer's annealing
+# (study/train/schedules.py), the paper-row matching (study/paper_numbers.py) and the config check at load time
+# (study/config.py, so that --dry-run refuses a clash) all resolve the setting here.
+
+def model_masking(mask_setting: Optional[str], masked_attention: bool, masked_inference: Optional[bool],
+                  variant_masks_at_inference: bool) -> Masking:
+    """The model's part of the setting: ``mask_setting`` if given, else the two keys with the variant's default
+    for masked inference (annealing then None: :func:`annealing_enabled` decides with ``train.mask_annealing``).
+    Without masked attention in training nothing is masked at inference and nothing annealed."""
+    if mask_setting is not None:
+        return MASK_SETTINGS[mask_setting]
+    if not masked_attention:
+        return MASK_SETTINGS["unmasked"]
+    inference = variant_masks_at_inference if masked_inference is None else masked_inference
+    return Masking(True, inference, None)
+
+
+def check_annealing_agrees(train_annealing: Optional[bool], model_annealing: Optional[bool]) -> None:
+    """``train.mask_annealing`` (None = unset) against what the model's setting says (None = nothing)."""
+    from study.errors import UserError
+
+    if train_annealing is not None and model_annealing is not None and train_annealing != model_annealing:
+        raise UserError(f"train.mask_annealing={str(train_annealing).lower()} contradicts model.mask_setting, "
+                        f"which {'anneals' if model_annealing else 'does not anneal'} the masks; leave "
+                        "train.mask_annealing unset (null)")
+
+
+def annealing_enabled(model_annealing: Optional[bool], train_annealing: Optional[bool],
+                      masked_inference: bool) -> bool:
+    """Whether training anneals P_mask: the model's setting when it says, else ``train.mask_annealing``, else
+    annealed exactly when masked attention is not kept at inference (study/train/config.py). A clash between
+    the two keys is a UserError."""
+    check_annealing_agrees(train_annealing, model_annealing)
+    if model_annealing is not None:
+        return model_annealing
+    if train_annealing is not None:
+        return train_annealing
+    return not masked_inference
+
+
+def resolve_masking(mask_setting: Optional[str], masked_attention: bool, masked_inference: Optional[bool],
+                    variant_masks_at_inference: bool, train_annealing: Optional[bool]) -> Masking:
+    """The whole setting, annealing resolved to True / False (a clash is a UserError)."""
+    m = model_masking(mask_setting, masked_attention, masked_inference, variant_masks_at_inference)
+    return m._replace(annealing=annealing_enabled(m.annealing, train_annealing, m.inference))
+
+
+def check_masking(model: "ModelConfig", train_annealing: Optional[bool]) -> None:
+    """The check at config load (study/config.py ``check_config``): a clash of ``train.mask_annealing`` with
+    ``model.mask_setting`` (or with ``model.masked_attention: false``, which anneals nothing) is refused
+    before anything runs, ``--dry-run`` included. The variant's default for masked inference cannot clash
+    (it only decides when no key does), so any value serves here."""
+    resolve_masking(model.mask_setting, model.masked_attention, model.masked_inference, True, train_annealing)
+
+
 class TokenMerging(NamedTuple):
     """ALGM's settings, resolved for one ViT (study/models/algm.py applies them). Blocks are 0-based."""
 
@@ -198,12 +253,7 @@ class ModelConfig:
                                  "model.masked_attention unset")
 
     def masking(self, variant_masks_at_inference: bool) -> Masking:
-        """The resolved setting: ``mask_setting`` if given, else the two keys with the variant's default for
-        masked inference (annealing then None: the trainer's rule, study/train/schedules.py). Without masked
-        attention in training nothing is masked at inference and nothing annealed."""
-        if self.mask_setting is not None:
-            return MASK_SETTINGS[self.mask_setting]
-        if not self.masked_attention:
-            return MASK_SETTINGS["unmasked"]
-        inference = variant_masks_at_inference if self.masked_inference is None else self.masked_inference
-        return Masking(True, inference, None)
+        """The model's part of the setting (:func:`model_masking`; annealing None when the trainer's rule
+        decides, study/train/schedules.py)."""
+        return model_masking(self.mask_setting, self.masked_attention, self.masked_inference,
+                             variant_masks_at_inference)

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from study.errors import UserError
+from study.models.config import annealing_enabled, check_annealing_agrees
 from study.train.config import TrainConfig
 
 _DEFAULTS = TrainConfig()  # the paper's numbers live once, in TrainConfig
@@ -141,19 +142,12 @@ class MaskAnnealing:
         it (``build_mask_annealing(..., model_annealing=None)``); with ``train.mask_annealing: true`` set as
         well the two contradict, a UserError."""
         if getattr(model, "mask_annealing", None) is False:
-            _check_agree(True if self.explicit else None, False)
+            check_annealing_agrees(True if self.explicit else None, False)
             probs = [1.0] * len(self.windows)
         else:
             probs = self.probs(step)
         model.set_mask_probs(probs)
         return probs
-
-
-def _check_agree(train_setting: Optional[bool], model_annealing: Optional[bool]) -> None:
-    if train_setting is not None and model_annealing is not None and train_setting != model_annealing:
-        raise UserError(f"train.mask_annealing={str(train_setting).lower()} contradicts model.mask_setting, "
-                        f"which {'anneals' if model_annealing else 'does not anneal'} the masks; leave "
-                        "train.mask_annealing unset (null)")
 
 
 def build_mask_annealing(cfg: TrainConfig, total_steps: int, num_layers: int,
@@ -166,13 +160,7 @@ def build_mask_annealing(cfg: TrainConfig, total_steps: int, num_layers: int,
     ``cfg.mask_annealing``, else the rule that a model keeping masked attention at inference is not annealed.
     ``cfg.mask_annealing`` contradicting ``model_annealing`` is a UserError.
     """
-    _check_agree(cfg.mask_annealing, model_annealing)
-    if model_annealing is not None:
-        enabled = model_annealing
-    elif cfg.mask_annealing is not None:
-        enabled = cfg.mask_annealing
-    else:
-        enabled = not masked_inference
+    enabled = annealing_enabled(model_annealing, cfg.mask_annealing, masked_inference)  # study/models/config.py
     if not enabled or num_layers == 0:
         return None
     explicit = bool(cfg.mask_annealing)
