@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from study.cli import main
+from study.launch.collect import run_state
 from study.runs import RunDir
 from conftest import REPO
 from test_launch import synthetic_root, write_grid  # noqa: F401 (fixture)
@@ -71,7 +72,7 @@ def test_ctrl_c_during_a_debug_launch_is_one_line_and_the_run_is_interrupted(tmp
     assert proc.returncode == 130
     assert "interrupted (Ctrl-C)" in _one_line(err)
     (folder,) = [p for p in run.path.iterdir() if p.name.startswith("s1-")]
-    assert RunDir(folder).status()["state"] == "interrupted"
+    assert run_state(RunDir(folder), active=False) == "interrupted"  # what `study status` shows
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
