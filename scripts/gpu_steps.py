@@ -153,7 +153,8 @@ def _breakdown(model, img: int, protocol) -> dict | None:
 
 def table1(a, device: torch.device, compiled: bool) -> None:
     """Each Table 1 row paired with row 0 (both eager, or both compiled), written as soon as it is timed."""
-    from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.speed import build_entry, time_interleaved
     from study.models.build import table1_rows
 
     key = "table1_compiled" if compiled else "table1_eager"
