@@ -63,13 +63,15 @@ def test_evaluation_during_training_is_recorded_and_changes_nothing(tmp_path, sy
     run = train(cfg, RunDir(tmp_path / "evaluated"))
     history = run.metrics()["eval_history"]
     assert [e["step"] for e in history] == [2, 4]
-    assert all(e["task"] == "panoptic" and e["num_images"] == 2 and "per_class" not in e for e in history)
+    assert all(e["eval"]["task"] == "panoptic" and e["eval"]["num_images"] == 2 and "per_class" not in e["eval"]
+               for e in history)
+    assert [e["PQ"] for e in history] == [100 * e["eval"]["All"]["pq"] for e in history]
     with open(run.csv_log) as f:
         rows = list(csv.DictReader(f))
     assert [r["val_PQ"] != "" for r in rows] == [False, True, False, True]
-    assert [float(rows[i]["val_PQ"]) for i in (1, 3)] == [100 * e["All"]["pq"] for e in history]
+    assert [float(rows[i]["val_PQ"]) for i in (1, 3)] == [e["PQ"] for e in history]
     final = evaluate_run(cfg, run.final_weights)
-    assert history[-1]["All"] == final["All"] and history[-1]["Things"] == final["Things"]
+    assert history[-1]["eval"]["All"] == final["All"] and history[-1]["eval"]["Things"] == final["Things"]
     a, b = weights(plain), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a), "evaluating during training changed the training"
     text = (run.path / "logs" / "train.log").read_text()

@@ -6,9 +6,9 @@ the ``eval`` section's settings, on the training device, without exporting predi
 ``train.eval_max_images`` images when set). The result is recorded at once, so that an interrupted run keeps
 it:
 
-- ``metrics.json``'s ``eval_history``: a list of ``{"step", "seconds", ...}`` entries, each with the fields of
-  ``metrics.json``'s final ``eval`` (the evaluation result without its per-class tables), so the results table
-  and the reports read them as they read the final evaluation;
+- ``metrics.json``'s ``eval_history``: a list of entries ``{"step", "seconds", "split", "PQ" | "AP" | "mIoU",
+  "eval"}``: the task's headline metric in percent under its name in the paper's tables, and under ``eval`` the
+  fields of ``metrics.json``'s final ``eval`` (the evaluation result without its per-class tables);
 - ``logs/train.csv``'s ``val_PQ`` / ``val_AP`` / ``val_mIoU`` column (percent) at that step, which the
   training-curve figure plots (analysis/plots.py ``training_curves``), and one line of the text log.
 
@@ -35,11 +35,12 @@ if TYPE_CHECKING:
 
 __all__ = ["EvalHook", "VALIDATION_METRIC"]
 
-# The number a training curve follows per task (percent, as the paper prints it), from the evaluation result.
+# The number a training curve follows per task (percent, named as the paper's tables name it), from the
+# evaluation result of study.eval.run.evaluate.
 VALIDATION_METRIC: dict[str, tuple[str, Callable[[dict], float]]] = {
-    "panoptic": ("val_PQ", lambda r: 100 * r["All"]["pq"]),
-    "instance": ("val_AP", lambda r: 100 * r["AP"]),
-    "semantic": ("val_mIoU", lambda r: 100 * r["miou"]),
+    "panoptic": ("PQ", lambda r: 100 * r["All"]["pq"]),
+    "instance": ("AP", lambda r: 100 * r["AP"]),
+    "semantic": ("mIoU", lambda r: 100 * r["miou"]),
 }
 
 
@@ -51,7 +52,8 @@ class EvalHook(Hook):
             raise UserError(f"train.eval_every is set but task '{task}' has no validation metric; choose one of "
                             f"{', '.join(VALIDATION_METRIC)}")
         self.every = every
-        self.column, self.metric = VALIDATION_METRIC[task]
+        self.name, self.metric = VALIDATION_METRIC[task]
+        self.column = f"val_{self.name}"
         self.dataset: Any = None
         self.history: list[dict] = []
 
@@ -85,8 +87,8 @@ class EvalHook(Hook):
             tr.model.train()
         seconds = time.perf_counter() - t0
         tr.paused_s += seconds
-        entry = {"step": tr.step, "seconds": round(seconds, 3), "split": self.split,
-                 **{k: v for k, v in result.items() if k not in EVAL_DETAILS}}
-        self.history.append(entry)
+        value = self.metric(result)
+        self.history.append({"step": tr.step, "seconds": round(seconds, 3), "split": self.split, self.name: value,
+                             "eval": {k: v for k, v in result.items() if k not in EVAL_DETAILS}})
         tr.run.update_metrics(eval_history=self.history)
-        out.extra[self.column] = self.metric(result)
+        out.extra[self.column] = value
