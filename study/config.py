@@ -39,7 +39,8 @@ from study.bench.config import BenchConfig
 from study.data.config import DataConfig
 from study.eval.config import EvalConfig
 from study.launch.config import LaunchConfig
-from study.models.config import ModelConfig
+from study.errors import UserError
+from study.models.config import ModelConfig, check_masking
 from study.train.config import TrainConfig
 
 
@@ -91,6 +92,11 @@ def check_config(cfg: Config, origin: dict | None = None) -> None:
 
     path_component(cfg.name, f"config key 'name' (from {src('name')}): the run name")
     check_model_config(m, origin)
+    try:  # the one mask-setting resolver (study/models/config.py): a clash is refused at load, --dry-run included
+        check_masking(m, cfg.train.mask_annealing)
+    except UserError as e:
+        raise ConfigError(f"{e} (model.mask_setting from {src('model.mask_setting')}, train.mask_annealing from "
+                          f"{src('train.mask_annealing')})") from None
     known = variants()
     unknown = [v for v in cfg.bench.variants if v not in known]
     if unknown:
