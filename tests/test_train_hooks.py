@@ -103,3 +103,19 @@ def test_logging_and_evaluation_keys_are_validated(key, value):
     with pytest.raises(UserError, match=rf"^train\.{key} must be"):
         TrainConfig(**{key: value}).validate()
     TrainConfig(log_every=5, log_every_s=0.0, eval_every=0).validate()  # 0 turns a criterion off
+
+
+def test_a_resumed_run_drops_the_evaluations_after_its_checkpoint(tmp_path, synthetic_root):
+    """Resumed at step 4, the entries of steps 6 and 8 (made after the checkpoint, to be redone) leave
+    eval_history; those of steps 2 and 4 stay, and so does the rest of metrics.json."""
+    from types import SimpleNamespace
+
+    from study.train.validation import EvalHook
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.update_metrics(eval_history=[{"step": s, "PQ": float(s)} for s in (2, 4, 6, 8)], other={"kept": 1})
+    tr = SimpleNamespace(main=True, cfg=tiny_config(synthetic_root, "train.eval_every=2"), run=run, step=4)
+    EvalHook(2, "panoptic").before_train(tr)
+    assert [e["step"] for e in run.metrics()["eval_history"]] == [2, 4]
+    assert run.metrics()["other"] == {"kept": 1}
