@@ -115,7 +115,7 @@ echo "== setup: ok in ${SETUP_S}s"
 
 # ---- the steps
 FAILED=0
-RESERVE=10  # seconds kept for the last record
+RESERVE=30  # seconds every step but the figure leaves to the figure and the last record
 declare -A ESTIMATE LIMIT
 while read -r name est lim; do ESTIMATE[$name]=$est; LIMIT[$name]=$lim; done \
     < <("$PY" scripts/gpu_record.py estimates)
@@ -162,6 +162,7 @@ if [ "$COMPILE" = 1 ]; then
 else
     skip table1_compiled "--no-compile"
 fi
+RESERVE=5
 step figure "$PY" scripts/gpu_record.py figure --out "$OUT"
 
 "$PY" scripts/gpu_record.py finish --out "$OUT" || FAILED=1

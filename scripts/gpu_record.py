@@ -125,15 +125,16 @@ def figure(out: Path) -> Path:
         first = by[mine[0]]
         label = f"ours, {'compiled' if key == 'table1_compiled' else 'eager'} {first.get('precision', '')}"
         ax.bar([names.index(n) + g * width for n in mine], [by[n]["ratio"] for n in mine], width, label=label,
-               yerr=[[by[n]["ratio"] - by[n]["ratio_ci"][0] for n in mine],
-                     [by[n]["ratio_ci"][1] - by[n]["ratio"] for n in mine]], capsize=3)
+               # a percentile interval need not hold the point estimate: such a side is drawn as 0
+               yerr=[[max(0.0, by[n]["ratio"] - by[n]["ratio_ci"][0]) for n in mine],
+                     [max(0.0, by[n]["ratio_ci"][1] - by[n]["ratio"]) for n in mine]], capsize=3)
     if paper:
         ax.bar([names.index(n) + len(groups) * width for n in paper], list(paper.values()), width, color="0.6",
                label="paper (Table 1: H100, compiled, mixed precision)")
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xticks([i + (bars - 1) * width / 2 for i in range(len(names))])
     ax.set_xticklabels([f"{number[n]}: {n}" for n in names], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("FPS / FPS of row 0 (timed in the same rounds)\nbars: 95% bootstrap interval", fontsize=8)
+    ax.set_ylabel("FPS / FPS of row 0 (timed in the same rounds)\nerror bars: 95% bootstrap interval", fontsize=8)
     dev = report.get("environment", {}).get("device_name", report.get("device"))
     rehearsal = " (CPU rehearsal, not a measurement)" if report.get("device") == "cpu" else ""
     ax.set_title(f"Table 1 at {report.get('size')} {report.get('img_size')}: speed relative to row 0 on {dev}"

@@ -14,7 +14,8 @@ its own time limit; every step writes its part of gpu_check.json (scripts/gpu_re
 
 Attention: FlashAttention chosen through torch.nn.attention.sdpa_kernel, as the paper's FPS used
 FlashAttention-2 (docs/paper.md section 8); calls with a mask, which FlashAttention does not take, may use the
-memory-efficient kernel (CUDA) or the math kernel (CPU). The kernels a profiled forward ran are in every row.
+memory-efficient kernel (CUDA), and the math kernel only where neither fused one applies (on the CPU: masked
+calls). The kernels a profiled forward ran are in every row.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def _rounds(device: torch.device, compiled: bool) -> tuple[int, int]:
 def sdpa_backends(device: torch.device):
     from torch.nn.attention import SDPBackend
 
+    # the math kernel last: taken only for a call neither fused kernel supports (the rows record what ran)
     if device.type == "cuda":
-        return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 

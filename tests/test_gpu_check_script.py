@@ -174,3 +174,37 @@ def test_wheels_requiring_what_the_device_lacks_are_refused(tmp_path):
     proc = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--dest", str(dest)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "bad-1.0-py3-none-any.whl requires not-on-the-device>=2" in proc.stderr
+
+
+def test_paper_ratios_are_table1s():
+    """The paper column of the rows: Table 1's FPS over row 0's, read through study.paper_numbers (the oracle
+    here is the table itself, row by row)."""
+    import gpu_steps
+    from study.paper_numbers import paper_table
+
+    t1 = paper_table("1")
+    fps = dict(zip(t1["model.variant"], t1["FPS"]))
+    assert len(fps) == 6
+    for variant, value in fps.items():
+        assert gpu_steps._paper(variant, "L", 640) == value
+    assert gpu_steps._paper("eomt", "L", 640) / gpu_steps._paper(gpu_steps.ROW0, "L", 640) == \
+        pytest.approx(fps["eomt"] / fps["vit_adapter_m2f"])
+    assert gpu_steps._paper("eomt", "tiny", 64) is None
+
+
+def test_figure_of_a_partial_record(tmp_path):
+    """A run stopped in the compiled step: the figure shows the eager rows, the compiled ones it has and the
+    paper's ratios; it refuses a record with no timed row."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _init(out)
+    with pytest.raises(SystemExit, match="no timed row"):
+        gpu_record.figure(out)
+    paper = {"vit_adapter_m2f": 29, "sfp_m2f": 36, "eomt": 128}  # a subset, as a stopped run would have
+    eager = [{"variant": v, "table1_row": i, "ratio": r, "ratio_ci": [r * 0.95, r * 1.05], "precision": "bf16",
+              "paper_ratio": paper[v] / 29} for i, (v, r) in enumerate([("vit_adapter_m2f", 1.0), ("sfp_m2f", 1.3),
+                                                                       ("eomt", 3.9)])]
+    gpu_record.update(out / "gpu_check.json", "table1_eager", {"rows": eager})
+    gpu_record.update(out / "gpu_check.json", "table1_compiled", {"rows": [dict(eager[0]), dict(eager[2], ratio=4.2)]})
+    path = gpu_record.figure(out)
+    assert path.stat().st_size > 10_000 and path.name in json.loads((out / ".study-manifest.json").read_text())["written"]
