@@ -1,5 +1,5 @@
-"""How a run is named in reports and figure file names: the one place to change when the launcher exposes a
-readable run name (``eomt-L640-lr3e-4-s1``); until then the folder's name (``<name>-<hash>``)."""
+"""How a run is named in reports and figure file names: its readable name (study.runs.display_name, e.g.
+``eomt-L640-lr3e-4-s1``: the folder name without its hash suffix), the folder name where no folder is known."""
 from __future__ import annotations
 
 import re
@@ -8,9 +8,13 @@ import pandas as pd
 
 
 def run_name(row: pd.Series | dict) -> str:
-    """A run's name as reports print it (its folder name; the results table's ``run`` column)."""
+    """A run's name as reports print it."""
+    from study.runs import display_name
+
     name = row.get("run") if hasattr(row, "get") else None
-    return str(name) if isinstance(name, str) and name else "?"
+    if not isinstance(name, str) or not name:
+        return "?"
+    return display_name(name)
 
 
 def file_stem(text: str) -> str:

@@ -373,9 +373,12 @@ def figure_makers(results: pd.DataFrame) -> list[tuple[str, str, object]]:
                ("Time per component of each Table 1 row", "components_time", lambda: component_plot(results)),
                ("GFLOPs per component of each Table 1 row", "components_gflops",
                 lambda: component_plot(results, "GFLOPs"))]
-    for _, r in complete(results).iterrows():
+    done = complete(results)
+    names = [run_name(r) for _, r in done.iterrows()]
+    for name, (_, r) in zip(names, done.iterrows()):
         run = r.get("run")
-        figures.append((f"Training curves of {run_name(r)}", f"curves_{file_stem(run_name(r))}",
+        stem = name if names.count(name) == 1 else str(run)  # readable, unless two runs share it
+        figures.append((f"Training curves of {name}", f"curves_{file_stem(stem)}",
                         lambda run=run: training_curves(results, run)))
     return figures
 

@@ -58,11 +58,23 @@ def _numeric(values) -> bool:
     return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
 
 
-def study_axes(results: pd.DataFrame) -> list[str]:
-    """The configuration keys whose value differs between the complete runs (the seed aside)."""
+def study_axes(results: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
+    """The configuration keys whose value differs between the complete runs (the seed aside), in the results
+    table's order, and the keys left out because an earlier axis already sets them (the main study's
+    ``model.baseline.*``, set with the variant): {axis: [keys it sets]}."""
     done = complete(results)
-    return [c for c in identity_columns(done)
-            if len({repr(_plain(v)) for v in done[c]}) > 1]
+    varying = [c for c in identity_columns(done) if len({repr(_plain(v)) for v in done[c]}) > 1]
+    axes: list[str] = []
+    implied: dict[str, list[str]] = {}
+    for c in varying:
+        keys = done[axes].map(lambda v: repr(_plain(v))).agg("|".join, axis=1) if axes else pd.Series(
+            "", index=done.index)
+        per_group = pd.DataFrame({"g": keys, "v": done[c].map(lambda v: repr(_plain(v)))}).groupby("g")["v"]
+        if axes and per_group.nunique().max() == 1:  # one value per group of the earlier axes
+            implied.setdefault(axes[0] if len(axes) == 1 else ", ".join(axes), []).append(c)
+        else:
+            axes.append(c)
+    return axes, implied
 
 
 def _order_key(axis: str, values: list):
@@ -125,7 +137,7 @@ def build_study(results: pd.DataFrame, baseline: list[str] | None = None) -> Stu
     if done.empty:
         states = dict(results["state"].value_counts()) if "state" in results else {}
         raise UserError(f"nothing to report: no complete run (states: {states or 'none'})")
-    axes = study_axes(done)
+    axes, implied = study_axes(done)
     metrics = [m for m in (*TASK_METRICS, "params_M", "GFLOPs", "FPS")
                if m in done and pd.to_numeric(done[m], errors="coerce").notna().any()]
     keys = [{a: _plain(r[a]) for a in axes} for _, r in done.iterrows()]
@@ -146,6 +158,7 @@ def build_study(results: pd.DataFrame, baseline: list[str] | None = None) -> Stu
             line["label"] = label_of(g["keys"]["model.variant"])
         line["n"] = len(g["rows"])
         line["runs"] = ", ".join(run_name(done.loc[j]) for j in g["rows"])
+        line["folders"] = ", ".join(str(done.loc[j].get("run")) for j in g["rows"])  # unique, for the curves
         for m in metrics:
             s: Stat = stats[i][m]
             line.update({m: s.mean, f"{m} std": s.std, f"{m} n": s.n, f"{m} lo": s.lo, f"{m} hi": s.hi})
@@ -159,6 +172,8 @@ def build_study(results: pd.DataFrame, baseline: list[str] | None = None) -> Stu
              "interval exist",
              f"Δ: difference to the reference group ({_group_text(ordered[ref]['keys'], axes)}) [95% Welch "
              f"interval]; 'within noise' when it includes zero"]
+    for by, keys in implied.items():
+        notes.append(f"set by {by}, not separate axes: {', '.join(keys)}")
     if "model.variant" not in axes and "model.variant" in done:
         v = _plain(done["model.variant"].iloc[0])
         notes.append(f"every run: model.variant {v} ({label_of(v)})")
@@ -211,7 +226,7 @@ def display(study: Study) -> pd.DataFrame:
     f = study.frame
     out = pd.DataFrame(index=f.index)
     for a in study.axes:
-        out[a] = ["-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in f[a]]
+        out[a] = ["-" if _plain(v) is None else str(_plain(v)) for v in f[a]]
         if a == "model.variant":
             out["label"] = f["label"]
     out["n"] = [f"{n}" if n > 1 else f"{n} (no interval)" for n in f["n"]]

@@ -89,10 +89,14 @@ def _metric_plot(study: Study, axis: str, metrics: list[str]):
                 h = ax.errorbar(ys, xs, xerr=err, marker=MARKERS[k % len(MARKERS)], ms=3, lw=0, elinewidth=1,
                                 capsize=2, color=col)
             handles[name] = h
+        _percent_limits(ax, m)
         if numeric:
             ax.set_ylabel(UNITS.get(m, m))
             if all(v > 0 for v in values) and max(values) / min(values) >= 10:
                 ax.set_xscale("log")
+            if len(values) <= 8:  # a tick at each value of the axis, nowhere else
+                ax.set_xticks(sorted(values), [f"{v:g}" for v in sorted(values)])
+                ax.xaxis.set_minor_locator(plt.NullLocator())
         else:
             ax.set_xlabel(UNITS.get(m, m))
             ax.set_yticks(range(len(cats)), cats)
@@ -100,12 +104,22 @@ def _metric_plot(study: Study, axis: str, metrics: list[str]):
         ax.grid(True, alpha=0.3, lw=0.4)
     if numeric:
         axes[-1, 0].set_xlabel(axis)
-    axes[0, 0].set_title(f"vs {axis}: mean and 95% interval over seeds")
+    fig.suptitle(f"vs {axis}: mean, 95% interval over seeds", fontsize=7)
     if others:
         _legend_below(fig, list(handles.values()), list(handles))
     else:
         fig.tight_layout()
     return fig
+
+
+def _percent_limits(ax, m: str) -> None:
+    """A percentage axis spans at least 2 points and never goes below 0 (a flat 0 is not drawn as noise)."""
+    if m not in TASK_METRICS:
+        return
+    lo, hi = ax.get_ylim()
+    if hi - lo < 2:
+        lo, hi = (hi + lo) / 2 - 1, (hi + lo) / 2 + 1
+    ax.set_ylim(max(0.0, lo), hi)
 
 
 def pareto_front(xs: list[float], ys: list[float], higher_x: bool) -> list[int]:
@@ -145,6 +159,7 @@ def tradeoff(study: Study, x: str):
         labels.append("Pareto front")
     ax.set_xlabel(UNITS.get(x, x))
     ax.set_ylabel(UNITS.get(m, m))
+    _percent_limits(ax, m)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(5))
@@ -188,15 +203,13 @@ def validation_history(metrics: dict) -> list[tuple[int, float]]:
 def curves(study: Study, results: pd.DataFrame):
     """The training loss of every run (its ``logs/train.csv``), a colour per group, and below it the
     validation metric at intervals (:func:`validation_history`) with the final evaluation at the last step."""
-    from analysis.names import run_name
-
     plt = _style()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(WIDTH, 3.6), sharex=True)
-    handles, labels, drawn = [], [], 0
-    by_name = {run_name(r): r for _, r in results.iterrows()}
+    handles, labels, drawn, top_value = [], [], 0, 0.0
+    by_name = {str(r.get("run")): r for _, r in results.iterrows()}
     for i, line in study.frame.iterrows():
         h = None
-        for name in line["runs"].split(", "):
+        for name in line["folders"].split(", "):
             r = by_name.get(name)
             if r is None or not isinstance(r.get("path"), str):
                 continue
@@ -216,6 +229,7 @@ def curves(study: Study, results: pd.DataFrame):
                     steps, vals = steps + [int(r["step"])], vals + [float(final)]
             if steps:
                 bottom.plot(steps, vals, marker=".", ms=3, lw=0.8, color=colour(i))
+                top_value = max(top_value, *vals)
         if h is not None:
             handles.append(h)
             labels.append(group_label(study, i))
@@ -226,6 +240,7 @@ def curves(study: Study, results: pd.DataFrame):
     top.grid(True, alpha=0.3, lw=0.4)
     bottom.set_ylabel(f"validation {UNITS.get(study.main, study.main or 'metric')}")
     bottom.set_xlabel("optimiser step")
+    bottom.set_ylim(0, max(5.0, top_value * 1.1))  # percent from 0: a flat 0 reads as 0, not as noise
     bottom.grid(True, alpha=0.3, lw=0.4)
     top.set_title("Training curves, a colour per group (every seed drawn)")
     _legend_below(fig, handles, labels)

@@ -73,19 +73,47 @@ def summarize(results: pd.DataFrame, main: str = "PQ") -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------- matching
 
 
-def _marked(keys: dict) -> dict:
+def _marked(keys: dict, exact: frozenset = frozenset()) -> dict:
     """Resolved keys with the size-dependent defaults (the size's DINOv2 backbone and L2) written as
-    'default', so that a ViT-S run and a ViT-L row compare equal on them when both take their size's."""
+    'default', so that a ViT-S run and a ViT-L row compare equal on them when both take their size's; a key
+    in ``exact`` keeps its value (Table D: a tiny EoMT's 2 query blocks are row '2', not the default L2 row)."""
     from study.models.backbone import SIZES as SPECS
 
     out = dict(keys)
     spec = SPECS.get(out.get("model.size"))
     if spec is not None:
-        if out.get("model.backbone") == spec.backbone:
+        if out.get("model.backbone") == spec.backbone and "model.backbone" not in exact:
             out["model.backbone"] = "default"
-        if out.get("model.num_query_blocks") == spec.query_blocks:
+        if out.get("model.num_query_blocks") == spec.query_blocks and "model.num_query_blocks" not in exact:
             out["model.num_query_blocks"] = "default"
     return out
+
+
+# Table 2's pre-trainings (docs/paper.md section 3) by a word of the timm name (our mapping; the tiny
+# stand-ins tiny_eva02 / tiny_deit3 / tiny_dinov3 follow their names, a DeiT III without 'in22k' is IN1K).
+FAMILIES = (("dinov3", "DINOv3"), ("dinov2", "DINOv2"), ("eva02", "EVA-02"), ("in22k", "IN21K"),
+            ("deit3", "IN1K"))
+SCRATCH = "from scratch"
+
+
+def backbone_family(name) -> str:
+    """The pre-training of a backbone (``model.backbone``, 'default' = the size's DINOv2)."""
+    if name in (None, "default"):
+        return "DINOv2"
+    return next((family for word, family in FAMILIES if word in str(name)), str(name))
+
+
+def from_scratch(run: pd.Series) -> bool:
+    """A run with no ``model.pretrained`` (its backbone starts from random weights; the suite never
+    downloads): known only where the results table has the column (collected run folders do)."""
+    if "model.pretrained" not in run.index:
+        return False
+    v = run["model.pretrained"]
+    return v is None or (isinstance(v, float) and pd.isna(v)) or v == ""
+
+
+def _same(key: str, a, b, by_family: bool) -> bool:
+    return backbone_family(a) == backbone_family(b) if by_family and key == "model.backbone" else a == b
 
 
 def main_metric(table: str) -> str:
@@ -106,6 +134,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
+    unplaced: list[str] = field(default_factory=list)  # runs of the table's kind whose setting has no row
 
 
 def _describe(r: pd.Series) -> str:
@@ -132,16 +161,32 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
         runs = runs[pd.to_numeric(runs["model.img_size"]) == int(img_size)]
     runs = runs.reset_index(drop=True)  # one label per run (a concatenated table may repeat labels)
     configurable = [i for i, r in paper.iterrows() if r["needs"] == ""]
-    row_cfg = {i: _marked(row_keys(paper.loc[i])) for i in configurable}
-    varying = {k for k in config_columns() if len({str(c[k]) for c in row_cfg.values()}) > 1}
+    raw = {i: row_keys(paper.loc[i]) for i in configurable}
+    varying = {k for k in config_columns() if len({str(_marked(c)[k]) for c in raw.values()}) > 1}
+    exact_keys = frozenset({"model.num_query_blocks", "model.backbone"} & varying)  # what tells rows apart
+    row_cfg = {i: _marked(raw[i], exact_keys) for i in configurable}
     loose = [k for k in SCALE_KEYS if k not in varying]
-    run_cfg = {j: _marked(run_keys(r)) for j, r in runs.iterrows()}
+    run_cfg = {j: _marked(run_keys(r), exact_keys) for j, r in runs.iterrows()}
+    by_family = "model.backbone" in varying  # Table 2: the group is the run's pre-training
     match: dict[int, list] = {i: [] for i in configurable}
+    scratch: dict[int, list] = {i: [] for i in configurable}
+    unplaced: list[str] = []
     for j, keys in run_cfg.items():
-        for i in configurable:
-            if all(keys[k] == row_cfg[i][k] for k in keys if k not in loose):
-                match[i].append(j)
-                break
+        alone = by_family and from_scratch(runs.loc[j])
+        same = [k for k in keys if k not in loose and not (alone and k == "model.backbone")]
+        hit = next((i for i in configurable if all(_same(k, keys[k], row_cfg[i][k], by_family) for k in same)),
+                   None)
+        if hit is not None:
+            (scratch if alone else match)[hit].append(j)
+            continue
+        near = [i for i in configurable if all(_same(k, keys[k], row_cfg[i][k], by_family) for k in same
+                                               if k not in varying)]
+        if near and runs.loc[j].get("state") == "complete":  # of this table's kind, but no row has its value
+            off = [k for k in varying if all(not _same(k, keys[k], row_cfg[i][k], by_family) for i in near)]
+            have = ", ".join(f"{k} {keys[k]}" for k in off)
+            rows = ", ".join(dict.fromkeys(str(paper.loc[i, "row"]) for i in near))
+            unplaced.append(f"run {runs.loc[j].get('run', j)}: {have}: no row of Table {table} has it "
+                            f"(rows: {rows}); not shown")
     metrics = [m for m in PAPER_METRICS if paper[m].notna().any()]
     main = main_metric(table)
     notes: list[str] = []
@@ -154,31 +199,25 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
         return notes.index(text) + 1
 
     matched_any = False
+    grouped = paper["group"].ne("").any()
+    extra = []  # (paper row index, run indices) of the runs from scratch (Table 2), after the paper's rows
     for i, prow in paper.iterrows():
-        line = {"row": prow["row"]}
-        label = f"'{prow['row']}'"
-        if paper["group"].ne("").any():
-            line = {"group": prow["group"], **line}
-            label = f"'{prow['group']} / {prow['row']}'"
+        line = {"group": prow["group"], "row": prow["row"]} if grouped else {"row": prow["row"]}
+        label = f"'{prow['group']} / {prow['row']}'" if grouped else f"'{prow['row']}'"
         marks = []
-        ours, exact = None, False
+        ours, exact, done = None, False, None
         if prow["needs"]:
             marks.append(note(f"needs {prow['needs']}: the paper's numbers only"))
         else:
-            done = runs.loc[match[i]]
-            done = complete(done)
+            done = complete(runs.loc[match[i]])
             others = runs.loc[[j for j in match[i] if j not in done.index]]
+            if scratch[i]:
+                extra.append((i, scratch[i]))
             if not done.empty:
                 exact_runs = [j for j in done.index if all(run_cfg[j][k] == row_cfg[i][k] for k in loose)]
                 if exact_runs:  # runs at the paper's own setting win over runs at another size
                     done = done.loc[exact_runs]
-                models = summarize(done, main)
-                if len(models) > 1:
-                    raise UserError(
-                        f"Table {table} row {label} matches runs of {len(models)} configurations "
-                        f"({'; '.join(models['runs'])}): keep one with --size / --img-size or report a "
-                        f"folder holding one of them")
-                ours = models.iloc[0]
+                ours = _one_model(done, main, table, label)
                 matched_any = True
                 keys = run_cfg[done.index[0]]
                 off = [k for k in loose if keys[k] != row_cfg[i][k]]
@@ -195,17 +234,20 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
             marks.append(note(_row1_note(prow["GFLOPs"])))
         elif prow["note"]:
             marks.append(note(prow["note"]))
-        for m in metrics:
-            value = None if ours is None else ours.get(m)
-            value = None if value is None or pd.isna(value) else float(value)
-            published = None if pd.isna(prow[m]) else float(prow[m])
-            line[m] = value
-            line[f"{m} paper"] = published
-            line[f"Δ{m}"] = value - published if exact and value is not None and published is not None else None
-        line["n"] = None if ours is None else int(ours["n"])
-        std = None if ours is None else ours.get(f"{main}_std")
-        line[f"{main} std"] = None if std is None or pd.isna(std) else float(std)
+        _fill(line, ours, done, prow, metrics, main, exact)
         line["notes"] = ",".join(map(str, marks))
+        lines.append(line)
+    for i, js in extra:
+        done = complete(runs.loc[js])
+        if done.empty:
+            continue
+        prow = paper.loc[i]
+        label = f"'{SCRATCH} / {prow['row']}'"
+        ours = _one_model(done, main, table, label)
+        matched_any = True
+        line = {"group": SCRATCH, "row": prow["row"]}
+        _fill(line, ours, done, prow, metrics, main, exact=False, paper=False)
+        line["notes"] = str(note("trained from scratch (no model.pretrained): the paper has no such row"))
         lines.append(line)
     if not matched_any:
         have = complete(results)
@@ -219,7 +261,41 @@ def table_report(results: pd.DataFrame, table: str, size: str | None = None,
     if "FPS" in metrics and frame["FPS"].notna().any():
         note(f"FPS: ours {', '.join(environment(runs)) or 'as recorded'}; the paper's on one H100 "
              f"(docs/paper.md section 8)")
-    return Report(table, f"Table {table}", frame, notes, missing, environment(runs))
+    note(f"n: seeds averaged; {main} std and 95% interval over them (Student's t; n = 1: none exists); "
+         f"'within noise': the paper's {main} lies inside our interval")
+    return Report(table, f"Table {table}", frame, notes, missing, environment(runs), unplaced)
+
+
+def _one_model(done: pd.DataFrame, main: str, table: str, label: str) -> pd.Series:
+    models = summarize(done, main)
+    if len(models) > 1:
+        raise UserError(f"Table {table} row {label} matches runs of {len(models)} configurations "
+                        f"({'; '.join(models['runs'])}): keep one with --size / --img-size or report a "
+                        f"folder holding one of them")
+    return models.iloc[0]
+
+
+def _fill(line: dict, ours, done, prow, metrics: list[str], main: str, exact: bool, paper: bool = True) -> None:
+    """Ours | paper | difference per metric, then n, the main metric's std and 95% interval over the seeds,
+    and whether its difference to the paper's number lies within that noise (one-sample t: the paper gives
+    no spread)."""
+    from analysis.stats import against_value, describe, noise_word
+
+    for m in metrics:
+        value = None if ours is None else ours.get(m)
+        value = None if value is None or pd.isna(value) else float(value)
+        published = None if not paper or pd.isna(prow[m]) else float(prow[m])
+        line[m] = value
+        line[f"{m} paper"] = published
+        line[f"Δ{m}"] = value - published if exact and value is not None and published is not None else None
+    line["n"] = None if ours is None else int(ours["n"])
+    st = describe(pd.to_numeric(done[main], errors="coerce")) if ours is not None and main in done else None
+    line[f"{main} std"] = None if st is None or st.n < 2 else st.std
+    line[f"{main} lo"] = None if st is None or not st.has_interval else st.lo
+    line[f"{main} hi"] = None if st is None or not st.has_interval else st.hi
+    published = None if not paper or pd.isna(prow[main]) else float(prow[main])
+    line[f"Δ{main} noise"] = (noise_word(against_value(st, published))
+                              if exact and st is not None and published is not None else None)
 
 
 def _row1_note(paper_gflops: float) -> str:
@@ -294,7 +370,17 @@ def display_frame(report: Report, digits: int = 1) -> pd.DataFrame:
     f = report.frame.copy()
     out = pd.DataFrame(index=f.index)
     for c in f.columns:
-        if c.startswith("Δ"):
+        if c.endswith(" hi") and c[:-3] + " lo" in f:
+            continue
+        if c.endswith(" lo") and c[:-3] + " hi" in f:
+            hi = f[c[:-3] + " hi"]
+            out[c[:-3] + " 95% interval"] = [
+                ("-" if pd.isna(n) else "none (n = 1)") if lo is None or pd.isna(lo)
+                else f"[{_cell(float(lo), c, digits)}, {_cell(float(h), c, digits)}]"
+                for lo, h, n in zip(f[c], hi, f["n"])]
+        elif c.endswith(" noise"):
+            out[c] = ["-" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v) for v in f[c]]
+        elif c.startswith("Δ"):
             out[c] = [("-" if v is None or pd.isna(v) else f"{v:+.{digits}f}") for v in f[c]]
         elif c == "n":
             out[c] = ["-" if v is None or pd.isna(v) else str(int(v)) for v in f[c]]
@@ -312,6 +398,8 @@ def to_markdown(report: Report) -> str:
     lines += [f"{i}. {n}" for i, n in enumerate(report.notes, 1)]
     if report.missing:
         lines += ["", "Missing:"] + [f"- {m}" for m in report.missing]
+    if report.unplaced:
+        lines += ["", "No row matches:"] + [f"- {m}" for m in report.unplaced]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -126,13 +126,16 @@ def test_notebook_runs_headless_on_a_results_table(tmp_path):
     results().to_csv(csv, index=False)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    params[0].source = f'RESULTS = "{csv}"\nSIZE = None\nIMG_SIZE = None'
+    params[0].source = f'RESULTS = "{csv}"\nBASELINE = ["model.variant=eomt", "model.size=L"]\nSIZE = None\nIMG_SIZE = None'
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO)}}).execute()
     shown = "".join(str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells for o in c.get("outputs", []))
     assert "## Table 1" in shown and "| w/o Masking = EoMT " in shown and "## Table 3" in shown
+    assert "## Study: variant x size" in shown and "reference" in shown
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # Figure 1, PQ vs GFLOPs, sizes, per-component time (no GFLOPs split, no logs)
+    # the study: PQ / FPS vs variant and vs size, PQ vs FPS and vs GFLOPs (no logs: no curves); the paper's:
+    # Figure 1, PQ vs GFLOPs, sizes, per-component time (no GFLOPs split, no logs)
+    assert len(images) == 8
 
 
 def test_different_models_are_never_averaged_after_a_csv_round_trip(tmp_path):
