@@ -15,21 +15,6 @@ _FIRST, _LAST = 48, 48 + 63  # the compressed RLE alphabet '0'..'o' (study/data/
 _MAX_CHARS = 8  # 40 bits a run: longer values go to the exact per-result check (no int64 overflow here)
 
 
-def _segmented_cumsum(x: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Cumulative sums of ``x`` restarting at every new value of ``group`` (equal groups contiguous once
-    stably sorted), returned in the original order."""
-    order = np.argsort(group, kind="stable")
-    xs, gs = x[order], group[order]
-    cs = np.cumsum(xs)
-    first = np.ones(gs.size, bool)
-    first[1:] = gs[1:] != gs[:-1]
-    start_idx = np.flatnonzero(first)
-    base = np.repeat(cs[start_idx] - xs[start_idx], np.diff(np.append(start_idx, gs.size)))
-    out = np.empty_like(x)
-    out[order] = cs - base
-    return out
-
-
 def rle_batch_ok(counts: list[str], hw: np.ndarray) -> bool:
     """Whether every compressed RLE string decodes, as pycocotools reads it, into non-negative runs adding
     up to its mask's pixel count ``hw`` (R,). False means: let the exact per-result check find out why."""
@@ -37,36 +22,51 @@ def rle_batch_ok(counts: list[str], hw: np.ndarray) -> bool:
     if not counts or lengths.min() == 0:
         return not counts
     try:
-        data = "".join(counts).encode("ascii")
+        b = np.frombuffer("".join(counts).encode("ascii"), np.uint8)
     except UnicodeEncodeError:
         return False
-    c = np.frombuffer(data, np.uint8).astype(np.int64)
-    if c.min() < _FIRST or c.max() > _LAST:
+    if b.min() < _FIRST or b.max() > _LAST:
         return False
-    c -= _FIRST
-    last = (c & 0x20) == 0  # the last character of each value
+    b = b - np.uint8(_FIRST)
+    more = (b & 0x20) != 0  # the value goes on in the next character
     string_end = np.cumsum(lengths) - 1
-    if not last[string_end].all():  # a value cut off at the end of its string
+    if more[string_end].any():  # a value cut off at the end of its string
         return False
-    ends = np.flatnonzero(last)
-    starts = np.concatenate(([0], ends[:-1] + 1))
+    ends = np.flatnonzero(~more)
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
     nchar = ends - starts + 1
-    if nchar.max() > _MAX_CHARS:
+    longest = int(nchar.max())
+    if longest > _MAX_CHARS:
         return False
-    pos = np.arange(c.size) - np.repeat(starts, nchar)
-    x = np.add.reduceat((c & 0x1F) << (5 * pos), starts)
-    x = np.where((c[ends] & 0x10) != 0, x - (np.int64(1) << (5 * nchar)), x)  # sign extension
-    sid = np.searchsorted(string_end, ends)  # the string of each value
-    first_value = np.searchsorted(sid, np.arange(len(counts)))
-    k = np.arange(x.size) - first_value[sid]  # the value's place in its string
-    # rleFrString: run k (k > 2 ... counting from 0: k >= 2) adds run k - 2, so runs 1, 3, 5, ... and
-    # 2, 4, 6, ... are running sums within the string; run 0 stands alone.
-    group = sid * 3 + np.where(k == 0, 0, np.where(k % 2 == 1, 1, 2))
-    runs = _segmented_cumsum(x, group)
-    if runs.min() < 0:
+    # 5 bits a character, least significant first; most values are one character, so each further
+    # character position touches only the values that long.
+    payload = b & np.uint8(0x1F)
+    x = payload[starts].astype(np.int64)
+    for p in range(1, longest):
+        m = np.flatnonzero(nchar > p)
+        x[m] |= payload[starts[m] + p].astype(np.int64) << (5 * p)
+    neg = np.flatnonzero(b[ends] & 0x10)
+    x[neg] -= np.int64(1) << (5 * nchar[neg])  # sign extension (rleFrString: x |= -1 << 5k)
+    per_string = np.diff(np.searchsorted(ends, string_end, side="right"), prepend=0)
+    first_value = np.cumsum(per_string) - per_string
+    k = np.arange(x.size) - np.repeat(first_value, per_string)  # the value's place in its string
+    # rleFrString: run k >= 2 adds run k - 2, so runs 1, 3, 5, ... and 2, 4, 6, ... are running sums within
+    # the string (run 0 stands alone): one global running sum per parity, less its value at the string start.
+    odd = (k & 1).astype(bool)
+    even = ~odd
+    even[first_value] = False
+    base = np.repeat(first_value, per_string)
+    for sel in (odd, even):
+        cs = np.cumsum(np.where(sel, x, 0))
+        if (cs - cs[base])[sel].min(initial=0) < 0:
+            return False
+    if x[first_value].min() < 0:
         return False
-    totals = np.add.reduceat(runs, first_value)
-    return bool(np.array_equal(totals, hw))
+    # The runs' total: value j (k >= 1) is in every later run of its parity in its string.
+    after = np.repeat(per_string, per_string) - k  # values from j to the string's end, j included
+    weight = np.where(k == 0, 1, (after + 1) // 2)
+    return bool(np.array_equal(np.add.reduceat(x * weight, first_value), hw))
 
 
 def check_results_fast(gt: dict, results, where: str = "the results") -> None:
