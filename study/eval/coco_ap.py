@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from study.data.rle import RLEError, check_segmentation
+from study.eval.strict import segmentation_ok_fast
 from study.eval.errors import (EvalInputError, EvalTimeoutError, SizeMismatchError, UnknownCategoryError,
                                UnknownImageError)
 
@@ -106,8 +106,9 @@ def prepare_ground_truth(gt: dict) -> dict:
             raise UnknownCategoryError(f"{what} (image id {a['image_id']}) has category id {a['category_id']}, "
                                        f"absent from the ground truth's categories")
         seg = a.get("segmentation")
-        # Polygons of the right shape are all that check_segmentation(values=False) checks of them: fast path.
-        if not (type(seg) is list and seg and all(type(p) is list and len(p) >= 6 and not len(p) % 2 for p in seg)):
+        if not segmentation_ok_fast(seg, im["height"], im["width"]):  # else the exact check, for its message
+            from study.data.rle import RLEError, check_segmentation
+
             try:
                 check_segmentation(seg, im["height"], im["width"], values=False)
             except RLEError as e:
@@ -159,6 +160,8 @@ def check_results(gt: dict, results: list[dict], where: str = "the results") -> 
         if isinstance(size, (list, tuple)) and len(size) == 2 and tuple(size) != (im["height"], im["width"]):
             raise SizeMismatchError(f"{where}: image {name}: result {k} mask is {size[1]}x{size[0]} (WxH), the "
                                     f"image is {im['width']}x{im['height']}")
+        from study.data.rle import RLEError, check_segmentation
+
         try:
             check_segmentation(seg, im["height"], im["width"])
         except RLEError as e:

@@ -23,12 +23,20 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from study.data.rle import is_int
 from study.eval.pixel_runs import runs, weighted_counts
 from study.eval.errors import EvalInputError, UnknownCategoryError, UnknownSegmentError, SizeMismatchError
 
 MATCH_IOU = 0.5  # panopticapi: a match needs IoU > 0.5 (unique by construction)
 VOID_FRACTION = 0.5  # panopticapi: an unmatched prediction mostly on void + crowd is not a false positive
+
+
+def is_int(v) -> bool:
+    """:func:`study.data.rle.is_int`, imported when first needed: importing the study.data package loads torch
+    (it exports the dataset builders), which `study score` does not need. Callers test ``type(v) is int``
+    first."""
+    from study.data.rle import is_int as exact
+
+    return exact(v)
 
 
 _LUT_IDS = 1 << 24  # COCO panoptic ids are R + 256 G + 256^2 B < 2^24
@@ -285,7 +293,7 @@ def check_categories(categories: Optional[list], where: str) -> list[dict]:
         if not isinstance(c, dict):
             raise EvalInputError(f"{where}: categories[{i}] is not an object")
         cid = c.get("id")
-        if not is_int(cid):
+        if type(cid) is not int and not is_int(cid):
             raise EvalInputError(f"{where}: categories[{i}] field 'id' must be an integer, got {cid!r:.40}")
         if cid in seen:
             raise EvalInputError(f"{where}: category id {cid} is listed twice (field 'id')")

@@ -69,6 +69,21 @@ def rle_batch_ok(counts: list[str], hw: np.ndarray) -> bool:
     return bool(np.array_equal(np.add.reduceat(x * weight, first_value), hw))
 
 
+def segmentation_ok_fast(seg, h: int, w: int) -> bool:
+    """True when a ground-truth segmentation surely passes ``study.data.rle.check_segmentation(seg, h, w,
+    values=False)``: polygons of the right shape, or an RLE of size [h, w] whose runs are sound. False means:
+    run that check (it names the fault)."""
+    if type(seg) is list:
+        return bool(seg) and all(type(p) is list and len(p) >= 6 and not len(p) % 2 for p in seg)
+    if type(seg) is not dict or type(seg.get("size")) is not list or seg["size"] != [h, w] \
+            or type(seg["size"][0]) is not int or type(seg["size"][1]) is not int:
+        return False
+    counts = seg.get("counts")
+    if type(counts) is list:
+        return all(type(v) is int and v >= 0 for v in counts) and sum(counts) == h * w
+    return type(counts) is str and rle_batch_ok([counts], np.array([h * w]))
+
+
 def check_results_fast(gt: dict, results, where: str = "the results") -> None:
     """:func:`study.eval.coco_ap.check_results`, vectorised; falls back to it (which raises) on any doubt."""
     from study.eval.coco_ap import check_results
