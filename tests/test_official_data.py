@@ -14,8 +14,9 @@ same. Images equal to 1 grey level (both resize with torchvision's antialiased b
 are computed in float64 here and float32 there, a rounding that moves a pixel by at most one level), masks
 and labels exactly.
 
-ADE20K panoptic (Table 4) is not synthesised here: its official module reads the instance PNGs of
-ADEChallengeData2016 plus a separate ``annotations_instance`` zip with its own class table; docs/official.md.
+ADE20K panoptic (Table 4) is not synthesised here. Its official module reads the raw semantic PNGs plus the
+``annotations_instance`` PNGs. Ours reads Mask2Former's conversion of them to the COCO panoptic format
+(compared through the COCO panoptic reader above). See docs/official.md.
 """
 from __future__ import annotations
 
