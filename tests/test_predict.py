@@ -246,3 +246,23 @@ def test_a_file_the_suite_did_not_write_is_never_replaced(trained, coco_image, t
     predict(trained.path, coco_image, "--out", out)
     predict(trained.path, coco_image, "--out", out)  # its own files are replaced on a second run
     assert Image.open(mine).size == Image.open(coco_image).size
+
+
+def test_categories_file_is_checked_naming_it(trained, coco_image, tmp_path):
+    from study.predict.models import read_categories
+
+    with pytest.raises(UserError, match=f"categories file {tmp_path / 'none.json'} does not exist"):
+        read_categories(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]))
+    with pytest.raises(UserError, match="lists an id twice"):
+        read_categories(bad)
+    bad.write_text(json.dumps({"categories": [{"id": "x", "name": "a"}]}))
+    with pytest.raises(UserError, match="entry 0 needs an integer 'id'"):
+        read_categories(bad)
+    cats = data_dir("coco_panoptic_sample") / "panoptic_coco_categories.json"
+    coco = read_categories(cats)
+    assert len(coco) == 133 and sum(c["isthing"] for c in coco) == 80  # panopticapi's file, sorted by id
+    assert [c["id"] for c in coco] == sorted(c["id"] for c in coco) and coco[0]["name"] == "person"
+    with pytest.raises(UserError, match="predicts 6 classes .* but categories file .* has 133"):
+        predict(trained.path, coco_image, "--out", tmp_path / "out", "--categories", cats)

@@ -177,8 +177,9 @@ def load_predictor(spec: str, overrides: list, checkpoint: Optional[str] = None,
 
 
 def unique_labels(predictors: list[Predictor]) -> None:
-    """Make the labels distinct (a suffix -2, -3, ... on repeats), in place: they name output folders."""
-    seen: dict[str, int] = {}
+    """Make the labels distinct (a suffix -2, -3, ... on repeats, and on the names of the folders that
+    ``--compare`` writes beside them), in place: they name output folders."""
+    seen: dict[str, int] = {"compare": 1, "overlay": 1}  # the side-by-side folder, the overlay folder
     for p in predictors:
         n = seen.get(p.label, 0) + 1
         seen[p.label] = n
