@@ -10,7 +10,8 @@
 #   options: --device cuda|cpu, --size tiny|S|B|L|g, --no-compile, --compiled-rows a,b,...
 #   environment: OUT (default gpu_check_out), SCRATCH (default /tmp/gpu_check_scratch: the installed wheels,
 #   the project, the synthetic data; never $OUT), PYTHON (default python3: the machine's, no venv), WHEELS
-#   (default .whl), BUDGET_S (default 360: the whole script, set-up included).
+#   (default .whl), BUDGET_S (default 360: the whole script, set-up included), GPU_CHECK_LIMIT_<step> (seconds:
+#   that step's own limit instead of scripts/gpu_record.py's).
 #
 # Set-up, offline (PIP_NO_INDEX=1): the carried wheels and the project itself (no index, no dependencies, so
 # that its `study.variants` entry points exist) go into $SCRATCH/site on PYTHONPATH. Then the steps of
@@ -101,7 +102,10 @@ ls "$WHEELS"/*.whl >/dev/null 2>&1 || setup_failed "no wheels in $WHEELS (run ba
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 (cd "$SCRATCH" && "$PY" - <<'EOF') || setup_failed "the installed project does not import or has no study.variants entry point"
 from importlib.metadata import entry_points
-import fvcore, pycocotools, submitit, hotcoco, study, baselines
+# the project (first: it hides fvcore's torch.jit.script warning), every carried distribution, the modules using them
+import study, baselines
+import fvcore.nn, iopath, yacs, termcolor, pycocotools.mask, submitit, hotcoco
+import study.bench.flops, study.data.coco, study.launch
 eps = [e.name for e in entry_points(group="study.variants")]
 assert eps, "no study.variants entry point"
 print("set-up: study from", study.__file__, "| study.variants:", eps)
@@ -176,6 +180,7 @@ for s in r["steps"]:
 for key in ("table1_eager", "table1_compiled"):
     for row in r.get(key, {}).get("rows", []):
         paper = f"{row['paper_ratio']:.2f}x" if row.get("paper_ratio") else "-"
-        print(f"  {key:<16} {row['variant']:<22} {row['fps']:9.2f} FPS  {row['ratio']:.2f}x row 0  paper {paper}")
+        ratio = f"{row['ratio']:.2f}x row 0" if row.get("ratio") is not None else "(no ratio: row 0 not timed)"
+        print(f"  {key:<16} {row['variant']:<22} {row['fps']:9.2f} FPS  {ratio}  paper {paper}")
 EOF
 exit "$FAILED"

@@ -97,3 +97,30 @@ def test_rehearsal_end_to_end_offline(device_like, tmp_path):
     assert [s["step"] for s in t["steps"]] == [1, 2, 3] and all(math.isfinite(s["loss"]) for s in t["steps"])
     assert t["peak_rss_gib"] > 0 and t["checkpoints"] == "none written"
     assert not list(scratch.rglob("*.pt"))  # no checkpoint anywhere
+
+
+@pytest.mark.slow
+def test_rehearsal_compiled_rows(device_like, tmp_path):
+    """The compiled step (a few minutes here): EoMT compiled and timed alone first, written at once; then row 0
+    compiled and EoMT timed with it. On a slow CPU row 0's compile may outlast the limit: then the step reads
+    TIMEOUT and EoMT's row is still there, without a ratio and saying why."""
+    python, wheels = device_like
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SCRATCH": str(tmp_path / "scratch"), "PYTHON": str(python),
+           "WHEELS": str(wheels), "PIP_NO_INDEX": "1", "BUDGET_S": "900", "GPU_CHECK_LIMIT_table1_compiled": "500"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH", "VIRTUAL_ENV"):
+        env.pop(key, None)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--compiled-rows",
+                           "eomt"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    r = json.loads((out / "gpu_check.json").read_text())
+    verdict = {s["step"]: s["verdict"] for s in r["steps"]}
+    assert r["finished"] and verdict["table1_eager"] == "ok" and verdict["table1_compiled"] in ("ok", "TIMEOUT")
+    rows = {x["variant"]: x for x in r["table1_compiled"]["rows"]}
+    assert rows["eomt"]["fps"] > 0 and rows["eomt"]["compile"] == "default"
+    if verdict["table1_compiled"] == "ok":
+        assert proc.returncode == 0 and list(rows) == ["eomt", "vit_adapter_m2f"]
+        assert rows["vit_adapter_m2f"]["ratio"] == 1.0 and rows["eomt"]["fps_alone"] > 0
+        assert rows["eomt"]["ratio"] == pytest.approx(rows["eomt"]["fps"] / rows["eomt"]["reference_fps_same_rounds"])
+    else:
+        assert proc.returncode == 1 and r["passed"] is False
+        assert rows["eomt"]["ratio"] is None and "ratio follows" in rows["eomt"]["ratio_note"]
