@@ -23,7 +23,6 @@ stage times.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -46,24 +45,9 @@ KEEP_SUMMARIES = 20  # earlier make study summaries kept in study_summary.json (
 
 
 def _earlier_summaries(path: Path) -> list[dict]:
-    """The summaries of the earlier runs, the latest one last: the one in ``path`` and those it kept. An
-    unreadable file is moved aside to ``<name>.unreadable-<time>`` (said on one line) rather than overwritten."""
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text())
-        if not isinstance(old, dict) or not isinstance(old.get("earlier", []), list):
-            raise ValueError("not a summary: a JSON object with a list under 'earlier'")
-    except (OSError, ValueError) as e:
-        stem, n = f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}", 1
-        aside = path.with_name(stem)
-        while aside.exists():  # never over an earlier one
-            aside, n = path.with_name(f"{stem}-{n}"), n + 1
-        path.replace(aside)
-        _say(f"note: {path} could not be read ({e}); moved to {aside}, a new summary is written")
-        return []
-    earlier = old.pop("earlier", [])
-    return (earlier + [old])[-KEEP_SUMMARIES:]
+    from analysis.study_summary import earlier_summaries
+
+    return earlier_summaries(path, KEEP_SUMMARIES, _say)
 
 
 def _say(line: str = "") -> None:
@@ -82,17 +66,9 @@ def _tty() -> bool:
 
 
 def fingerprint(paths, *extra) -> str:
-    """sha256 over the contents of the files under ``paths`` (relative to the repository) and ``extra``."""
-    h = hashlib.sha256()
-    for rel in paths:
-        p = REPO / rel
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".py", ".csv", ".yaml")) \
-            if p.is_dir() else [p]
-        for f in files:
-            h.update(str(f.relative_to(REPO)).encode())
-            h.update(f.read_bytes())
-    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+    from analysis.study_summary import fingerprint as digest
+
+    return digest(REPO, paths, *extra)
 
 
 def _read_json(path: Path) -> dict:
@@ -154,61 +130,21 @@ def count_stage(entries, path: Path, overrides: list[str]) -> dict:
     return {"found": False, "rows": rows, "seconds": seconds, "path": str(path), "setting": setting}
 
 
-def counts_markdown(rows: list[dict]) -> str:
-    """The count table as Markdown: ours beside the paper's, the difference in percent."""
-    from study.models.build import variants
-
-    table = variants()
-    lines = ["| variant (Table 1 row) | size | input | params M (ours / paper) | GFLOPs (ours / paper) | "
-             "ΔGFLOPs | counter |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        p = r.get("paper") or {}
-        row = getattr(table.get(r["variant"]), "row", None)
-        name = f"`{r['variant']}`" + (f" ({row})" if row is not None else "")
-        pp, pg = p.get("params_m"), p.get("gflops")
-        diff = f"{100 * (r['gflops'] - pg) / pg:+.1f}%" if pg else "-"
-        lines.append(f"| {name} | {r['size']} | {r['img_size']} | {r['params'] / 1e6:.2f} / "
-                     f"{'-' if pp is None else f'{pp:g}'} | {r['gflops']:.1f} / {'-' if pg is None else f'{pg:g}'} "
-                     f"| {diff} | {r.get('flop_counter', '-')} |")
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------------- runs
 
 
 def run_label(changes: dict) -> str:
-    """'row 0 vit_adapter_m2f', 'row 5 eomt', 'eomt / unmasked': the run's place in Tables 1 and 7."""
+    """'row 0 vit_adapter_m2f s1', 'row 5 eomt s0', 'eomt / unmasked': the run's place in Tables 1 and 7, and
+    its seed where the grid gives several."""
     from study.models.build import variants
 
     variant = changes.get("model.variant", "?")
     setting = changes.get("model.mask_setting")
     row = getattr(variants().get(variant), "row", None)
+    seed = f" s{changes['seed']}" if "seed" in changes else ""
     if setting:
-        return f"{variant} / {setting}"
-    return f"row {row} {variant}" if row is not None else variant
-
-
-def _numbers(folder) -> str:
-    from study.launch.collect import headline
-    from study.runs import RunDir
-
-    run = RunDir(folder)
-    m = run.metrics()
-    h = headline(m)
-    parts = []
-    for k, fmt in (("PQ", "PQ {:.1f}"), ("AP", "AP {:.1f}"), ("mIoU", "mIoU {:.1f}")):
-        if h.get(k) is not None:
-            parts.append(fmt.format(h[k]))
-    t = m.get("train") or {}
-    if t:
-        parts.append(f"{t.get('steps')} steps at {t.get('images_per_s') or 0:.1f} img/s")
-    if h.get("params_M") is not None:
-        parts.append(f"{h['params_M']:.2f} M params")
-    if h.get("GFLOPs") is not None:
-        parts.append(f"{h['GFLOPs']:.3g} GFLOPs")
-    if h.get("FPS") is not None:
-        parts.append(f"{h['FPS']:.1f} FPS")
-    return ", ".join(parts)
+        return f"{variant} / {setting}{seed}"
+    return (f"row {row} {variant}" if row is not None else variant) + seed
 
 
 def _steps_done(run) -> int:
@@ -219,15 +155,9 @@ def _steps_done(run) -> int:
         return int(run.status().get("step") or 0)
 
 
-def _stage_of(run) -> str:
-    state = run.status().get("state")
-    if run.failure() or state == "failed":
-        return "failed"
-    if state == "finished":
-        return "evaluating" if "eval" not in run.metrics() else "done"
-    if state in ("running", "interrupted"):
-        return "training"
-    return "starting"
+# What a run's state (study.launch.collect.run_state, the one derivation of it) shows on its progress bar.
+STAGES = {"complete": "done", "trained": "evaluating", "running": "training", "interrupted": "interrupted",
+          "failed": "failed", "lost": "failed"}
 
 
 @contextmanager
@@ -251,6 +181,7 @@ def _watch(submitted, labels: dict, poll_s: float) -> None:
     a log a line per change; a line with its numbers when each run ends."""
     from tqdm import tqdm
 
+    from study.launch.collect import run_state
     from study.runs import RunDir
 
     watched = [s for s in submitted if s.job is not None]
@@ -273,7 +204,7 @@ def _watch(submitted, labels: dict, poll_s: float) -> None:
                 if id(s) in ended:
                     continue
                 run = RunDir(s.run.folder)
-                stage, bar = _stage_of(run), bars[id(s)]
+                stage, bar = STAGES.get(run_state(run), "starting"), bars[id(s)]
                 bar.n = min(_steps_done(run), bar.total)
                 bar.set_postfix_str(stage, refresh=False)
                 bar.refresh()
@@ -284,12 +215,18 @@ def _watch(submitted, labels: dict, poll_s: float) -> None:
                     ended.add(id(s))
                     error = run.failure().get("error")
                     _say(f"   {'FAILED' if error else 'done':<6} {labels[id(s)]:<{width}}  "
-                         + (error if error else _numbers(s.run.folder)))
+                         + (error if error else run_numbers(s.run.folder)))
             if len(ended) < len(watched):
                 time.sleep(poll_s)
     finally:
         for b in bars.values():
             b.close()
+
+
+def run_numbers(folder) -> str:
+    from analysis.study_summary import run_numbers as numbers
+
+    return numbers(folder)
 
 
 def run_stage(grid: Path, overrides: list[str], cluster: str, steps, job_threads: int, poll_s: float) -> dict:
@@ -310,10 +247,10 @@ def run_stage(grid: Path, overrides: list[str], cluster: str, steps, job_threads
         for a, n in actions.items()) + (f" ({cluster} jobs)" if cluster != "debug" else ""))
     for s in submitted:
         if s.action == "skip":
-            _say(f"   found  {labels[id(s)]}: {_numbers(s.run.folder)}")
+            _say(f"   found  {labels[id(s)]}: {run_numbers(s.run.folder)}")
         elif s.ran:
             error = s.error
-            _say(f"   {'FAILED' if error else 'done':<6} {labels[id(s)]}: " + (error or _numbers(s.run.folder)))
+            _say(f"   {'FAILED' if error else 'done':<6} {labels[id(s)]}: " + (error or run_numbers(s.run.folder)))
     _watch(submitted, labels, poll_s)
     wait([s for s in submitted if s.job is not None], progress=lambda *a: None)  # sets each job's error
     failed = [labels[id(s)] for s in submitted if s.error]
@@ -343,7 +280,7 @@ def timing_stage(grid: Path, overrides: list[str], threads: int) -> dict:
             (s,) = launch([r], grid_dir, ("bench",), progress=lambda *a: None)
             actions[s.action] = actions.get(s.action, 0) + 1
             word = {"skip": "found"}.get(s.action, "FAILED" if s.error else "timed")
-            _say(f"   {word:<6} {label}: " + (s.error or _numbers(r.folder)))
+            _say(f"   {word:<6} {label}: " + (s.error or run_numbers(r.folder)))
             if s.error:
                 failed.append(label)
             bar.update(1)
@@ -379,17 +316,35 @@ def report_stage(grid_dir: Path, out: Path, counts: dict | None, notes: list[str
         return {"found": True, "index": str(index), "seconds": round(time.perf_counter() - t0, 1)}
     extra = []
     if counts is not None:
+        from analysis.study_summary import counts_markdown
+
         table = counts_markdown(counts["rows"])
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "counts_real_size.md", table)
+        atomic_write_text(out / "counts_real_size.md", table, guard=True)
         extra.append((f"Parameters and GFLOPs at the real sizes ({counts['setting']})",
                       table + "\nGFLOPs: fvcore's convention (1 multiply-add = 1 FLOP, batch 1, padded square "
                       "input); params: all trainable parameters. File: [counts_real_size.md](counts_real_size.md)"
                       f", rows as JSON in {counts['path']}."))
     extra.append(("How this was made", "\n".join(f"- {n}" for n in notes)))
     index = write_all(results, out, str(grid_dir), extra=extra)
-    atomic_write_text(stamp, key + "\n")
+    atomic_write_text(stamp, key + "\n", guard=True)
     return {"found": False, "index": str(index), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _noise(grid_dir: Path) -> list[str]:
+    """Print and return the run-to-run noise of each row: the main metric over its seeds (analysis/study.py)."""
+    from analysis.study_summary import noise_lines
+    from study.errors import UserError
+    from study.launch.collect import collect
+
+    try:
+        lines = noise_lines(collect(grid_dir))
+    except UserError as e:  # no complete run: said, the summary still written
+        lines = [str(e)]
+    _say("   run-to-run noise over the seeds (mean ± std [95% interval, Student's t]):")
+    for line in lines:
+        _say(f"     {line}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -477,6 +432,7 @@ def _main(args) -> int:
              f"machine: {summary['machine']}"]
     _say(f"== 4/4 report: `study report {grid_dir} --all {root / 'report'}`")
     summary["report"] = report_stage(grid_dir, root / "report", counts, notes)
+    summary["noise"] = _noise(grid_dir)
     failed = summary["train_eval"]["failed"] + summary.get("timing", {}).get("failed", [])
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - started, 1)
