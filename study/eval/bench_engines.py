@@ -1,6 +1,6 @@
 """Benchmark of the scoring engines, PQ and segm AP, in process and as whole processes, interleaved.
 
-    python -m study.eval.bench_engines [--copies 100] [--replicas 30] [--repeats 3]
+    python -m study.eval.bench_engines --data DIR [--copies 100] [--replicas 30] [--repeats 3]
 
 PQ: the COCO panoptic sample, ``2 x copies`` images with perturbed predictions (study.eval.bench_score's
 set). AP: coco_mini val replicated ``replicas`` times (79 images each), shifted GT masks as predictions, random
@@ -22,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(os.environ.get("STUDY_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+# The shared sample data folder (coco_panoptic_sample, coco_mini): --data, else $STUDY_DATA.
+DATA = Path(os.environ["STUDY_DATA"]) if os.environ.get("STUDY_DATA") else None
 
 
-def build_instance(out: Path, replicas: int, seed: int = 0) -> tuple[Path, Path]:
+def build_instance(out: Path, replicas: int, seed: int = 0, data: Path | None = None) -> tuple[Path, Path]:
     from pycocotools import mask as mu
 
     from study.eval.coco_ap import encode_mask, prepare_ground_truth
 
-    gt = prepare_ground_truth(json.loads((DATA / "coco_mini/annotations/instances_val2017.json").read_text()))
+    data = data or DATA
+    gt = prepare_ground_truth(json.loads((data / "coco_mini/annotations/instances_val2017.json").read_text()))
     rng = np.random.default_rng(seed)
     cats = [c["id"] for c in gt["categories"]]
     images, anns, res = [], [], []
@@ -82,15 +84,18 @@ def main(argv=None) -> int:
     ap.add_argument("--copies", type=int, default=100)
     ap.add_argument("--replicas", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared sample folder (default: $STUDY_DATA)")
     args = ap.parse_args(argv)
+    if args.data is None or not (args.data / "coco_mini").is_dir():
+        ap.error(f"no sample data at {args.data}: pass --data DIR or set STUDY_DATA")
     from study.eval.bench_score import build
     from study.eval.coco_ap import score_instance_files
     from study.eval.pq_files import score_panoptic_files
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gt_json, gt_dir, pred_json, pred_dir = build(DATA / "coco_panoptic_sample", tmp / "pq", args.copies)
-        igt, ipred = build_instance(tmp, args.replicas)
+        gt_json, gt_dir, pred_json, pred_dir = build(args.data / "coco_panoptic_sample", tmp / "pq", args.copies)
+        igt, ipred = build_instance(tmp, args.replicas, data=args.data)
         n_ap = len(json.loads(igt.read_text())["images"])
         pq = {f"PQ in process, {e}": (lambda e=e: score_panoptic_files(gt_json, pred_json, gt_dir, pred_dir, 0,
                                                                          engine=e))

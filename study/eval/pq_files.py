@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from study.eval.errors import EvalInputError, MissingPredictionError, UnknownCategoryError, UnknownImageError
-from study.eval.image_pool import accumulate
+from study.eval.image_pool import accumulate, check_workers
 from study.eval.pq import PQAccumulator, check_categories, is_int
 
 
@@ -239,6 +239,7 @@ def score_panoptic_files(gt_json: str | os.PathLike, pred_json: str | os.PathLik
     from study.eval.engines import PQ_ENGINES, check_engine, pq_hotcoco, pq_panopticapi
 
     check_engine(engine, PQ_ENGINES)
+    check_workers(workers)  # refused whatever the engine, as before engines
     gt = read_json(gt_json, "ground-truth JSON", dict) if gt is None else gt
     pred = read_json(pred_json, "prediction JSON", dict)
     gt_dir = Path(gt_dir) if gt_dir is not None else Path(str(gt_json)[:-len(".json")])
