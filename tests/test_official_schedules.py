@@ -74,6 +74,13 @@ def test_sixths_rule_gives_the_official_windows(config, total):
 # ---- when each takes effect: the official module under a real Lightning Trainer vs our trainer
 
 STEPS = 12
+# A tiny run on the built-in synthetic set: two micro-batches of one image per step, warm-ups (2, 2) as below.
+OUR_RUN = ["model.size=tiny", "model.img_size=32", "model.num_classes=6", "model.num_queries=8",
+           "data.dataset=synthetic", "data.synthetic_image_size=32", "data.synthetic_train_images=12",
+           "data.synthetic_val_images=2", "data.batch_size=1", "train.batch_size=2", "train.num_points=256",
+           "train.warmup_steps=2", "train.backbone_warmup_steps=2", "train.deterministic=true",
+           "train.tensorboard=false", f"train.max_steps={STEPS}", "train.mask_annealing=true",
+           "train.checkpoint_every=1000"]
 
 
 def _official_run(windows):
@@ -107,8 +114,8 @@ def _our_run(tmp_path, monkeypatch):
     optimiser step saw: the model's P_mask buffer and every parameter's lr."""
     from study.models.eomt import EoMT
     from study.runs import RunDir
+    from study.config import load_config
     from study.train.loop import train
-    from test_train_loop import tiny_config
 
     probs, lrs, names = [], [], {}
     forward = EoMT.forward
@@ -127,8 +134,7 @@ def _our_run(tmp_path, monkeypatch):
 
     handle = register_optimizer_step_pre_hook(record_lrs)
     try:
-        cfg = tiny_config(str(tmp_path / "synthetic"), f"train.max_steps={STEPS}", "train.mask_annealing=true",
-                          "model.img_size=32", "data.synthetic_image_size=32", "train.checkpoint_every=1000")
+        cfg = load_config(None, OUR_RUN + [f"data.root={tmp_path / 'synthetic'}"])
         train(cfg, RunDir(tmp_path / "run"), progress=False)
     finally:
         handle.remove()
