@@ -95,13 +95,16 @@ def _fps_caption(results: pd.DataFrame) -> str:
 
 
 def _legend_below(fig, ax, rows_per_col: int | None = None) -> None:
-    """The legend in two columns under the axes (it never hides a point at column width)."""
+    """The legend under the axes (it never hides a point at column width): two columns, one where a label is
+    too long for half the width; the axes shrink to leave it room."""
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return
-    n = (len(labels) + 1) // 2
-    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=5.5)
-    fig.tight_layout(rect=(0, 0.02 + 0.045 * n * 3.3 / fig.get_figheight(), 1, 1))
+    ncol = 2 if max(len(label) for label in labels) <= 26 else 1
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=5.5)
+    fig.canvas.draw()
+    height = fig.legends[0].get_window_extent().height / fig.dpi
+    fig.tight_layout(rect=(0, (height + 0.05) / fig.get_figheight(), 1, 1))
 
 
 def series(data: pd.DataFrame, along: tuple[str, ...] = ("model.size",)) -> list[tuple[str, str, pd.DataFrame]]:
@@ -186,7 +189,7 @@ def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: b
             for _, r in d.iterrows():
                 right.annotate(r["model.size"], (r[x], r[y]), textcoords="offset points", xytext=(2, -6),
                                fontsize=4.5, color="0.35")
-        right.set_title(f"paper: COCO, {img_size} px" + ("\none H100, mixed precision" if "FPS" in (x, y) else ""))
+        right.set_title(f"paper: COCO {img_size}" + (", H100" if "FPS" in (x, y) else ""))
         panels.append((right, p.dropna(subset=[x, y])))
     for a, d in panels:
         if x in ("FPS", "GFLOPs", "params_M"):
@@ -198,12 +201,13 @@ def tradeoff_plot(results: pd.DataFrame, x: str = "FPS", y: str = "PQ", paper: b
         a.set_xlabel(UNITS.get(x, x))
         a.grid(True, alpha=0.3, which="both", lw=0.4)
     ax.set_ylabel(UNITS.get(y, y))
+    ax.margins(y=0.12)  # room for the point labels
     only = f"size/input {next(iter(where))}" if len(where) == 1 else ""
-    title = "ours" + (f": {_fps_caption(results).removeprefix('ours: ')}" if "FPS" in (x, y) else "")
-    if only:
-        title += f"\n{only}"
-    ax.set_title(title)
-    fig.suptitle(f"{y} vs {x} through the model sizes", fontsize=7)
+    ax.set_title("ours" + (f", {only}" if only else ""))
+    if paper:
+        axes[0, 1].margins(y=0.08)
+    caption = f"\n{_fps_caption(results)}" if "FPS" in (x, y) else ""
+    fig.suptitle(f"{y} vs {x} through the model sizes{caption}", fontsize=6.5)
     handles = list(entries.values())
     fig.legend(handles, list(entries), loc="lower center", ncol=2, frameon=False, fontsize=5.5)
     fig.canvas.draw()
@@ -288,7 +292,7 @@ def component_plot(results: pd.DataFrame, quantity: str = "time"):
     title = "Time per component" if quantity == "time" else "GFLOPs per component"
     if quantity == "time":
         title += f"\n{_fps_caption(done)}"
-    ax.set_title(title)
+    fig.suptitle(title, fontsize=7)
     ax.grid(True, axis="x", alpha=0.3, lw=0.4)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=5.5)

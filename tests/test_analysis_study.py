@@ -119,7 +119,17 @@ def text_boxes(fig) -> list:
                     out.append((f"tick {t.get_text()!r}", t.get_window_extent(r)))
     for leg in [*fig.legends, *[ax.get_legend() for ax in fig.axes if ax.get_legend()]]:
         out += [(f"legend {t.get_text()!r}", t.get_window_extent(r)) for t in leg.get_texts()]
+    titles = [ax.title for ax in fig.axes] + ([fig._suptitle] if fig._suptitle is not None else [])
+    out += [(f"title {t.get_text()!r}", t.get_window_extent(r)) for t in titles if t.get_text()]
     return out
+
+
+def outside(fig) -> list[str]:
+    """Texts (ticks, legend entries, titles) that run past the figure's edges (cut off in the file)."""
+    box = fig.bbox
+    tol = fig.dpi / 72 * 0.5
+    return [name for name, b in text_boxes(fig) if b.x0 < box.x0 - tol or b.x1 > box.x1 + tol
+            or b.y0 < box.y0 - tol or b.y1 > box.y1 + tol]
 
 
 def overlapping(fig) -> list[str]:
@@ -142,7 +152,8 @@ def test_overlap_check_catches_overlap():
 
     fig, ax = plt.subplots(figsize=(1, 1))
     ax.set_xticks(range(5), ["a long tick label"] * 5)
-    assert overlapping(fig)
+    ax.set_title("a title far too long for a figure one inch wide")
+    assert overlapping(fig) and outside(fig)
     plt.close(fig)
 
 
@@ -157,6 +168,7 @@ def test_study_figures_are_readable():
             continue
         assert fig.get_figwidth() == pytest.approx(3.3), title
         assert overlapping(fig) == [], title
+        assert outside(fig) == [], title
         plt.close(fig)
 
 
@@ -168,7 +180,7 @@ def test_paper_figures_are_readable():
 
     for fig in (tradeoff_plot(results()), tradeoff_plot(results(), "GFLOPs"), size_plot(results()),
                 component_plot(results())):
-        assert overlapping(fig) == []
+        assert overlapping(fig) == [] and outside(fig) == []
         plt.close(fig)
 
 
