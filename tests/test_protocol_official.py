@@ -183,3 +183,24 @@ def test_official_miou_equals_torchmetrics_jaccard():
         cm.add(lab, pred)
         metric.update(torch.from_numpy(pred)[None], torch.from_numpy(lab)[None])
     assert cm.summary()["miou_all_classes"] == pytest.approx(float(metric.compute().double().mean()), abs=1e-6)
+
+
+def test_score_commands_report_the_official_protocol_beside_the_standard_one(tmp_path, capsys):
+    from study.eval.cli import main
+
+    d = data_dir("coco_panoptic_sample")
+    out = tmp_path / "pq.json"
+    assert main(["score", "panoptic", "--gt-json", str(d / "panoptic_examples.json"), "--pred-json",
+                 str(d / "panoptic_examples.json"), "--categories", str(d / "panoptic_coco_categories.json"),
+                 "--protocol", "official", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["engine"] == "hotcoco" and r["protocol"] == "standard" and r["All"]["pq"] == 1.0
+    assert r["official"]["protocol"] == "official" and r["official"]["All"]["pq"] == pytest.approx(8 / 133)
+    assert "the paper's protocol" in capsys.readouterr().out
+    a = data_dir("ade20k_sample") / "annotations"
+    out = tmp_path / "miou.json"
+    assert main(["score", "semantic", "--gt-dir", str(a), "--pred-dir", str(a), "--num-classes", "150",
+                 "--label-offset", "1", "--protocol", "official", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["protocol"] == "official" and r["reported"] == "miou_all_classes"
+    assert r["miou_all_classes"] == pytest.approx(0.1)
