@@ -184,7 +184,7 @@ def test_compare_puts_the_models_side_by_side(trained, coco_image, tmp_path):
 
 
 def test_overlay_tints_segments_and_keeps_the_rest():
-    from study.predict.overlay import TINT, class_colour, draw_overlay
+    from study.predict.overlay import TINT, class_colour, draw_overlay, to_palette
     from study.predict.run import Segment
 
     rng = np.random.default_rng(0)
@@ -201,6 +201,14 @@ def test_overlay_tints_segments_and_keeps_the_rest():
     assert (out[150, 20:140] == 255).all()  # the outline
     colours = {class_colour(c) for c in range(20)}
     assert len(colours) == 20
+    # --palette: 256 colours, the class colour exact (the swatch), the photo approximated
+    small = to_palette(out, [2])
+    rgb = np.asarray(small.convert("RGB"))
+    swatch = (out == np.asarray(class_colour(2))).all(-1)
+    assert small.mode == "P" and swatch.sum() >= 81 and (rgb[swatch] == class_colour(2)).all()
+    # uniform noise is a palette's worst case: 256 colours are about 6.3 levels a channel, 40 apart, so about 10
+    # off per channel on average (PIL's octree does a little worse); the sample photos are 3.3-3.9 off (docs/predict.md)
+    assert np.abs(rgb.astype(int) - out).mean() < 20
 
 
 def test_bad_inputs_name_the_path(trained, coco_image, tmp_path):
@@ -244,8 +252,8 @@ def test_a_file_the_suite_did_not_write_is_never_replaced(trained, coco_image, t
     assert not (out / "panoptic_pred.json").exists()  # refused before any work
     mine.unlink()
     predict(trained.path, coco_image, "--out", out)
-    predict(trained.path, coco_image, "--out", out)  # its own files are replaced on a second run
-    assert Image.open(mine).size == Image.open(coco_image).size
+    predict(trained.path, coco_image, "--out", out, "--palette")  # its own files are replaced on a second run
+    assert Image.open(mine).size == Image.open(coco_image).size and Image.open(mine).mode == "P"
 
 
 def test_categories_file_is_checked_naming_it(trained, coco_image, tmp_path):

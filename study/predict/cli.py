@@ -21,14 +21,15 @@ from tqdm import tqdm
 
 from study.flags import add_set_flag
 from study.predict.models import Predictor, load_predictor, unique_labels
-from study.predict.overlay import draw_overlay, side_by_side
+from study.predict.overlay import draw_overlay, side_by_side, to_palette
 from study.predict.run import RawWriter, check_outputs, find_images, image_id, load_image, predict, write_png
 
 
 def predict_images(predictors: list[Predictor], images: list[Path], out: Path, masked=None,
-                   min_score: float = 0.5, progress: bool = True) -> dict:
+                   min_score: float = 0.5, progress: bool = True, palette: bool = False) -> dict:
     """Every model on every image; returns {"overlays": {label: [paths]}, "compare": [paths], "raw": {label:
-    [paths]}}. Outputs are checked before any work (a foreign file ends the command before it starts)."""
+    [paths]}}. Outputs are checked before any work (a foreign file ends the command before it starts).
+    ``palette``: overlays as 256-colour PNGs (:func:`study.predict.overlay.to_palette`)."""
     compare = len(predictors) > 1
     unique_labels(predictors)
     folders = {p.label: out / p.label if compare else out for p in predictors}
@@ -43,20 +44,22 @@ def predict_images(predictors: list[Predictor], images: list[Path], out: Path, m
     for path in images:
         image = load_image(path)
         ident = image_id(path)
-        panels = []
+        panels, labels = [], []  # labels: the classes drawn so far on this image (exact colours of --palette)
         for p in predictors:
             pred = predict(p, image, ident, masked)
             writers[p.label].add(path, ident, image.shape[:2], pred)
             names = [c["name"] for c in p.categories]
             panel = draw_overlay(image, pred.segments, names, min_score if p.task == "instance" else None)
             target = folders[p.label] / "overlay" / f"{path.stem}.png"
-            write_png(target, panel)
+            labels += [s.label for s in pred.segments]
+            write_png(target, to_palette(panel, labels) if palette else panel)
             done["overlays"][p.label].append(target)
             panels.append(panel)
             bar.update(1)
         if compare:
             target = out / "compare" / f"{path.stem}.png"
-            write_png(target, side_by_side(panels, [p.label for p in predictors]))
+            both = side_by_side(panels, [p.label for p in predictors])
+            write_png(target, to_palette(both, labels) if palette else both)
             done["compare"].append(target)
     bar.close()
     done["raw"] = {label: w.finish() for label, w in writers.items()}
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     predictors = [load_predictor(args.model, args.overrides, args.checkpoint, args.categories)]
     predictors += [load_predictor(s, args.overrides, None, args.categories) for s in specs[1:]]
     masked = {"on": True, "off": False, None: None}[args.masked]
-    done = predict_images(predictors, images, Path(args.out), masked, args.min_score, not args.no_progress)
+    done = predict_images(predictors, images, Path(args.out), masked, args.min_score, not args.no_progress,
+                          args.palette)
     for p in predictors:
         print(f"{p.label}: {p.task}, {p.weights} on {p.device} ({p.precision}); {len(images)} image(s)")
         print(f"  overlays in {done['overlays'][p.label][0].parent}")
@@ -102,6 +106,8 @@ def register(subparsers) -> None:
                         "default 0.5)")
     p.add_argument("--masked", choices=("on", "off"), default=None,
                    help="masked attention at inference (default: the model variant's setting)")
+    p.add_argument("--palette", action="store_true",
+                   help="overlays as 256-colour PNGs (about 3x smaller; class colours exact, the photo approximated)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set_flag(p, "eval.score_threshold=0.5")
     p.set_defaults(func=run)

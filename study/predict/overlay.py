@@ -4,8 +4,9 @@ An overlay has the image's size. Each segment is tinted with its class's colour 
 same in every image and every model of a comparison; instances of a class in lighter and darker shades),
 outlined, and labelled with its class name and score at the centre of its thickest part. A legend in a corner
 lists the classes drawn. The choices of this file are ours (the paper shows no overlays): a tint of 55%, labels
-left off segments too thin to hold them (they stay in the legend), and instance predictions drawn only from
-``min_score`` up (the raw file keeps all of them).
+left off segments too thin to hold them or smaller than twice the label (they stay in the legend), labels moved
+off the legend and off each other, and instance predictions drawn only from ``min_score`` up (the raw file
+keeps all of them).
 """
 from __future__ import annotations
 
@@ -50,24 +51,44 @@ def _anchor(mask: np.ndarray) -> tuple[int, int, float]:
     return int(x) * s, int(y) * s, float(dist[y, x]) * s
 
 
-def _text_box(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, fnt, fill, bg, pad: int,
-              centre: bool = True) -> None:
-    x, y = xy
-    l, t, r, b = draw.textbbox((0, 0), text, font=fnt)
-    w, h = r - l, b - t
-    if centre:
-        x, y = x - w // 2, y - h // 2
-    W, H = draw.im.size
-    x = min(max(pad, x), max(pad, W - w - pad))
-    y = min(max(pad, y), max(pad, H - h - pad))
-    draw.rectangle((x - pad, y - pad, x + w + pad, y + h + pad), fill=bg)
-    draw.text((x - l, y - t), text, font=fnt, fill=fill)
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
+def _place(box: tuple[int, int], centre: tuple[int, int], canvas: tuple[int, int], taken: list[Rect],
+           pad: int) -> Rect:
+    """Where a label box of size ``box`` goes: centred on ``centre`` (kept inside the canvas); when that covers
+    the legend or an earlier label, the nearest of the positions beside, above and below what it covers that is
+    free; when none is, the centred one."""
+    (w, h), (W, H) = box, canvas
+
+    def inside(x: int, y: int) -> Rect:
+        x = min(max(0, x), max(0, W - w - 1))
+        y = min(max(0, y), max(0, H - h - 1))
+        return x, y, x + w, y + h
+
+    first = inside(centre[0] - w // 2, centre[1] - h // 2)
+    hits = [r for r in taken if _overlaps(first, r)]
+    if not hits:
+        return first
+    options = []
+    for r in hits:
+        options += [inside(r[0] - w - pad, first[1]), inside(r[2] + pad, first[1]),
+                    inside(first[0], r[1] - h - pad), inside(first[0], r[3] + pad)]
+    free = [o for o in options if not any(_overlaps(o, r) for r in taken)]
+    if not free:
+        return first
+    return min(free, key=lambda o: abs(o[0] - first[0]) + abs(o[1] - first[1]))
 
 
 def draw_overlay(image: np.ndarray, segments: list[Segment], names: list[str], min_score: Optional[float] = None,
                  show_scores: bool = True) -> np.ndarray:
     """``segments`` over ``image`` (uint8 (H, W, 3)): an image of the same size. ``names``: class names in
-    contiguous order. ``min_score``: segments below it are not drawn (the legend says how many)."""
+    contiguous order. ``min_score``: segments below it are not drawn (the legend says how many). Labels are
+    moved off the legend and off each other where there is room."""
     hidden = 0
     if min_score is not None:
         hidden = sum(s.score < min_score for s in segments)
@@ -89,21 +110,30 @@ def draw_overlay(image: np.ndarray, segments: list[Segment], names: list[str], m
     draw = ImageDraw.Draw(canvas)
     size = font_size(image.shape[:2])
     fnt = font(size)
-    for i in order:
+    legend = _legend(draw, segments, colours, names, size, hidden, min_score)
+    taken = [legend]
+    pad = max(1, size // 6)
+    for i in reversed(order):  # the best placed first
         s = segments[i]
-        x, y, depth = _anchor(s.mask)
-        if depth < size / 3:  # too thin to carry a label readably; the legend still lists the class
-            continue
         text = f"{names[s.label]} {s.score:.2f}" if show_scores else names[s.label]
-        dark = tuple(int(c * 0.45) for c in colours[i])
-        _text_box(draw, (x, y), text, fnt, (255, 255, 255), dark, max(1, size // 6))
-    _legend(draw, segments, colours, names, size, hidden, min_score)
+        l, t, r, b = draw.textbbox((0, 0), text, font=fnt)
+        box = (r - l + 2 * pad, b - t + 2 * pad)
+        if int(s.mask.sum()) < 2 * box[0] * box[1]:  # the label would hide it, or sit on its neighbour
+            continue  # the legend still lists the class
+        x, y, depth = _anchor(s.mask)
+        if depth < size / 3:  # too thin to carry a label readably
+            continue
+        rect = _place(box, (x, y), canvas.size, taken, pad)
+        taken.append(rect)
+        draw.rectangle(rect, fill=tuple(int(c * 0.45) for c in colours[i]))
+        draw.text((rect[0] + pad - l, rect[1] + pad - t), text, font=fnt, fill=(255, 255, 255))
     return np.asarray(canvas)
 
 
 def _legend(draw: ImageDraw.ImageDraw, segments: list[Segment], colours: list, names: list[str], size: int,
-            hidden: int, min_score: Optional[float]) -> None:
-    """Classes drawn (by total area, largest first) with their colour and count, in the top-right corner."""
+            hidden: int, min_score: Optional[float]) -> Rect:
+    """Classes drawn (by total area, largest first) with their colour and count, in the top-right corner;
+    returns the box it covers."""
     area: dict[int, int] = {}
     count: dict[int, int] = {}
     first: dict[int, int] = {}
@@ -128,7 +158,8 @@ def _legend(draw: ImageDraw.ImageDraw, segments: list[Segment], colours: list, n
     box_w = int(min(max(widths), W - 2 * pad)) + 2 * pad
     box_h = len(lines) * row - gap + 2 * pad
     x0 = W - box_w - pad
-    draw.rectangle((x0, pad, x0 + box_w, pad + box_h), fill=(20, 20, 20), outline=(255, 255, 255))
+    box = (x0, pad, x0 + box_w, pad + box_h)
+    draw.rectangle(box, fill=(20, 20, 20), outline=(255, 255, 255))
     y = 2 * pad
     for colour, text in lines:
         x = x0 + pad
@@ -138,6 +169,28 @@ def _legend(draw: ImageDraw.ImageDraw, segments: list[Segment], colours: list, n
         l, t, _, b = draw.textbbox((0, 0), text, font=fnt)
         draw.text((x - l, y + (size - (b - t)) // 2 - t), text, font=fnt, fill=(255, 255, 255))
         y += row
+    return box
+
+
+def to_palette(image: np.ndarray, labels: list[int]) -> Image.Image:
+    """An overlay as a 256-colour PNG image (``--palette``: about a third of the RGB file's size): an adaptive
+    palette of the picture (PIL's FASTOCTREE, no dithering) plus the exact colours of ``labels``' classes, white
+    and the legend's dark grey, so that the legend swatches and text keep their exact colours."""
+    exact = list(dict.fromkeys([class_colour(c) for c in labels] + [(255, 255, 255), (20, 20, 20), (0, 0, 0)]))
+    exact = exact[:128]  # a legend of more classes than that shares the adaptive colours
+    picture = Image.fromarray(image)
+    base = 256 - len(exact)
+    adaptive = picture.quantize(base, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    colours = adaptive.getpalette()[:3 * base]
+    colours += [0] * (3 * base - len(colours)) + [v for c in exact for v in c]
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(colours)
+    index = np.array(picture.quantize(palette=palette, dither=Image.Dither.NONE))
+    for j, c in enumerate(exact):  # PIL's nearest-colour lookup is approximate: the exact colours by hand
+        index[(image == np.asarray(c, np.uint8)).all(-1)] = base + j
+    out = Image.fromarray(index.astype(np.uint8), "P")
+    out.putpalette(colours)
+    return out
 
 
 def side_by_side(panels: list[np.ndarray], titles: list[str]) -> np.ndarray:

@@ -148,10 +148,11 @@ def _bbox(mask: np.ndarray) -> list[int]:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def write_png(path: Path, array: np.ndarray) -> None:
-    """A guarded, atomic PNG write (study/io.py)."""
-    img = Image.fromarray(array)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), lambda: array.nbytes, guard=True)
+def write_png(path: Path, image: np.ndarray | Image.Image) -> None:
+    """A guarded, atomic PNG write (study/io.py) of an array or a PIL image."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    size = img.width * img.height * len(img.getbands())
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=img.mode == "P"), lambda: size, guard=True)
 
 
 class RawWriter:
