@@ -288,11 +288,15 @@ def test_compiled_training_keeps_every_annealing_version_compiled(tmp_path, synt
     versions; the trainer lifts dynamo's recompile limit above that (else the rest runs uncompiled)."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     monkeypatch.setattr(torch, "compile", lambda net, **kw: net)  # what is compiled does not matter here
-    tr = _trainer(synthetic_root, tmp_path, "train.compile=true", "model.num_query_blocks=4")
-    assert tr.model.num_masked_layers == 4
-    assert torch._dynamo.config.recompile_limit >= 2 * 4 + 1  # 9 > dynamo's default of 8
+    before = torch._dynamo.config.recompile_limit
+    # dynamo's own patch, not monkeypatch: recompile_limit is an alias in dynamo's config, and monkeypatch's undo
+    # of an alias that the trainer also set deletes it, which broke every later compiled test in the session
+    with torch._dynamo.config.patch(recompile_limit=8):
+        tr = _trainer(synthetic_root, tmp_path, "train.compile=true", "model.num_query_blocks=4")
+        assert tr.model.num_masked_layers == 4
+        assert torch._dynamo.config.recompile_limit >= 2 * 4 + 1  # 9 > dynamo's default of 8
+    assert torch._dynamo.config.recompile_limit == before  # restored for the tests after this one
 
 
 def test_a_model_that_does_not_anneal_gets_no_annealing(tmp_path, synthetic_root):
