@@ -4,9 +4,11 @@ says "fine" exactly when every string passes alone."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from study.data.rle import RLEError, check_segmentation
 from study.eval.coco_ap import encode_mask
+from study.eval import strict
 from study.eval.strict import rle_batch_ok
 
 
@@ -18,7 +20,9 @@ def _alone_ok(counts: str, h: int, w: int) -> bool:
         return False
 
 
-def test_rle_batch_check_agrees_with_the_per_rle_check():
+@pytest.mark.parametrize("chunk", [1 << 20, 50])  # one chunk; a chunk every few strings
+def test_rle_batch_check_agrees_with_the_per_rle_check(chunk, monkeypatch):
+    monkeypatch.setattr(strict, "_CHUNK_CHARS", chunk)
     rng = np.random.default_rng(0)
     h, w = 37, 53
     strings = [encode_mask(rng.random((h, w)) < p)["counts"] for p in rng.random(40)]
@@ -27,14 +31,14 @@ def test_rle_batch_check_agrees_with_the_per_rle_check():
     assert all(_alone_ok(s, h, w) for s in strings)
     damaged = 0
     for _ in range(300):
-        batch = list(strings[:5])
-        k = int(rng.integers(5))
+        batch = list(strings[:12])
+        k = int(rng.integers(12))
         s = batch[k]
         i = int(rng.integers(len(s)))
         op = rng.integers(4)
         batch[k] = (s[:i] + s[i + 1:] if op == 0 else s[:i] + chr(int(rng.integers(40, 120))) + s[i + 1:]
                     if op == 1 else s + chr(int(rng.integers(48, 112))) if op == 2 else s[:i])
         alone = all(_alone_ok(b, h, w) for b in batch)
-        assert rle_batch_ok(batch, hw[:5]) == alone, (k, op, s, batch[k])
+        assert rle_batch_ok(batch, hw[:12]) == alone, (k, op, s, batch[k])
         damaged += not alone
     assert damaged > 200  # the damage is real most of the time

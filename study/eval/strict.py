@@ -15,10 +15,20 @@ _FIRST, _LAST = 48, 48 + 63  # the compressed RLE alphabet '0'..'o' (study/data/
 _MAX_CHARS = 8  # 40 bits a run: longer values go to the exact per-result check (no int64 overflow here)
 
 
+_CHUNK_CHARS = 1 << 20  # characters decoded at once: arrays that stay in cache, memory reused (our choice)
+
+
 def rle_batch_ok(counts: list[str], hw: np.ndarray) -> bool:
     """Whether every compressed RLE string decodes, as pycocotools reads it, into non-negative runs adding
-    up to its mask's pixel count ``hw`` (R,). False means: let the exact per-result check find out why."""
+    up to its mask's pixel count ``hw`` (R,). False means: let the exact per-result check find out why.
+    Decoded about ``_CHUNK_CHARS`` characters at a time."""
     lengths = np.fromiter((len(c) for c in counts), np.int64, len(counts))
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(_CHUNK_CHARS, int(lengths.sum()), _CHUNK_CHARS))
+    edges = [0, *sorted(set((bounds + 1).tolist()) - {0, len(counts)}), len(counts)]
+    return all(_chunk_ok(counts[a:b], lengths[a:b], hw[a:b]) for a, b in zip(edges[:-1], edges[1:]))
+
+
+def _chunk_ok(counts: list[str], lengths: np.ndarray, hw: np.ndarray) -> bool:
     if not counts or lengths.min() == 0:
         return not counts
     try:
