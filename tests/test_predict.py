@@ -274,3 +274,17 @@ def test_categories_file_is_checked_naming_it(trained, coco_image, tmp_path):
     assert [c["id"] for c in coco] == sorted(c["id"] for c in coco) and coco[0]["name"] == "person"
     with pytest.raises(UserError, match="predicts 6 classes .* but categories file .* has 133"):
         predict(trained.path, coco_image, "--out", tmp_path / "out", "--categories", cats)
+
+
+def test_study_command_reports_a_bad_image_in_one_line(trained, tmp_path, monkeypatch, capsys):
+    """Through ``study.cli.main`` (with this sub-command registered, as study/cli.py's COMMANDS will list it):
+    exit 2 and one line on stderr naming the file."""
+    import study.cli as study_cli
+
+    if predict_cli not in study_cli.COMMANDS:
+        monkeypatch.setattr(study_cli, "COMMANDS", [*study_cli.COMMANDS, predict_cli])
+    text = tmp_path / "photo.png"
+    text.write_text("not a picture")
+    rc = study_cli.main(["predict", str(trained.path), str(text), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"study predict: error: {text} is not an image (no image format recognised)"]

@@ -41,8 +41,9 @@ from study.predict.models import Predictor
 
 def find_images(inputs: list[str]) -> list[Path]:
     """The image files named by ``inputs`` (files, or folders whose image files are taken, not recursively),
-    in the order given (a folder's sorted by name). Missing paths, non-image files and folders without images
-    are UserErrors naming the path; two images with the same stem would write the same outputs and are refused."""
+    in the order given (a folder's sorted by name). Missing paths, files whose header is no image format's and
+    folders without images are UserErrors naming the path; two images with the same stem would write the same
+    outputs and are refused."""
     images: list[Path] = []
     for text in inputs:
         path = Path(text)
@@ -61,7 +62,16 @@ def find_images(inputs: list[str]) -> list[Path]:
             raise UserError(f"images {stems[p.stem]} and {p} have the same name stem '{p.stem}', so their outputs "
                             "would overwrite each other; predict them in two runs with two --out folders")
         stems[p.stem] = p
-    return list(dict.fromkeys(images))
+    images = list(dict.fromkeys(images))
+    for p in images:  # the headers now, so that a stray file stops the command before any model runs
+        try:
+            with Image.open(p):
+                pass
+        except UnidentifiedImageError:
+            raise UserError(f"{p} is not an image (no image format recognised)") from None
+        except OSError as e:
+            raise UserError(f"image {p} cannot be read: {e}") from None
+    return images
 
 
 def load_image(path: Path) -> np.ndarray:
