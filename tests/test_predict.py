@@ -132,7 +132,7 @@ def ours_to_official(sd: dict, num_classes: int) -> dict:
     return out
 
 
-def test_official_and_huggingface_layouts_predict_the_same(trained, coco_image, tmp_path):
+def test_official_and_huggingface_layouts_predict_the_same(trained, coco_image, tmp_path, capsys):
     """The same tensors under three layouts load to identical state dicts, so the predictions are the same
     computation run three times: compared exactly (tolerance 0)."""
     transformers = require("transformers")
@@ -153,7 +153,9 @@ def test_official_and_huggingface_layouts_predict_the_same(trained, coco_image, 
     for name, weights in [("ours", trained.final_weights), ("official", tmp_path / "official.ckpt"),
                           ("hf", tmp_path / "hf.safetensors")]:
         outs[name] = tmp_path / name
+        capsys.readouterr()
         predict(f"{trained.config}@{weights}", coco_image, "--out", outs[name], *OPEN)
+        assert f"panoptic, {weights} on " in capsys.readouterr().out  # that file was loaded, not the run's own
     ref = json.loads((outs["ours"] / "panoptic_pred.json").read_text())["annotations"]
     png = np.asarray(Image.open(outs["ours"] / "panoptic_pred" / "000000142238.png"))
     assert ref[0]["segments_info"]
