@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import subprocess
 import sys
@@ -83,10 +84,21 @@ def _model_config(variant: str, size: str, img: int):
 
 
 def build(variant: str, size: str, img: int, device: torch.device):
+    """The model with random weights, in eval mode on ``device``: initialised there (a ViT-L's initialisation
+    takes seconds on the CPU, each of twelve builds), or, if building under the device fails, on the CPU and
+    moved."""
     from study.models.build import build_model
 
+    cfg = _model_config(variant, size, img)
     torch.manual_seed(0)
-    return build_model(_model_config(variant, size, img)).to(device).eval()
+    try:
+        with torch.device(device):
+            model = build_model(cfg)
+    except Exception as e:  # noqa: BLE001 - the plain way below raises what is really wrong
+        print(f"{variant}: built on the CPU ({type(e).__name__}: {e})", flush=True)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+    return model.to(device).eval()
 
 
 def deform_kernel(model) -> str:
@@ -121,7 +133,9 @@ def step_environment(a, device: torch.device) -> dict:
     env = {**environment(device), "tf32": tf32_state(), "sdpa_enabled": sdpa_enabled(device),
            "sdpa_chosen": [b.name for b in sdpa_backends(device)] + ["(torch.nn.attention.sdpa_kernel, in order)"],
            "deformable_attention": "pytorch (F.grid_sample, float32): model.baseline.use_compiled_deform_attn is "
-                                   "off and torch-ms-deform-attn is not carried", "gpus": torch.cuda.device_count()}
+                                   "off (its default); torch-ms-deform-attn "
+                                   + ("installed" if importlib.util.find_spec("torch_ms_deform_attn") else "absent"),
+           "gpus": torch.cuda.device_count()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(sm=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
