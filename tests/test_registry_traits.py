@@ -95,3 +95,15 @@ def test_an_entry_point_variant_reaches_the_study_and_the_component_plot(externa
     assert component_colour("mixer") in colours and len({component_colour(c) for c in
                                                          ("stem", "mixer", "head", "patch_embed")}) == 4
     plt.close(fig)
+
+
+def test_token_merging_is_refused_for_a_variant_that_is_not_eomt():
+    from study.config import ConfigError
+    from study.models.config import ModelConfig
+
+    cfg = ModelConfig(variant="eomt", size="tiny", img_size=64, num_classes=3, num_queries=4)
+    cfg.token_merging.enabled = True
+    build.check_model_config(cfg)  # EoMT: fine
+    cfg.variant = "sfp_no_pixel_decoder"
+    with pytest.raises(ConfigError, match="applies to EoMT variants \(eomt_masked, eomt\)"):
+        build.check_model_config(cfg)
