@@ -195,8 +195,6 @@ def test_the_resolver_refuses_a_clash(over):
         check_masking(cfg.model, annealing)
 
 
-@pytest.mark.xfail(strict=True, reason="study/config.py check_config does not call study.models.config."
-                                       "check_masking yet (one line, owned by another change)")
 def test_dry_run_refuses_a_mask_setting_clash(tmp_path, capsys):
     import yaml
 
