@@ -23,11 +23,13 @@ import study.bench.cli
 import study.eval.cli
 import study.export.cli
 import study.launch.cli
+import study.predict.cli
 import study.train.cli
 from study.errors import UserError, os_error_line
 
 # Sub-command modules, in the order `study --help` lists them.
-COMMANDS = [study.train.cli, study.bench.cli, study.eval.cli, study.export.cli, study.launch.cli, analysis.cli]
+COMMANDS = [study.train.cli, study.bench.cli, study.eval.cli, study.predict.cli, study.export.cli, study.launch.cli,
+            analysis.cli]
 
 
 def build_parser() -> argparse.ArgumentParser:
