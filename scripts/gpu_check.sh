@@ -179,6 +179,9 @@ for s in r["steps"]:
     print(f"  {s['step']:<16} {s['verdict']:<14} {s['seconds']:>4}s (limit {s['limit_s']}s, H100 estimate {s['estimate_s_h100']}s)")
 for key in ("table1_eager", "table1_compiled"):
     for row in r.get(key, {}).get("rows", []):
+        if "error" in row:
+            print(f"  {key:<16} {row['variant']:<22} FAILED: {row['error'][:80]}")
+            continue
         paper = f"{row['paper_ratio']:.2f}x" if row.get("paper_ratio") else "-"
         ratio = f"{row['ratio']:.2f}x row 0" if row.get("ratio") is not None else "(no ratio: row 0 not timed)"
         print(f"  {key:<16} {row['variant']:<22} {row['fps']:9.2f} FPS  {ratio}  paper {paper}")

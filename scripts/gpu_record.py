@@ -121,7 +121,7 @@ def figure(out: Path) -> Path:
     width = 0.8 / bars
     for g, key in enumerate(groups):
         by = {r["variant"]: r for r in report[key]["rows"]}
-        mine = [n for n in names if n in by and by[n]["ratio"] is not None]  # a row timed alone has none yet
+        mine = [n for n in names if n in by and by[n].get("ratio") is not None]  # none yet, or a failed row
         if not mine:
             continue
         first = by[mine[0]]

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -243,31 +244,47 @@ def table1(a, device: torch.device, compiled: bool) -> None:
             early[FIRST_ALONE] = (model, entry, len(part["rows"]) - 1)
         ref_model = build(ROW0, a.size, a.img_size, device)
         ref_entry = build_entry(f"{ROW0}:{key}", ref_model, a.img_size, proto)
+        failed = []
         for variant in order:
             t0 = time.perf_counter()
-            index = None
-            if variant == ROW0:
-                model, entries = ref_model, [ref_entry]
-            elif variant in early:
-                model, entry, index = early.pop(variant)
-                entries = [ref_entry, entry]
-            else:
-                model = build(variant, a.size, a.img_size, device)
-                entries = [ref_entry, build_entry(variant, model, a.img_size, proto)]
-            results, warning = time_interleaved(entries, breakdown=False, reference=0)
-            write(variant, model, results, warning, t0, index)
-            if model is not ref_model:
+            index, model, entries = None, None, None
+            try:
+                if variant == ROW0:
+                    model, entries = ref_model, [ref_entry]
+                elif variant in early:
+                    model, entry, index = early.pop(variant)
+                    entries = [ref_entry, entry]
+                else:
+                    model = build(variant, a.size, a.img_size, device)
+                    entries = [ref_entry, build_entry(variant, model, a.img_size, proto)]
+                results, warning = time_interleaved(entries, breakdown=False, reference=0)
+                write(variant, model, results, warning, t0, index)
+            except Exception as e:  # noqa: BLE001 - one row's failure is recorded; the other rows still run
+                if variant == ROW0:
+                    raise  # the reference of every other row
+                traceback.print_exc()
+                failed.append(variant)
+                row = {"variant": variant, "table1_row": rows[variant], "error": f"{type(e).__name__}: {e}"[:2000],
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                if index is None:
+                    part["rows"].append(row)
+                else:
+                    part["rows"][index] = row
+                gpu_record.update(a.json, key, part)
+            if model is not None and model is not ref_model:
                 del model, entries
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if failed:
+        raise SystemExit(f"{key}: rows failed: {', '.join(failed)} (their errors are in the record)")
 
 
 def step_sync(a, device: torch.device) -> None:
     """The forwards of EoMT (masked, unmasked, training mode) and of row 0 with host syncs made errors."""
     from study.device import autocast, resolve_precision
 
-    checks = []
+    checks, syncs = [], []
     for variant, mode in (("eomt", "eval"), ("eomt_masked", "eval"), ("eomt", "train"), (ROW0, "eval")):
         model = build(variant, "tiny", 64, device).train(mode == "train")
         if mode == "train":
@@ -280,15 +297,20 @@ def step_sync(a, device: torch.device) -> None:
                 torch.cuda.set_sync_debug_mode("error")
                 try:
                     model(x)
+                    verdict = "no host sync in the forward"
+                except RuntimeError as e:  # the sync that was made an error: recorded, the other checks still run
+                    verdict = f"HOST SYNC: {e}"[:1000]
+                    syncs.append(f"{variant} {mode}")
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-                verdict = "no host sync in the forward"
             else:
                 model(x)
                 verdict = "forward ran; syncs not checked (set_sync_debug_mode is CUDA only; tests/test_host_syncs.py)"
         checks.append({"variant": variant, "mode": mode, "result": verdict})
         print(f"{variant} {mode}: {verdict}", flush=True)
     gpu_record.update(a.json, "sync_check", {"size": "tiny", "img_size": 64, "checks": checks})
+    if syncs:
+        raise SystemExit(f"sync_check: a host sync in the forward of {', '.join(syncs)}")
 
 
 def step_train(a, device: torch.device) -> None:

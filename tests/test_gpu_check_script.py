@@ -208,3 +208,31 @@ def test_figure_of_a_partial_record(tmp_path):
     gpu_record.update(out / "gpu_check.json", "table1_compiled", {"rows": [dict(eager[0]), dict(eager[2], ratio=4.2)]})
     path = gpu_record.figure(out)
     assert path.stat().st_size > 10_000 and path.name in json.loads((out / ".study-manifest.json").read_text())["written"]
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """table1_eager in this process on the CPU (tiny models): a row whose model cannot be built gets its error
+    in the record, the rows after it are still timed and written, and the step ends in failure."""
+    import argparse
+
+    import gpu_steps
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _init(out, device="cpu", gpus=0)
+    real = gpu_steps.build
+
+    def build(variant, *args):
+        if variant == "sfp_m2f":
+            raise RuntimeError("no kernel for this row")
+        return real(variant, *args)
+
+    monkeypatch.setattr(gpu_steps, "build", build)
+    a = argparse.Namespace(json=out / "gpu_check.json", size="tiny", img_size=64, compiled_rows="")
+    with pytest.raises(SystemExit, match="rows failed: sfp_m2f"):
+        gpu_steps.table1(a, torch.device("cpu"), compiled=False)
+    rows = json.loads((out / "gpu_check.json").read_text())["table1_eager"]["rows"]
+    assert [r["variant"] for r in rows] == ["vit_adapter_m2f", "sfp_m2f", "sfp_no_pixel_decoder", "single_scale",
+                                            "eomt_masked", "eomt"]
+    assert rows[1]["error"] == "RuntimeError: no kernel for this row" and "fps" not in rows[1]
+    assert all(r["fps"] > 0 and r["n_iters"] == 3 for i, r in enumerate(rows) if i != 1)
