@@ -10,7 +10,9 @@ import torch
 
 from study.bench.count_fake import build_meta_model
 from study.bench.flops import count_flops, count_params
-from study.bench.speed import SpeedProtocol, apply_mode, build_entry, time_interleaved
+from study.bench.protocol import SpeedProtocol
+from study.bench.runtimes import apply_mode
+from study.bench.speed import build_entry, time_interleaved
 from study.config import Config, check_config
 from study.errors import UserError
 from study.models.build import build_model

@@ -71,12 +71,13 @@ def _loadavg() -> Optional[float]:
 
 def _bench(cfg: Config) -> dict:
     """Parameters, GFLOPs by component (``bench.counter``) and, with ``bench.fps``, the speed under the
-    protocol of study/bench/speed.py and (``bench.breakdown``) the milliseconds per component of one forward
+    protocol of docs/speed.md (study/bench/speed.py ``measure_fps``) and (``bench.breakdown``) the milliseconds per component of one forward
     (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on.
     The timing states its thread count (:func:`_bench_threads`: 1 in a local job unless bench.threads says
     otherwise) and records the machine's load, flagging an FPS that cannot be trusted (:func:`_load_check`)."""
     from study.bench.flops import count_flops, count_params
-    from study.bench.speed import SpeedProtocol, build_entry, time_interleaved
+    from study.bench.protocol import SpeedProtocol
+    from study.bench.speed import measure_fps
 
     b = cfg.bench
     threads, why = _bench_threads(b.threads)
@@ -92,12 +93,9 @@ def _bench(cfg: Config) -> dict:
                                  iters=b.iters, scope=b.scope, batch=b.batch, threads=threads,
                                  min_time=b.min_time, compile_mode=b.compile_mode, runtime=b.runtime,
                                  freezing=b.freezing)
-        entry = build_entry("model", model, img, protocol)
         before = _loadavg()
         # the breakdown comes from the timed iterations themselves, when they can give one (eager PyTorch)
-        (timed,), _ = time_interleaved([entry], breakdown=b.breakdown and not entry.no_breakdown)
-        for key in ("mode", "ratio", "ratio_ci", "ratio_to"):
-            timed.pop(key, None)
+        timed = measure_fps(model, img, protocol, breakdown=b.breakdown)
         row.update(timed)
         row["threads"], row["threads_why"] = timed.get("env", {}).get("threads", threads), why
         _load_check(row, before, _loadavg())
