@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 help="settings timed side by side in the same rounds, e.g. eager,compile,bf16,compile+bf16 "
                      "('+' joins eager/compile/freeze, fp32/bf16/fp16 and a runtime name)")
     config_flag(p, "--runtime", "bench.runtime", type=str, help="what runs the model: pytorch or a registered "
-                                                                "runtime (study/bench/speed.py RUNTIMES)")
+                                                                "runtime (study/bench/runtimes.py RUNTIMES)")
     config_flag(p, "--reference", "bench.reference", type=str,
                 help="the row the ratios are relative to: a variant, or variant:mode (unset: the first row)")
     config_flag(p, "--scope", "bench.scope", type=str, help="what the timed region holds: model or end_to_end")

@@ -33,7 +33,7 @@ class BenchConfig:
     # Compiled rows with inductor's freezing (parameters folded into the graph as constants, inference only; the
     # CPU deployment setting: weights pre-packed once). The paper is silent; off by default. Mode word "freeze".
     freezing: bool = False
-    # The protocol (study/bench/speed.py), where the paper is silent: the rows of one size are timed in
+    # The protocol (docs/speed.md; study/bench/protocol.py), where the paper is silent: the rows of one size are timed in
     # interleaved rounds; FPS from the median iteration.
     warmup: int = 3  # untimed rounds first
     iters: int = 10  # timed rounds at least
@@ -45,7 +45,7 @@ class BenchConfig:
     # Each timed row's ratio to its matrix-multiply limit (study/bench/limit.py): two matmul probes per
     # precision are timed in the same rounds (issue 11's "x limit" column; our protocol, the paper reports no such figure)
     limit: bool = True
-    # How the model runs: "pytorch" (eager or compiled), or a runtime registered in study/bench/speed.py
+    # How the model runs: "pytorch" (eager or compiled), or a runtime registered in study/bench/runtimes.py
     runtime: str = "pytorch"
     # Several settings of each row timed side by side in the same rounds: '+'-joined words among eager,
     # compile, freeze (compile with freezing), fp32, bf16, fp16, auto and a runtime name (e.g. [eager, compile,

@@ -198,7 +198,7 @@ def max_abs_difference(model: nn.Module, run: Callable[[torch.Tensor], tuple], i
 
 
 def onnxruntime_runner(model: nn.Module, example: Any, protocol: Any) -> Callable[[Any], object]:
-    """The ``onnxruntime`` runtime of the benchmark (study/bench/speed.py ``RunnerBuilder``).
+    """The ``onnxruntime`` runtime of the benchmark (study/bench/runtimes.py ``RunnerBuilder``).
 
     ``model`` is exported at the example's size (the default exporter), the file loaded into a session with
     the protocol's threads, and removed. ``run(images)`` is one ONNX Runtime call; a CPU tensor is handed over

@@ -71,7 +71,8 @@ def _loadavg() -> Optional[float]:
 
 def _bench(cfg: Config) -> dict:
     """Parameters, GFLOPs by component (``bench.counter``) and, with ``bench.fps``, the speed under the
-    protocol of docs/speed.md (study/bench/speed.py ``measure_fps``) and (``bench.breakdown``) the milliseconds per component of one forward
+    protocol of docs/speed.md (study/bench/speed.py ``measure_fps``) and (``bench.breakdown``) the milliseconds
+    per component of one forward
     (``breakdown_ms``, which analysis/plots.py draws); ``host`` names the machine the times were taken on.
     The timing states its thread count (:func:`_bench_threads`: 1 in a local job unless bench.threads says
     otherwise) and records the machine's load, flagging an FPS that cannot be trusted (:func:`_load_check`)."""

@@ -43,7 +43,7 @@ def mask_product(queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     The upscaler's last LayerNorm2d leaves the map as an NCHW view of NHWC (channels-last) memory. On that
     layout the product is taken as ``"bhwc,bqc->bhwq"`` and returned as contiguous (B, Q, H, W): ``einsum("bqc,bchw->bqhw")`` on it makes the map contiguous first inside its ``bmm``, a strided
     copy of the whole map that cost more than the product itself in bf16 (about 60 ms for EoMT-S at 640, one
-    thread; study/export/bench_bf16.py). Each logit is the same C-term dot product, but the two layouts reach
+    thread; study/bench/bf16.py). Each logit is the same C-term dot product, but the two layouts reach
     different kernels that may sum in another order: equal within the dot product's rounding bound (bitwise on
     some CPUs, up to 2.4e-6 apart in fp32 on an AMD EPYC; tests/test_bf16_speed_paths.py ``dot_bound``). The
     FLOP count is the same: one ``einsum`` with the same index sizes for fvcore and for the fast counter.
