@@ -96,9 +96,13 @@ SITE="$SCRATCH/site"
 rm -rf "$SITE"
 ls "$WHEELS"/*.whl >/dev/null 2>&1 || setup_failed "no wheels in $WHEELS (run bash scripts/gpu_wheels.sh here, then carry $WHEELS)"
 # the wheels and the project itself (built by the machine's setuptools, so that its entry points exist), in one
-# call: a second `pip install --target` into the same folder would skip what is there already
+# call: a second `pip install --target` into the same folder would skip what is there already. Built from a copy in
+# $SCRATCH/src, so that the build writes no build/ or egg-info into the checkout.
+SRC="$SCRATCH/src"
+rm -rf "$SRC" && mkdir -p "$SRC" && cp -r "$REPO"/pyproject.toml "$REPO"/README.md "$REPO"/study "$REPO"/baselines \
+    "$REPO"/analysis "$SRC"/ || setup_failed "could not copy the project into $SRC"
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE" \
-    "$WHEELS"/*.whl "$REPO" || setup_failed "pip could not install the wheels of $WHEELS and the project into $SITE"
+    "$WHEELS"/*.whl "$SRC" || setup_failed "pip could not install the wheels of $WHEELS and the project into $SITE"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 (cd "$SCRATCH" && "$PY" - <<'EOF') || setup_failed "the installed project does not import or has no study.variants entry point"
 from importlib.metadata import entry_points

@@ -67,6 +67,7 @@ def test_rehearsal_end_to_end_offline(device_like, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".study-manifest.json", "gpu_check.json", "gpu_check.log",
                                                      "gpu_check.png"]  # at most 4 files come back
     assert (scratch / "site" / "pycocotools").is_dir() and "set-up: study from " + str(scratch / "site") in proc.stdout
+    assert (scratch / "src" / "build").is_dir()  # the project was built from its copy in the scratch folder
     r = json.loads((out / "gpu_check.json").read_text())
     assert r["finished"] is True and r["passed"] is True
     assert [(s["step"], s["verdict"]) for s in r["steps"]] == [
