@@ -64,7 +64,7 @@ def check_variant(name: str) -> ChainRow:
 
 def baseline_config(cfg: ModelConfig) -> BaselineConfig:
     """``cfg.baseline`` validated strictly (unknown key or wrong type -> ConfigError naming model.baseline.<key>)."""
-    from study.config import build_dataclass
+    from study.schema import build_dataclass
 
     return build_dataclass(BaselineConfig, dict(cfg.baseline), prefix="model.baseline.")
 

@@ -77,18 +77,6 @@ def test_the_only_exception_is_still_needed():
 
 # ------------------------------------------------------------------------------------------ import circles
 
-# Circles that other changes (issue 25 item 5) still have to break, each with what breaks it. A circle that is not
-# one of these, or part of one, fails the test below; when one is broken, drop it here so it cannot come back.
-KNOWN_CIRCLES = {
-    # study/models/build.py takes ConfigError and build_dataclass from study.config; they live in study/schema.py
-    # (below every section) since issue 25's item 5: importing them from there breaks it.
-    frozenset({"study/config.py", "study/models/build.py"}),
-    frozenset({"study/models/backbone.py", "study/models/checkpoint.py", "study/models/dinov3.py"}),
-    # the trainer's state imports the trainer; its files are being split into hooks (issue 25 item 6): any
-    # circle inside study/train/ is allowed until then
-    "study/train/",
-    frozenset({"study/eval/coco_ap.py", "study/eval/engines.py", "study/eval/pq_files.py", "study/eval/strict.py"}),
-}
 
 
 def import_graph(root: Path, package: str = "study") -> dict[str, set[str]]:
@@ -153,12 +141,11 @@ def circles(graph: dict[str, set[str]]) -> list[frozenset]:
     return found
 
 
-def test_no_new_import_circle():
-    def known(c: frozenset) -> bool:
-        return any(all(f.startswith(k) for f in c) if isinstance(k, str) else c <= k for k in KNOWN_CIRCLES)
-
-    new = [sorted(c) for c in circles(import_graph(REPO)) if not known(c)]
-    assert new == [], "import circles (function-level imports included): " + str(new)
+def test_no_import_circle():
+    """No file of study/ reaches itself through imports, function-level imports included (issue 25 broke the
+    last three circles: config/launch/runs/build, backbone/dinov3/checkpoint, train loop/state)."""
+    found = [sorted(c) for c in circles(import_graph(REPO))]
+    assert found == [], "import circles (function-level imports included): " + str(found)
 
 
 def test_the_circle_finder_sees_imports_hidden_in_functions(tmp_path):

@@ -270,11 +270,12 @@ def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeou
     None: in this process, no limit). ``where`` names the results (e.g. their file) in error messages.
     """
     from study.eval.engines import ap_engine
-    from study.eval.strict import check_results_fast
+    from study.eval.strict import results_ok_fast
 
-    score = ap_engine(engine)
+    score = ap_engine(engine) or cocoeval_pycocotools
     gt = gt if prepared else prepare_ground_truth(gt)
-    check_results_fast(gt, results, where)
+    if not isinstance(results, list) or not results_ok_fast(gt, results):
+        check_results(gt, results, where)  # the exact check: it names what is wrong (or accepts after all)
     if engine == "pycocotools":  # the one engine that can hang: in a child process with a time limit
         limit = default_timeout(gt, results) if timeout_s is not None and timeout_s < 0 else timeout_s
         out = run_with_time_limit(score, (gt, results, thresholds), limit, "COCOeval")

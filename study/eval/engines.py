@@ -197,16 +197,10 @@ def ap_faster_coco_eval(gt: dict, results: list[dict], thresholds=None) -> dict:
 
 
 def ap_engine(engine: str):
-    """The function ``(prepared GT dict, checked results) -> {stats, per_class, summary}`` of an engine
-    (pycocotools' lives in :mod:`study.eval.coco_ap`, with its child process)."""
+    """The function ``(prepared GT dict, checked results) -> {stats, per_class, summary}`` of an in-process
+    engine; None for pycocotools, whose COCOeval lives in :mod:`study.eval.coco_ap` with its child process."""
     check_engine(engine, AP_ENGINES)
-    if engine == "hotcoco":
-        return ap_hotcoco
-    if engine == "faster-coco-eval":
-        return ap_faster_coco_eval
-    from study.eval.coco_ap import cocoeval_pycocotools
-
-    return cocoeval_pycocotools
+    return {"hotcoco": ap_hotcoco, "faster-coco-eval": ap_faster_coco_eval}.get(engine)
 
 
 def describe(engine: str, protocol: str = "standard") -> dict:

@@ -1,11 +1,11 @@
 """The strict checks of COCO results, vectorised: one pass over the list, then numpy over all results at once.
 
-:func:`check_results_fast` accepts exactly what :func:`study.eval.coco_ap.check_results` accepts. It pulls
+:func:`results_ok_fast` accepts exactly what :func:`study.eval.coco_ap.check_results` accepts. It pulls
 the fields of every result into arrays (ids, scores, sizes, the RLE strings joined into one buffer), checks
 them with a few numpy passes (every RLE of the file decoded in one go, as pycocotools' ``rleFrString`` reads
-it), and, as soon as anything is off or unusual (a field missing, a non-integer id, an odd type), hands the
-list to the per-result ``check_results``, which raises the same error naming the image and the result as
-before. So a sound file costs a few numpy passes and a faulty one gets the same message as ever.
+it), and, as soon as anything is off or unusual (a field missing, a non-integer id, an odd type), answers
+False: the caller (``coco_ap.evaluate_masks``) then runs the per-result ``check_results``, which raises the
+same error naming the image and the result as before. So a sound file costs a few numpy passes and a faulty one gets the same message as ever.
 """
 from __future__ import annotations
 
@@ -94,15 +94,9 @@ def segmentation_ok_fast(seg, h: int, w: int) -> bool:
     return type(counts) is str and rle_batch_ok([counts], np.array([h * w]))
 
 
-def check_results_fast(gt: dict, results, where: str = "the results") -> None:
-    """:func:`study.eval.coco_ap.check_results`, vectorised; falls back to it (which raises) on any doubt."""
-    from study.eval.coco_ap import check_results
-
-    if not isinstance(results, list) or not _fast_ok(gt, results):
-        check_results(gt, results, where)
-
-
-def _fast_ok(gt: dict, results: list) -> bool:
+def results_ok_fast(gt: dict, results: list) -> bool:
+    """Whether :func:`study.eval.coco_ap.check_results` would accept ``results``, vectorised: True only when
+    it surely would; on any doubt False, and the caller runs the exact check (which names the fault)."""
     if not results:
         return True
     try:

@@ -161,7 +161,7 @@ def check_model_config(cfg: ModelConfig, origin: dict | None = None) -> None:
 
     ``origin`` maps dotted keys to the file (or flag) that set them, so that an error names both.
     """
-    from study.config import ConfigError, build_dataclass
+    from study.schema import ConfigError, build_dataclass
 
     origin = origin or {}
     table = variants()
