@@ -90,11 +90,6 @@ def _normal(value):
     return value
 
 
-# The variants that keep masked attention at inference when model.masked_inference is unset: every one but
-# EoMT (Table 1 rows 0-4; study/models/build.py and baselines/variants.py).
-UNMASKED_AT_INFERENCE = ("eomt",)
-
-
 def resolve(keys: dict) -> dict:
     """Fill the defaults that depend on other keys, as the model builder and trainer do: L2 and the DINOv2
     backbone from the size (docs/paper.md section 5), and the mask setting (study/models/config.py
@@ -116,9 +111,11 @@ def resolve(keys: dict) -> dict:
     masking_keys = ("model.mask_setting", "model.masked_attention", "model.masked_inference", "train.mask_annealing")
     if any(k in out for k in masking_keys):
         # the one resolver of the model builder and the trainer (study/models/config.py)
+        from study.models.build import unmasked_at_inference  # the variant registry's trait
+
         m = resolve_masking(out.get("model.mask_setting") or None, out.get("model.masked_attention") is not False,
                             out.get("model.masked_inference"),
-                            out.get("model.variant") not in UNMASKED_AT_INFERENCE, out.get("train.mask_annealing"))
+                            out.get("model.variant") not in unmasked_at_inference(), out.get("train.mask_annealing"))
         resolved = dict(zip(masking_keys, (mask_setting_name(m) or "custom", m.attention, m.inference, m.annealing)))
         out.update({k: v for k, v in resolved.items() if k in out})
     if out.get("model.variant") == "eomt_masked":

@@ -170,7 +170,7 @@ def check_model_config(cfg: ModelConfig, origin: dict | None = None) -> None:
         raise ConfigError(f"config key 'model.variant' (from {src}): unknown variant '{cfg.variant}'; "
                           f"registered variants: {_registered()} ({_HOW})")
     v = table[cfg.variant]
-    if cfg.token_merging.enabled and not v.eomt:  # the record's trait (study/models/config.py's tuple can go)
+    if cfg.token_merging.enabled and not v.eomt:  # the record's trait
         src = origin.get("model.token_merging.enabled", "defaults")
         raise ConfigError(f"config key 'model.token_merging.enabled' (from {src}): token merging applies to EoMT "
                           f"variants ({', '.join(eomt_variants())}), not to '{cfg.variant}'")

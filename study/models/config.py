@@ -167,7 +167,6 @@ class TokenMergingConfig:
 
 
 # The variants whose model is EoMT (study/models/build.py): the only ones token merging applies to.
-EOMT_VARIANTS = ("eomt", "eomt_masked")
 
 
 @dataclass
@@ -239,9 +238,6 @@ class ModelConfig:
                              "model, model.init_from the start of a new training")
         if self.reinit_class_head and not self.init_from:
             raise ValueError("reinit_class_head is true but model.init_from is not set")
-        if self.token_merging.enabled and self.variant not in EOMT_VARIANTS:
-            raise ValueError(f"token_merging.enabled is true but model.variant '{self.variant}' is not EoMT; token "
-                             f"merging applies to {', '.join(EOMT_VARIANTS)}")
         if self.mask_setting is not None:
             m = MASK_SETTINGS[self.mask_setting]
             if self.masked_inference is not None and self.masked_inference != m.inference:
