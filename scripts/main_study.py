@@ -292,7 +292,7 @@ def timing_stage(grid: Path, overrides: list[str], threads: int) -> dict:
 
 
 def _machine() -> str:
-    from study.bench.speed import cpu_name
+    from study.bench.environment import cpu_name
 
     return (f"host {platform.node()}, {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} "
             f"{platform.release()}")

@@ -125,13 +125,13 @@ def test_training_bar_only_in_a_terminal_or_when_asked(monkeypatch):
 
 @pytest.mark.slow
 def test_whole_grid_as_local_jobs(tmp_path, capsys):
-    """experiments/main_study.yaml's 8 runs (3 steps each) as submitit local jobs, timed here, reported."""
+    """experiments/main_study.yaml's 14 runs (3 steps each) as submitit local jobs, timed here, reported."""
     study = _script()
     argv = _argv(tmp_path, REPO / "experiments" / "main_study.yaml", "local", "--count", "eomt:tiny:64")
     assert study.main(argv) == 0
     root = tmp_path / "runs"
     summary = json.loads((root / "study_summary.json").read_text())
-    assert summary["train_eval"]["actions"] == {"submit": 8} and summary["timing"]["actions"] == {"submit": 8}
+    assert summary["train_eval"]["actions"] == {"submit": 14} and summary["timing"]["actions"] == {"submit": 14}
     index = _check_index(root, root / "main_study")
     for t in ("1", "7", "C"):
         assert f"### Table {t}\n" in index

@@ -180,13 +180,3 @@ def measure_fps(model: nn.Module, img_size: int, protocol: SpeedProtocol, breakd
     for key in ("mode", "ratio", "ratio_ci", "ratio_to"):
         row.pop(key)
     return row
-
-
-# moved: re-exported until callers switch (coordinator)
-# name          now in                         imported from here by
-# SpeedProtocol study/bench/protocol.py        study/bench/run.py, study/launch/pipeline.py, scripts/gpu_steps.py
-#                                              (also used above)
-# apply_mode    study/bench/runtimes.py        study/bench/run.py
-# cpu_name      study/bench/environment.py     scripts/main_study.py
-from study.bench.environment import cpu_name  # noqa: E402,F401
-from study.bench.runtimes import apply_mode  # noqa: E402,F401
