@@ -24,6 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from study.coco_format import crowd_flag
 from study.data.rle import RLEError, check_segmentation, is_int
 from study.data.source import (DataError, DataNotFoundError, Files, check_same_size, decode_image,
                                decode_png, fill, locate_folder, read_file)
@@ -151,7 +152,9 @@ class CocoPanoptic(Dataset):
                                     f"category id {seg['category_id']}, absent from the categories")
             _check_file(self.images, im["file_name"], "image", self.json_where)
             _check_file(self.pngs, ann["file_name"], "panoptic PNG", self.json_where)
-            if drop_empty and not any(not s.get("iscrowd", 0) for s in ann["segments_info"]):
+            crowds = [crowd_flag(s, f"segment {s.get('id')} of image {im['file_name']} in {self.json_where}",
+                                 DataError) for s in ann["segments_info"]]
+            if drop_empty and all(crowds):
                 continue
             self.entries.append((im, ann))
         if not self.entries:
@@ -187,7 +190,7 @@ class CocoPanoptic(Dataset):
                 continue
             masks.append(m)
             labels.append(self.cat_to_contig[s["category_id"]])
-            crowd.append(bool(s.get("iscrowd", 0)))
+            crowd.append(crowd_flag(s, "segment", DataError))  # checked when the set was opened
             seg_ids.append(s["id"])
         return _sample(image, masks, labels, crowd, seg_ids, im)
 
@@ -228,7 +231,9 @@ class CocoInstance(Dataset):
         for image_id, im in sorted(images.items()):
             _check_file(self.images, im["file_name"], "image", self.json_where)
             anns = per_image.get(image_id, [])
-            if drop_empty and not any(not a.get("iscrowd", 0) for a in anns):
+            crowds = [crowd_flag(a, f"annotation {a.get('id')} of image {im['file_name']} in {self.json_where}",
+                                 DataError) for a in anns]
+            if drop_empty and all(crowds):
                 continue
             self.entries.append((im, anns))
         if not self.entries:
@@ -256,7 +261,7 @@ class CocoInstance(Dataset):
                 continue
             masks.append(m)
             labels.append(self.cat_to_contig[a["category_id"]])
-            crowd.append(bool(a.get("iscrowd", 0)))
+            crowd.append(crowd_flag(a, "annotation", DataError))  # checked when the set was opened
             seg_ids.append(a["id"])
         return _sample(image, masks, labels, crowd, seg_ids, im)
 

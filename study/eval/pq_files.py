@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from study.coco_format import crowd_flag
 from study.eval.errors import EvalInputError, MissingPredictionError, UnknownCategoryError, UnknownImageError
 from study.eval.image_pool import accumulate, check_workers
 from study.eval.pq import PQAccumulator, check_categories, is_int
@@ -80,12 +81,8 @@ def check_annotations(js: dict, where: str, what: str) -> list[dict]:
 
 
 def check_crowd_flag(segment: dict, where: str) -> None:
-    """``iscrowd`` absent, 0 or 1 (false / true): any other value (2, "1", "0") is refused. panopticapi
-    reads only 1 as crowd, hotcoco any non-zero number, and a reader that takes ``bool(value)`` makes "0"
-    a crowd; refusing the rest gives one rule wherever an annotation is read (score and eval)."""
-    v = segment.get("iscrowd", 0)
-    if v not in (0, 1) or not isinstance(v, (int, bool)):
-        raise EvalInputError(f"{where} has iscrowd {v!r:.40}; expected 0 or 1")
+    """``iscrowd`` absent, 0 or 1: the rule every reader shares (study/coco_format.py ``crowd_flag``)."""
+    crowd_flag(segment, where, EvalInputError)
 
 
 def annotations_by_image(json_path: str | os.PathLike) -> dict:
