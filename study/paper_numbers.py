@@ -8,11 +8,14 @@ configuration reproduces.
 from __future__ import annotations
 
 import functools
+import math
+from typing import TYPE_CHECKING
 from importlib import resources
 
-import pandas as pd
-
 from study.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLES = ("1", "B", "2", "3", "4", "5", "6", "7", "C", "D", "9")
 # Reference rows from outside the paper, marked by a table id of their own so that nothing takes them for the
@@ -24,6 +27,8 @@ ROW_ID = ("table", "group", "row")
 
 @functools.lru_cache(maxsize=1)
 def _read() -> pd.DataFrame:
+    import pandas as pd  # here, not at the top: `study score` and the other commands start without pandas
+
     with resources.files("study").joinpath("paper_numbers.csv").open() as f:
         data = pd.read_csv(f, comment="#", dtype=str, keep_default_na=False)
     for m in METRICS:
@@ -81,7 +86,7 @@ def _parse(text: str, default):
 
 def _normal(value):
     """A results-table cell (NaN for missing, floats for ints after a CSV) as a plain value."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -140,6 +145,8 @@ def lookup(config: dict, table: str | None = None) -> dict | None:
     """The published columns (and ``table``, ``group``, ``row``, ``note``) of the first row, of ``table`` or of
     any table in :data:`TABLES` order (the paper's only: reference rows need ``table``), whose configuration is
     ``config`` (dotted keys; missing = default)."""
+    import pandas as pd
+
     want = run_keys(config)
     rows = _read()[_read()["table"].isin(TABLES)] if table is None else paper_table(table)
     for _, r in rows.iterrows():

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from study.flags import add_set_flag
-from study.predict.models import Predictor, load_predictor, unique_labels
-from study.predict.overlay import draw_overlay, side_by_side, to_palette
-from study.predict.run import RawWriter, check_outputs, find_images, image_id, load_image, predict, write_png
+
+if TYPE_CHECKING:
+    from study.predict.models import Predictor
 
 
 def predict_images(predictors: list[Predictor], images: list[Path], out: Path, masked=None,
@@ -30,6 +30,13 @@ def predict_images(predictors: list[Predictor], images: list[Path], out: Path, m
     """Every model on every image; returns {"overlays": {label: [paths]}, "compare": [paths], "raw": {label:
     [paths]}}. Outputs are checked before any work (a foreign file ends the command before it starts).
     ``palette``: overlays as 256-colour PNGs (:func:`study.predict.overlay.to_palette`)."""
+    # here, not at the top: every `study` command imports this module to list its flags (torch takes seconds)
+    from tqdm import tqdm
+
+    from study.predict.models import unique_labels
+    from study.predict.overlay import draw_overlay, side_by_side, to_palette
+    from study.predict.run import RawWriter, check_outputs, image_id, load_image, predict, write_png
+
     compare = len(predictors) > 1
     unique_labels(predictors)
     folders = {p.label: out / p.label if compare else out for p in predictors}
@@ -67,6 +74,9 @@ def predict_images(predictors: list[Predictor], images: list[Path], out: Path, m
 
 
 def run(args: argparse.Namespace) -> int:
+    from study.predict.models import load_predictor
+    from study.predict.run import find_images
+
     images = find_images(args.images)
     specs = [args.model] + list(args.compare or [])
     predictors = [load_predictor(args.model, args.overrides, args.checkpoint, args.categories)]
