@@ -94,7 +94,7 @@ def pad_to_square(images: list[torch.Tensor], size: int) -> tuple[torch.Tensor, 
 # left over (Q mod 8) with scalar code, whose rounding differs by 1 ulp. Groups start at a call's first plane,
 # so chunks that start at multiples of 8 and hold a multiple of 8 queries (only the last chunk may hold fewer)
 # put every query in the same group, or the same leftover, as the whole-set call: bit-identical results, at any
-# thread count (tests/test_eval_inference.py). A chunk of 1 or 5 sends every query through the scalar path.
+# thread count, with ATen's AVX-512, AVX2 and scalar kernels (tests/test_eval_inference.py; docs/exactness.md). A chunk of 1 or 5 sends every query through the scalar path.
 # CUDA computes every element on its own, so any chunk is exact there. The two numbers live in
 # study/eval/config.py (QUERY_CHUNK, QUERY_CHUNK_MULTIPLE), which validates ``eval.query_chunk`` against them.
 

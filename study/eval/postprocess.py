@@ -58,7 +58,8 @@ def panoptic_merge_chunks(chunks: Chunks, class_logits: torch.Tensor, hw: tuple[
     Only (H, W) maps persist across chunks: the running best value, its query, and whether that query's
     sigmoid is >= mask_threshold there; per query, its area above the threshold. A later query takes a pixel
     only with a strictly larger value, so ties go to the first query as in argmax over all queries at once, and
-    every value is the same product as in the whole-set computation: the result is identical.
+    every value is the same product as in the whole-set computation: the result is identical (exact by
+    construction, given chunks that are themselves exact: study/eval/inference.py; docs/exactness.md).
     """
     num_classes = class_logits.shape[-1] - 1
     scores, labels = F.softmax(class_logits.float(), dim=-1).max(-1)  # (Q,), (Q,)
