@@ -199,16 +199,9 @@ def cocoeval_pycocotools(gt: dict, results: list[dict], thresholds=None) -> dict
     ev = COCOeval(coco_gt, coco_dt, iouType="segm")
     if thresholds is not None:
         ev.params.iouThrs, ev.params.recThrs = (np.array(t, np.float64) for t in thresholds)
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    from study.eval.engines import per_class_ap
+    from study.eval.engines import run_cocoeval
 
-    # precision: (T iou thresholds, R recall points, K classes, A areas, M max dets)
-    return {"stats": [float(s) for s in ev.stats], "per_class": per_class_ap(ev.eval["precision"], ev.params.catIds),
-            "summary": text.getvalue()}
+    return run_cocoeval(ev, "catIds")
 
 
 def _child(conn, fn, args) -> None:

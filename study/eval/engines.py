@@ -167,14 +167,7 @@ def ap_hotcoco(gt: dict, results: list[dict], thresholds=None) -> dict:
     coco_dt = coco_gt.load_res(results) if results else hotcoco.COCO({**gt, "annotations": []})
     ev = hotcoco.COCOeval(coco_gt, coco_dt, "segm")
     _set_thresholds(ev.params, thresholds, snake=True)
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"stats": [float(s) for s in ev.stats], "per_class": per_class_ap(ev.eval["precision"],
-                                                                             ev.params.cat_ids),
-            "summary": text.getvalue()}
+    return run_cocoeval(ev, "cat_ids")
 
 
 def ap_faster_coco_eval(gt: dict, results: list[dict], thresholds=None) -> dict:
@@ -187,13 +180,19 @@ def ap_faster_coco_eval(gt: dict, results: list[dict], thresholds=None) -> dict:
         coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else COCO({**gt, "annotations": []})
     ev = COCOeval_faster(coco_gt, coco_dt, "segm")
     _set_thresholds(ev.params, thresholds, snake=False)
+    return run_cocoeval(ev, "catIds")
+
+
+def run_cocoeval(ev, cat_ids: str) -> dict:
+    """Evaluate, accumulate and summarise a COCOeval of any engine (their summaries printed, kept as text):
+    the 12 numbers, AP per class (``ev.params.<cat_ids>``: the engines spell it differently) and the text."""
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return {"stats": [float(s) for s in ev.stats[:12]],
-            "per_class": per_class_ap(ev.eval["precision"], ev.params.catIds), "summary": text.getvalue()}
+            "per_class": per_class_ap(ev.eval["precision"], getattr(ev.params, cat_ids)), "summary": text.getvalue()}
 
 
 def ap_engine(engine: str):
