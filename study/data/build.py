@@ -1,4 +1,4 @@
-"""From configuration to a dataset: the one place that maps ``data.dataset`` names to readers."""
+"""From configuration to a dataset: the one place that maps ``data.dataset`` names to readers (``READERS``)."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset
@@ -6,22 +6,10 @@ from torch.utils.data import Dataset
 from study.errors import UserError
 
 from study.data.coco import CocoInstance, CocoPanoptic, build_ade20k_panoptic
-from study.data.config import DataConfig
+from study.data.config import DATASETS, DataConfig
 from study.data.semantic import build_ade20k, build_cityscapes, build_list
 from study.data.source import require_root
 from study.data.synthetic import ensure_synthetic
-
-# dataset name -> the tasks its reader serves (the paper trains each task on its own data set).
-DATASETS = {
-    "coco_panoptic": ("panoptic",),
-    "coco_instance": ("instance",),
-    "ade20k_panoptic": ("panoptic",),  # the COCO panoptic format (Table 4; study/data/coco.py)
-    "ade20k": ("semantic",),
-    "cityscapes": ("semantic",),
-    "list": ("semantic",),
-    "synthetic": ("panoptic", "instance", "semantic"),
-}
-
 
 def build_dataset(data_cfg: DataConfig, split: str, task: str) -> Dataset:
     """The raw (untransformed) dataset of ``split`` for ``task``.
@@ -49,15 +37,20 @@ def build_dataset(data_cfg: DataConfig, split: str, task: str) -> Dataset:
             return CocoInstance(root, split, drop_empty=drop_empty, name="synthetic")
         return build_ade20k(root, split, name="synthetic")
 
-    root = require_root(c.root, name)
-    if name == "coco_panoptic":
-        return CocoPanoptic(root, split, c.image_dir, c.ann_file, c.ann_dir, drop_empty=drop_empty)
-    if name == "ade20k_panoptic":
-        return build_ade20k_panoptic(root, split, c.image_dir, c.ann_file, c.ann_dir, drop_empty=drop_empty)
-    if name == "coco_instance":
-        return CocoInstance(root, split, c.image_dir, c.ann_file, drop_empty=drop_empty)
-    if name == "ade20k":
-        return build_ade20k(root, split, c.image_dir, c.ann_dir)
-    if name == "cityscapes":
-        return build_cityscapes(root, split, c.image_dir, c.ann_dir)
-    return build_list(root, split, c.ann_file, c.class_names or None, c.ignore_value)
+    return READERS[name](require_root(c.root, name), split, c, drop_empty)
+
+
+# data.dataset name -> its reader (root, split, data config, drop_empty) -> Dataset; the names and their tasks
+# are listed once, in study/data/config.py (DATASETS). The synthetic set is built above (it makes its root).
+READERS = {
+    "coco_panoptic": lambda root, split, c, drop: CocoPanoptic(root, split, c.image_dir, c.ann_file, c.ann_dir,
+                                                              drop_empty=drop),
+    "ade20k_panoptic": lambda root, split, c, drop: build_ade20k_panoptic(root, split, c.image_dir, c.ann_file,
+                                                                         c.ann_dir, drop_empty=drop),
+    "coco_instance": lambda root, split, c, drop: CocoInstance(root, split, c.image_dir, c.ann_file,
+                                                              drop_empty=drop),
+    "ade20k": lambda root, split, c, drop: build_ade20k(root, split, c.image_dir, c.ann_dir),
+    "cityscapes": lambda root, split, c, drop: build_cityscapes(root, split, c.image_dir, c.ann_dir),
+    "list": lambda root, split, c, drop: build_list(root, split, c.ann_file, c.class_names or None,
+                                                    c.ignore_value),
+}
