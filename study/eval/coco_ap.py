@@ -1,18 +1,21 @@
-"""COCO mask AP through pycocotools itself (docs/paper.md section 7: the paper's numbers are pycocotools').
+"""COCO mask AP (docs/paper.md section 7: the paper's numbers are pycocotools'), through an engine of
+study/eval/engines.py: hotcoco by default, pycocotools' own COCOeval or faster-coco-eval on request, all equal
+to pycocotools to 1e-9 (tests/test_engines_parity.py).
 
-We only prepare the inputs so that pycocotools sees what it expects, and check them for readable errors:
+We prepare the inputs so that every engine sees what pycocotools expects, and check them for readable errors:
 - ground-truth annotation ids are renumbered from 1 when any is < 1 or repeated: pycocotools marks a
   detection matched by storing the GT id, so a GT id of 0 reads as "unmatched" (AP 0.981 instead of 1.0
   for the GT scored against itself on the panopticapi sample);
-- ``iscrowd`` defaults to 0 and a missing ``area`` is the mask's pixel count (the GT's area decides the
-  small / medium / large ranges);
+- ``iscrowd`` defaults to 0 and must be 0 or 1 (study/coco_format.py, the rule of every reader); a missing
+  ``area`` is the mask's pixel count (the GT's area decides the small / medium / large ranges);
 - a result naming an image or category the GT lacks, or whose mask size differs from its image's, raises
   an :class:`EvalInputError` subclass naming the image and the id;
 - ids must be integers and scores finite numbers (pycocotools sorts NaN scores anyhow: all-NaN scores give
   AP 100), and every RLE is decoded in Python first (:mod:`study.data.rle`): pycocotools loops forever on
   run lengths that do not add up to the mask's size;
-- COCOeval runs in a forked child process with a time limit (:func:`evaluate_masks`' ``timeout_s``), so
-  that a native call that hangs ends in an error instead of a stuck job.
+- pycocotools' COCOeval runs in a forked child process with a time limit (:func:`evaluate_masks`'
+  ``timeout_s``), so that a native call that hangs ends in an error instead of a stuck job; the other
+  engines run in this process.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from study.coco_format import crowd_flag
 from study.eval.strict import segmentation_ok_fast
 from study.eval.errors import (EvalInputError, EvalTimeoutError, SizeMismatchError, UnknownCategoryError,
                                UnknownImageError)
@@ -96,7 +100,7 @@ def prepare_ground_truth(gt: dict) -> dict:
         a["image_id"] = _to_int(a.get("image_id"), f"{what} field 'image_id'")
         a["category_id"] = _to_int(a.get("category_id"), f"{what} (image id {a['image_id']}) field 'category_id'")
         a["id"] = k + 1 if renumber else _to_int(a["id"], "annotation id")
-        a["iscrowd"] = _to_int(a.get("iscrowd", 0), f"{what} field 'iscrowd'")
+        a["iscrowd"] = int(crowd_flag(a, what, EvalInputError))  # the one rule of every reader (0 or 1)
         if isinstance(a.get("segmentation"), str):  # some exports keep the RLE dict as its repr string
             raise EvalInputError(f"annotation {a['id']} has a string segmentation; expected polygons or RLE")
         im = images.get(a["image_id"])
@@ -126,6 +130,13 @@ def prepare_ground_truth(gt: dict) -> dict:
     return gt
 
 
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float (10**400)
+        return False
+
+
 def check_results(gt: dict, results: list[dict], where: str = "the results") -> None:
     """Each result must name a GT image and category (integers), carry a finite numeric score and a
     well-formed RLE mask of its image's size. ``where`` names the results (their file) in messages."""
@@ -149,7 +160,7 @@ def check_results(gt: dict, results: list[dict], where: str = "the results") -> 
             raise UnknownCategoryError(f"{where}: image {name}: result {k} has category id {cid}, unknown to "
                                        f"the ground truth categories")
         score = r["score"]
-        if not isinstance(score, Real) or isinstance(score, bool) or not math.isfinite(score):
+        if not isinstance(score, Real) or isinstance(score, bool) or not _finite(score):
             raise EvalInputError(f"{where}: image {name}: result {k} field 'score' is {score!r:.40}; expected a "
                                  f"finite number")
         seg = r["segmentation"]
@@ -255,12 +266,13 @@ def run_with_time_limit(fn, args: tuple, timeout_s: Optional[float], what: str):
 
 def evaluate_masks(gt: dict, results: list[dict], prepared: bool = False, timeout_s: Optional[float] = -1.0,
                    where: str = "the results", engine: str = "hotcoco", thresholds=None) -> dict:
-    """Mask AP of COCO results (RLE masks) against a COCO instance dict, with pycocotools' COCOeval.
+    """Mask AP of COCO results (RLE masks) against a COCO instance dict, with ``engine`` (engines.py).
 
     Returns ``stats`` (the 12 summary numbers), each under its name (``AP``, ``AP50``, ...), the summary
     text, and ``per_class`` AP (IoU 0.50:0.95, all areas, 100 detections; NaN for a class without GT).
-    COCOeval runs in a child process stopped after ``timeout_s`` seconds (-1: :func:`default_timeout`;
-    None: in this process, no limit). ``where`` names the results (e.g. their file) in error messages.
+    With ``engine="pycocotools"`` COCOeval runs in a child process stopped after ``timeout_s`` seconds (-1:
+    :func:`default_timeout`; None: in this process, no limit); the other engines run here. ``where`` names the
+    results (e.g. their file) in error messages.
     """
     from study.eval.engines import ap_engine
     from study.eval.strict import results_ok_fast

@@ -119,8 +119,17 @@ def pq_panopticapi(gt_json: Path, pred_json: Path, gt_dir: Path, pred_dir: Path,
     from panopticapi import evaluation as pan
 
     cats = {c["id"]: c for c in categories}
+    where = f"(prediction {pred_json}, ground truth {gt_json})"
+    try:  # panopticapi raises bare exceptions for pixel faults; each becomes our error naming the files
+        with contextlib.redirect_stdout(io.StringIO()):
+            stat = pan.pq_compute_single_core(0, pairs, str(gt_dir), str(pred_dir), cats)
+    except KeyError as e:
+        raise UnknownSegmentError(f"panopticapi: {e.args[0] if e.args else e} {where}") from None
+    except OSError as e:
+        raise EvalInputError(f"panopticapi could not read a panoptic PNG {where}: {e}") from None
+    except ValueError as e:
+        raise SizeMismatchError(f"panopticapi: a prediction PNG does not have its image's size {where}: {e}") from None
     with contextlib.redirect_stdout(io.StringIO()):
-        stat = pan.pq_compute_single_core(0, pairs, str(gt_dir), str(pred_dir), cats)
         groups = {}
         for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
             try:

@@ -5,7 +5,8 @@ the fields of every result into arrays (ids, scores, sizes, the RLE strings join
 them with a few numpy passes (every RLE of the file decoded in one go, as pycocotools' ``rleFrString`` reads
 it), and, as soon as anything is off or unusual (a field missing, a non-integer id, an odd type), answers
 False: the caller (``coco_ap.evaluate_masks``) then runs the per-result ``check_results``, which raises the
-same error naming the image and the result as before. So a sound file costs a few numpy passes and a faulty one gets the same message as ever.
+same error naming the image and the result as before. So a sound file costs a few numpy passes and a faulty
+one gets the same message as ever.
 """
 from __future__ import annotations
 
@@ -112,17 +113,21 @@ def results_ok_fast(gt: dict, results: list) -> bool:
             and all(type(v) in (float, int) for v in scores) and all(type(c) is str for c in counts)
             and all(type(s) is list and len(s) == 2 and type(s[0]) is int and type(s[1]) is int for s in sizes)):
         return False
-    score = np.array(scores, np.float64)
+    try:  # an integer beyond int64 / float64 (1e400, 2**63): not surely fine, the exact check decides
+        score = np.array(scores, np.float64)
+        im_ids = np.array([im["id"] for im in gt["images"]], np.int64)
+        img = np.array(image_ids, np.int64)
+        cats = np.array(cat_ids, np.int64)
+    except (OverflowError, TypeError, ValueError):
+        return False
     if not np.isfinite(score).all():
         return False
-    im_ids = np.array([im["id"] for im in gt["images"]], np.int64)
     order = np.argsort(im_ids)
     im_sorted = im_ids[order]
-    img = np.array(image_ids, np.int64)
     pos = np.minimum(np.searchsorted(im_sorted, img), im_sorted.size - 1)
     if not (im_sorted[pos] == img).all():
         return False
-    if not np.isin(np.array(cat_ids, np.int64), [c["id"] for c in gt["categories"]]).all():
+    if not np.isin(cats, [c["id"] for c in gt["categories"]]).all():
         return False
     h = np.array([im["height"] for im in gt["images"]], np.int64)[order][pos]
     w = np.array([im["width"] for im in gt["images"]], np.int64)[order][pos]
