@@ -202,5 +202,6 @@ def test_score_commands_report_the_official_protocol_beside_the_standard_one(tmp
     assert main(["score", "semantic", "--gt-dir", str(a), "--pred-dir", str(a), "--num-classes", "150",
                  "--label-offset", "1", "--protocol", "official", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["protocol"] == "official" and r["reported"] == "miou_all_classes"
+    assert r["protocol"] == "standard" and r["engine"] == "ours" and r["reported"] == "miou"  # the standard one
+    assert r["official"] == {"protocol": "official", "miou": pytest.approx(0.1)}  # beside it: all 150 classes
     assert r["miou_all_classes"] == pytest.approx(0.1)

@@ -37,7 +37,9 @@ def score_panoptic(args) -> int:
     t0 = time.perf_counter()
     result = score_panoptic_files(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir, args.workers,
                                   args.categories, engine=args.engine)
-    result["protocol"] = "standard"
+    from study.eval.engines import describe
+
+    result.update(describe(args.engine, "standard"))  # engine, its version, protocol
     result["seconds"] = time.perf_counter() - t0
     print(format_table(result, result["categories"], per_class=not args.no_per_class))
     print(f"{result['num_images']} images in {result['seconds']:.2f} s (engine {args.engine}, standard protocol: "
@@ -68,7 +70,9 @@ def score_instance(args) -> int:
 
     t0 = time.perf_counter()
     result = score_instance_files(args.gt_json, args.pred_json, engine=args.engine)
-    result["protocol"] = "standard"
+    from study.eval.engines import describe
+
+    result.update(describe(args.engine, "standard"))  # engine, its version, protocol
     result["seconds"] = time.perf_counter() - t0
     print(format_table(result, result["categories"], per_class=not args.no_per_class))
     print(f"scored in {result['seconds']:.2f} s (engine {args.engine}, standard protocol: pycocotools')")
@@ -95,11 +99,18 @@ def score_semantic(args) -> int:
     result = score_semantic_dirs(args.gt_dir, args.pred_dir, args.num_classes, args.ignore_index,
                                  args.label_offset, args.pred_label_offset)
     names = Path(args.class_names).read_text().split("\n") if args.class_names else None
-    result["reported"] = "miou_all_classes" if args.average == "all" or args.protocol == "official" else "miou"
-    result["protocol"] = args.protocol  # official: torchmetrics MulticlassJaccardIndex's mean over all classes
+    result["reported"] = "miou_all_classes" if args.average == "all" else "miou"
+    from study.eval.engines import describe
+
+    result.update(describe("ours", "standard"))
+    if args.protocol == "official":  # torchmetrics MulticlassJaccardIndex's mean over all classes, beside ours
+        result["official"] = {"protocol": "official", "miou": result["miou_all_classes"]}
     print(format_table(result, [n.strip() for n in names] if names else None, per_class=not args.no_per_class))
     print(f"reported mIoU ({'all classes' if result['reported'] == 'miou_all_classes' else 'classes present'}): "
           f"{100 * result[result['reported']]:.2f}")
+    if "official" in result:
+        print(f"the paper's protocol (official EoMT code: MulticlassJaccardIndex, mean over all classes): "
+              f"{100 * result['official']['miou']:.2f}")
     _write(args, result)
     return 0
 

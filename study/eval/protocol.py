@@ -40,14 +40,6 @@ MATCH_IOU = 0.5  # torchmetrics PanopticQuality: a match needs IoU > 0.5
 VOID_FRACTION = 0.5  # torchmetrics: an unmatched prediction mostly on void + same-class crowd is no FP
 
 
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        from study.errors import UserError
-
-        raise UserError(f"unknown metric protocol '{protocol}' (--protocol); choose one of {', '.join(PROTOCOLS)}")
-    return protocol
-
-
 class OfficialPQ:
     """Per-class IoU sums and TP / FP / FN under the official protocol, over images.
 
