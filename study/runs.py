@@ -6,16 +6,14 @@ read and written only through RunDir (writes are atomic):
         status.json          the trainer's {"state": running | interrupted | failed | finished, "step",
                              "total_steps", "updated", ...}
         metrics.json         final numbers, one entry per step (see below)
-        failure.json         the last attempt's error {"step", "error", "time", "seq"}; removed when a new
-                             attempt starts, ignored when its seq is below the latest submission's
+        failure.json         the last attempt's error {"step", "error", "time", "seq"}; removed when a later
+                             attempt succeeds, ignored when its seq is below the latest submission's
         launch.json          the latest submission {"job_id", "cluster", "steps", "submitted", "logs", "host",
                              "seq"} (seq: the run's event order, never wall-clock time)
                              and ``jobs``, every submission the run ever had (a job of an older launch may
                              still run: study/launch/submit.py's job_active asks about each one)
-        writer.lock          the one-writer lock (:class:`FolderLock`): whoever writes the run (the trainer,
-                             the pipeline's eval and bench steps, ``study eval``) holds an exclusive flock on
-                             it; the file names the holder (host, pid, job id). Never removed: a free lock
-                             and a stale name are harmless, a dead holder's flock is released by the kernel
+        writer.lock          the one-writer lock (:class:`FolderLock`): whoever writes the run holds an
+                             exclusive flock on it, and the file names the holder (host, pid, job id)
         eval_<task>_<split>.json  the whole evaluation result, per-class tables and COCOeval's text included
         checkpoints/last.pt  model, optimiser, schedulers, step and random states (for resuming)
         checkpoints/model_final.pt  the trained weights alone
@@ -27,11 +25,10 @@ What a step writes into ``metrics.json``:
             and COCOeval's text (those stay in ``eval_<task>_<split>.json``), with the ``settings`` it used
     bench   parameters, GFLOPs (and by component), and FPS with its protocol when ``bench.fps`` is on
 
-One writer at a time: :meth:`RunDir.writing` takes the lock (a second writer is refused with a UserError
-naming the holder) and removes the temporary files a killed writer left behind (study/io.py writes
-``.<name>.<random>.tmp`` beside each file; at ViT-L a checkpoint's is gigabytes). :meth:`RunDir.writer`
-probes the lock without taking it: a run whose status.json says "running" but whose lock is free is not
-running (SIGKILL, the OOM killer, a lost node), which is how ``study status`` tells it is interrupted.
+One writer at a time: :meth:`RunDir.writing` takes the lock (a second writer is refused, naming the holder)
+and removes the temporary files a killed writer left behind. :meth:`RunDir.writer` probes the lock: a run
+whose status.json says "running" while its lock is free was killed, which is how ``study status`` tells it is
+interrupted (a dead holder's flock is released by the kernel; the file is never removed).
 
 The steps of a run are ``STEPS``. Evaluation and benchmark settings are not part of a run's identity
 (study/config.py), so those results record their settings and count as done only while they match the
@@ -56,13 +53,11 @@ from study.bench.config import timing_settings
 from study.config import Config, build_dataclass, config_hash, run_name, save_config, to_dict
 from study.errors import UserError
 from study.io import atomic_write_json
-from study.launch.config import STEPS, check_steps  # noqa: F401 (re-exported: the steps of a run)
+from study.launch.config import STEPS
 
-# What a benchmark result depends on besides the model, derived from the bench section's one declaration
-# (study/bench/config.py); the eval step depends on the whole eval section.
+# What a benchmark result depends on besides the model (study/bench/config.py's one declaration); the eval step
+# depends on the whole eval section. EVAL_DETAILS stay in the eval file, out of metrics.json.
 BENCH_SETTINGS = timing_settings()
-# Parts of an evaluation result that stay in the eval file, out of metrics.json: per-class tables, the
-# category list, COCOeval's printed summary.
 EVAL_DETAILS = ("per_class", "categories", "summary")
 
 
@@ -312,14 +307,16 @@ class RunDir:
         """Be the run's one writer for the block (a UserError names the holder when another process is).
         Taking it first removes the temporary files of writes a killed writer never finished. An exception
         leaving the block (not SystemExit or Ctrl-C: those interrupt) is recorded in failure.json unless the
-        block recorded its own: a run that fails before its first step (a data error, a setting refused at
-        setup) shows as failed, not pending."""
+        block recorded its own (a run that fails before its first step shows as failed, not pending); a block
+        that succeeds clears an earlier attempt's failure."""
         with self._lock().hold(doing) as first:
             if first:
                 self.remove_orphans()
             start = self.next_seq() if first else None
             try:
                 yield
+                if start is not None and self.failure_file.is_file():  # an earlier attempt's failure (or a
+                    self._clear_failure_before(start)  # damaged record) is over once a later one succeeds
             except Exception as e:
                 if start is not None and self.config.is_file():
                     try:
@@ -396,6 +393,14 @@ class RunDir:
     def clear_failure(self) -> None:
         self.failure_file.unlink(missing_ok=True)
 
+    def _clear_failure_before(self, seq: int) -> None:
+        try:
+            if self._seq_of(self._read(self.failure_file)) >= seq:
+                return  # recorded by this attempt: it stays
+        except UserError:
+            pass
+        self.clear_failure()
+
     def write_launch_record(self, job_id: str, cluster: str, steps: Iterable[str], submitted: str,
                             logs: Optional[Path] = None, seq: Optional[int] = None, **extra) -> None:
         """Record a submission: the latest one at the top of launch.json, and appended to its ``jobs``.
@@ -443,7 +448,3 @@ def display_name(run: RunDir | str | Path) -> str:
     head, _, tail = name.rpartition("-")
     return head if head and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail) else name
 
-
-def pending_steps(run: RunDir, steps: Iterable[str] = STEPS, cfg: Config | None = None) -> list[str]:
-    """:meth:`RunDir.pending_steps` (kept as a function for callers that map it over runs)."""
-    return run.pending_steps(steps, cfg)

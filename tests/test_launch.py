@@ -16,7 +16,7 @@ from study.config import ConfigError, load_config, to_dict
 from study.errors import UserError
 from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
-from study.launch.pipeline import RunJob, pending_steps
+from study.launch.pipeline import RunJob
 from study.launch.submit import job_active
 from study.runs import RunDir
 from conftest import REPO
@@ -124,7 +124,7 @@ def test_debug_launch_runs_every_step_then_skips(tmp_path, synthetic_root, capsy
     _, runs = expand_grid(path, ["launch.cluster=debug"])
     for r in runs:
         run = RunDir(r.folder)
-        assert run_state(run) == "complete" and pending_steps(run) == []
+        assert run_state(run) == "complete" and run.pending_steps() == []
         metrics = run.metrics()
         assert metrics["train"]["steps"] == 3
         assert metrics["eval"]["task"] == "panoptic" and metrics["eval"]["num_images"] == 3
@@ -208,7 +208,7 @@ def test_an_evaluation_left_undone_is_finished_without_retraining(tmp_path, synt
     _, (r,) = expand_grid(path)
     RunJob()(to_dict(r.config), ("train",))  # what a job calls, here directly: training only
     run = RunDir(r.folder)
-    assert run_state(run) == "trained" and pending_steps(run) == ["eval", "bench"]
+    assert run_state(run) == "trained" and run.pending_steps() == ["eval", "bench"]
     weights = run.final_weights.stat().st_mtime_ns
     assert main(["launch", path, "--cluster", "debug", "--wait", "--steps", "train,eval"]) == 0
     assert run.final_weights.stat().st_mtime_ns == weights  # not trained again

@@ -9,7 +9,8 @@ import pytest
 
 from study.config import load_config, to_dict
 from study.errors import UserError
-from study.runs import RunDir, check_steps, step_settings
+from study.launch.config import check_steps
+from study.runs import RunDir, step_settings
 
 
 def _run(tmp_path, *overrides):

@@ -4,6 +4,8 @@ damaged rows that never stop the table or the launch, a run whose final weights 
 and trains again; and issue 25 item 2: a relaunch with one timing setting changed re-runs its bench step alone."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import time
 from dataclasses import fields, replace
@@ -55,6 +57,24 @@ def test_a_run_that_fails_before_step_1_is_failed_not_pending(tmp_path, capsys):
     assert run_state(run) == "failed"
     table = collect(tmp_path / "runs")
     assert list(table["state"]) == ["failed"] and str(empty) in table["error"][0]
+
+
+def test_an_attempt_that_succeeds_clears_an_earlier_failure_and_a_failing_one_records_its_own(tmp_path):
+    """`study train` failing once (a data error), then run again successfully, is not failed for good."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(RuntimeError):
+        with run.writing("train"):
+            raise RuntimeError("out of memory")
+    assert "out of memory" in run.failure()["error"]
+    with run.writing("train"):
+        run.write_status("finished", step=3, total_steps=3)
+    assert run.failure() == {} and not run.failure_file.exists()
+    with pytest.raises(ValueError):
+        with run.writing("eval"):
+            raise ValueError("bad eval")
+    assert "bad eval" in run.failure()["error"]  # this attempt's own failure stays
 
 
 def test_events_are_ordered_by_sequence_number_not_by_clocks(tmp_path):

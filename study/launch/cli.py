@@ -42,7 +42,7 @@ def _changes(change: dict) -> str:
 
 def run_launch(args: argparse.Namespace) -> int:
     from study.launch.grid import expand_grid
-    from study.launch.pipeline import check_steps
+    from study.launch.config import check_steps
     from study.launch.submit import launch, wait
 
     name, runs = expand_grid(args.grid, args.overrides)

@@ -18,7 +18,8 @@ import submitit
 
 from study.config import Config, build_dataclass, to_dict
 from study.errors import UserError
-from study.runs import STEPS, RunDir, check_steps, pending_steps, step_settings  # noqa: F401 (re-exported)
+from study.launch.config import STEPS, check_steps
+from study.runs import RunDir, step_settings
 
 
 def _untrained_model(cfg: Config):
@@ -135,7 +136,7 @@ def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, prog
     if rank == 0:
         run.claim(cfg)  # the folder belongs to this configuration (checked before anything runs)
         run.clear_failure()  # a new attempt
-    todo, step = pending_steps(run, steps, cfg), None
+    todo, step = run.pending_steps(steps, cfg), None
     try:
         if "train" in todo:
             step = "train"

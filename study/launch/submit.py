@@ -30,7 +30,8 @@ from study.errors import UserError
 from study.launch.collect import run_state
 from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
-from study.launch.pipeline import STEPS, RunJob, RunQueue, pending_steps
+from study.launch.config import STEPS
+from study.launch.pipeline import RunJob, RunQueue
 from study.runs import FolderLock, RunDir, now
 
 
@@ -240,7 +241,7 @@ def plan(runs: list[GridRun], steps=STEPS, errors: dict | None = None) -> list[t
     for r in runs:
         folder = RunDir(r.folder)
         try:
-            if not pending_steps(folder, steps, r.config):
+            if not folder.pending_steps(steps, r.config):
                 out.append((r, "skip"))
             elif job_active(folder):
                 out.append((r, "active"))
