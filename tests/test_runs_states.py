@@ -146,14 +146,17 @@ def test_a_run_whose_final_weights_are_gone_trains_again(tmp_path, synthetic_roo
 # to BenchConfig without one here, so that each setting's relaunch is checked.
 _CHANGED = {"fps": True, "counter": "fvcore", "device": "cpu", "precision": "fp32", "compile": True,
             "compile_mode": "max-autotune", "freezing": True, "warmup": 1, "iters": 2, "min_time": 0.5, "batch": 2,
-            "threads": 1, "scope": "end_to_end", "breakdown": False, "limit": False, "runtime": "onnxruntime",
-            "modes": ["eager"], "reference": "eomt"}
+            "threads": 1, "scope": "end_to_end", "breakdown": False, "runtime": "onnxruntime"}
 
 
 def test_one_changed_timing_setting_re_runs_the_bench_step_and_nothing_else(tmp_path, synthetic_root):
     assert set(BENCH_SETTINGS) == set(timing_settings()) == set(_CHANGED)
-    assert set(timing_settings()) | {"variants", "sizes", "img_size"} == {f.name for f in fields(BenchConfig)}
+    only_study_bench = {"variants", "sizes", "img_size", "modes", "reference", "limit"}  # not the pipeline's
+    assert set(timing_settings()) | only_study_bench == {f.name for f in fields(BenchConfig)}
     _, r, run = _finished(tmp_path, synthetic_root)
+    for key, value in (("modes", ["eager"]), ("limit", not r.config.bench.limit)):  # `study bench` alone reads
+        cfg = replace(r.config, bench=replace(r.config.bench, **{key: value}))   # these: nothing is re-timed
+        assert run.pending_steps(cfg=cfg) == [], key
     for key, value in _CHANGED.items():
         cfg = replace(r.config, bench=replace(r.config.bench, **{key: value}))
         assert getattr(cfg.bench, key) != getattr(r.config.bench, key)

@@ -90,9 +90,10 @@ class BenchConfig:
                 raise ValueError(f"reference '{self.reference}' names no variant of bench.variants {self.variants}")
 
 
-# Keys of the bench section that only `study bench` reads (which rows, at what size); every other key is a
-# timing setting of the launcher's bench step (it measures the run's own model at model.img_size).
-STUDY_BENCH_ONLY = ("variants", "sizes", "img_size")
+# Keys of the bench section that only `study bench` reads (which rows, at what size, which modes beside each
+# other, the ratios' reference row, the matmul limit column); every other key is a timing setting of the
+# launcher's bench step (it measures the run's own model at model.img_size, one mode, no limit column).
+STUDY_BENCH_ONLY = ("variants", "sizes", "img_size", "modes", "reference", "limit")
 
 
 def timing_settings() -> tuple[str, ...]:
