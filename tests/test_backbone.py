@@ -36,8 +36,12 @@ def test_bad_inputs_name_the_culprit(tmp_path):
         ViTBackbone("vit_huge_nope", 64)
     with pytest.raises(ValueError, match="unknown model size 'XL'"):
         build_backbone("XL", None, 64)
-    with pytest.raises(UserError, match="checkpoint file not found: .*absent.pth"):
+    with pytest.raises(UserError, match="model.pretrained .*absent.pth does not exist"):
         ViTBackbone("tiny", 64, pretrained=str(tmp_path / "absent.pth"))
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(UserError, match="model.pretrained .*damaged.safetensors is damaged"):  # was a traceback
+        ViTBackbone("tiny", 64, pretrained=str(damaged))
 
 
 def _source_vit(patch: int, img: int) -> VisionTransformer:

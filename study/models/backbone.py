@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
-from study.models.weights import read_state_dict, state_dict_mismatch  # noqa: F401 (also used by importers)
+from study.models.weights import read_weights, state_dict_mismatch
 
 # ImageNet statistics (docs/paper.md section 5: images in [0, 1], normalised with these).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -305,7 +305,7 @@ class ViTBackbone(nn.Module):
     def pretrained_state_dict(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         """The tensors of a backbone weights file in ``self.vit``'s names and shapes (see
         :meth:`load_pretrained`); a file that does not fit is a UserError naming it."""
-        sd = read_state_dict(path)
+        sd = read_weights(path, "model.pretrained")
         if is_dinov3(self.name):
             from study.models.dinov3 import dinov3_backbone_to_timm
 

@@ -38,27 +38,6 @@ HF_HEAD_RULES: list[tuple[str, str]] = [
 ]
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file without unpickling code (safetensors, or torch.load with weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt file or one that would need code to unpickle
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(sd, dict):
-        raise UserError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
-    for key in ("model", "state_dict"):  # common wrappers
-        if key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return sd
-
-
 def state_dict_mismatch(own: dict, sd: dict) -> str:
     """'' when ``sd`` fits ``own`` key for key and shape for shape, else what does not fit (first few each)."""
     missing = sorted(set(own) - set(sd))
