@@ -70,7 +70,7 @@ class EvalHook(Hook):
         tr.run.update_metrics(eval_history=kept)
 
     def after_step(self, tr: "Trainer", out: "StepOutput") -> None:
-        if not (tr.main and out.finite and tr.step % self.every == 0):
+        if not (tr.main and out.finite and not out.stop and tr.step % self.every == 0):  # a stop signal: save first
             return
         from study.eval.run import evaluate
 
