@@ -19,11 +19,9 @@ read and written only through RunDir (writes are atomic):
         checkpoints/model_final.pt  the trained weights alone
         logs/train.csv, logs/tb/    per-step log, TensorBoard events
 
-What a step writes into ``metrics.json``:
-    train   the trainer's summary (steps, final loss, images/s, world size, precision, device)
-    eval    the evaluation result on ``eval.split`` (default ``data.val_split``) without the per-class tables
-            and COCOeval's text (those stay in ``eval_<task>_<split>.json``), with the ``settings`` it used
-    bench   parameters, GFLOPs (and by component), and FPS with its protocol when ``bench.fps`` is on
+What a step writes into ``metrics.json``: ``train`` the trainer's summary; ``eval`` the evaluation on
+``eval.split`` with the ``settings`` it used (per-class tables stay in ``eval_<task>_<split>.json``); ``bench``
+parameters, GFLOPs (by component) and, with ``bench.fps``, FPS with its protocol and ``settings``.
 
 One writer at a time: :meth:`RunDir.writing` takes the lock (a second writer is refused, naming the holder)
 and removes the temporary files a killed writer left behind. :meth:`RunDir.writer` probes the lock: a run
@@ -36,13 +34,9 @@ configuration's (:func:`step_settings`, :meth:`RunDir.pending_steps`).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 import socket
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -54,130 +48,12 @@ from study.config import Config, build_dataclass, config_hash, run_name, save_co
 from study.errors import UserError
 from study.io import atomic_write_json
 from study.launch.config import STEPS
+from study.locks import FolderLock, now
 
 # What a benchmark result depends on besides the model (study/bench/config.py's one declaration); the eval step
 # depends on the whole eval section. EVAL_DETAILS stay in the eval file, out of metrics.json.
 BENCH_SETTINGS = timing_settings()
 EVAL_DETAILS = ("per_class", "categories", "summary")
-
-
-def now() -> str:
-    """The time stamp of every record (ISO, to the second: they compare as strings)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def job_identity() -> dict:
-    """Who this process is, for a lock file: host, pid and, inside a job, its id (Slurm or submitit local)."""
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": job}
-
-
-# flock errors that mean "this file system cannot lock" (some NFS / Lustre mounts), not "someone holds it"
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-class FolderLock:
-    """An exclusive ``fcntl.flock`` on one lock file, held by at most one process, released by the kernel
-    when its holder dies (flock works on the shared file systems Slurm sites use; NFS maps it to a
-    byte-range lock). Re-entrant within a process: the pipeline holds a run's lock and the trainer it calls
-    takes it again. After taking it the holder writes its name (:func:`job_identity`, what it does, since
-    when) into the file; a second writer reads it for its refusal."""
-
-    _held: dict[str, list] = {}  # resolved lock path -> [file object, depth] of the locks this process holds
-
-    def __init__(self, path: str | Path, what: str = "the folder"):
-        self.path, self.what = Path(path), what
-
-    def _key(self) -> str:
-        return str(self.path.resolve())
-
-    def holder(self) -> dict:
-        """The name the last holder wrote ({} when none could be read)."""
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-
-    def state(self) -> Optional[str]:
-        """"held" (by this process or another), "free", or None when the file system cannot lock."""
-        if self._key() in self._held:
-            return "held"
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            return "free"
-        with f:
-            try:  # a shared lock: probing never blocks a holder (a writer taking it retries for a moment)
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return "held"
-            except OSError as e:
-                if e.errno in _NO_LOCKS:
-                    return None
-                raise
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return "free"
-
-    @contextmanager
-    def hold(self, doing: str, wait_s: float = 3.0) -> Iterator[bool]:
-        """Hold the lock for the block (yields whether it was newly taken here, False when re-entered or
-        when the file system cannot lock, which is warned about). Refused with a UserError naming the
-        holder when another process has it for longer than ``wait_s`` (a status probe holds it for
-        microseconds)."""
-        key = self._key()
-        if key in self._held:
-            self._held[key][1] += 1
-            try:
-                yield False
-            finally:
-                self._held[key][1] -= 1
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        deadline = time.monotonic() + wait_s
-        try:
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise UserError(f"{self.what} is being written by {describe_holder(self.holder())}; "
-                                        f"one writer at a time: wait for it to end, or stop that process or "
-                                        f"job (its lock {self.path} is released when it dies)") from None
-                    time.sleep(0.05)
-                except OSError as e:
-                    if e.errno not in _NO_LOCKS:
-                        raise
-                    print(f"warning: the file system of {self.path} cannot lock files ({e.strerror}); "
-                          f"nothing stops a second writer of {self.what}", file=sys.stderr)
-                    f.close()
-                    yield False
-                    return
-        except BaseException:
-            f.close()
-            raise
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps({**job_identity(), "doing": doing, "since": now()}) + "\n")
-            f.flush()
-            self._held[key] = [f, 1]
-            yield True
-        finally:
-            self._held.pop(key, None)
-            f.close()  # releases the flock
-
-
-def describe_holder(holder: dict) -> str:
-    """"host h, pid 12, job 345 (train, since ...)" from a lock file's content."""
-    if not holder:
-        return "another process (its lock file names none yet)"
-    job = f", job {holder['job_id']}" if holder.get("job_id") else ""
-    return (f"host {holder.get('host')}, pid {holder.get('pid')}{job} ({holder.get('doing', 'writing')}, since "
-            f"{holder.get('since', '?')})")
 
 
 def step_settings(step: str, config: dict) -> dict:
@@ -187,6 +63,15 @@ def step_settings(step: str, config: dict) -> dict:
     if step == "bench":
         return {k: config.get("bench", {}).get(k) for k in BENCH_SETTINGS}
     return {}
+
+
+def same_settings(step: str, recorded, config: dict) -> bool:
+    """Whether a result recorded with ``recorded`` settings holds for ``config``. A setting the record lacks
+    was added since, and its default is what the code did before it existed; a recorded setting no longer
+    among the step's is ignored."""
+    want = step_settings(step, config)
+    default = step_settings(step, to_dict(build_dataclass(Config, {})))
+    return isinstance(recorded, dict) and all(recorded.get(k, default.get(k)) == v for k, v in want.items())
 
 
 class RunDir:
@@ -370,7 +255,7 @@ class RunDir:
             if step == "train":
                 done = trained
             else:
-                done = step in metrics and metrics[step].get("settings") == step_settings(step, config)
+                done = step in metrics and same_settings(step, metrics[step].get("settings"), config)
             if not done:
                 todo.append(step)
         return todo

@@ -185,3 +185,19 @@ def test_the_bench_step_states_its_threads_and_flags_a_busy_machine(tmp_path, sy
     assert quiet["threads"] == 1 and quiet["threads_why"] == "bench.threads" and quiet["fps_trusted"] is True
     run.update_metrics(bench={**row, "settings": {}})
     assert collect(run.path)["FPS_trusted"].tolist() == [False]
+
+
+def test_a_setting_added_since_a_result_was_recorded_counts_as_its_default():
+    """A run benchmarked before `bench.freezing` existed was not frozen: with freezing at its default (off) it
+    is done; asking for freezing re-times it. A recorded setting that is no longer the step's is ignored."""
+    from study.config import load_config, to_dict
+    from study.runs import same_settings
+
+    config = to_dict(load_config(None, []))
+    old = step_settings("bench", config)
+    del old["freezing"]
+    old["modes"] = ["eager", "compile"]  # recorded by an older suite; now study bench's alone
+    assert same_settings("bench", old, config)
+    assert not same_settings("bench", old, to_dict(load_config(None, ["bench.freezing=true"])))
+    assert not same_settings("bench", {**old, "iters": old["iters"] + 1}, config)
+    assert not same_settings("bench", None, config)

@@ -32,7 +32,8 @@ from study.launch.config import LaunchConfig
 from study.launch.grid import GridRun
 from study.launch.config import STEPS
 from study.launch.pipeline import RunJob, RunQueue
-from study.runs import FolderLock, RunDir, now
+from study.locks import FolderLock, now
+from study.runs import RunDir
 
 
 def executor_for(launch: LaunchConfig, folder: Path, job_name: str,
