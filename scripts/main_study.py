@@ -302,14 +302,14 @@ def report_stage(grid_dir: Path, out: Path, counts: dict | None, notes: list[str
     """``study report GRID_DIR --all OUT`` with the count table as the index's first section; skipped when
     the collected results, the count table and the analysis code are those of the last report."""
     from analysis.cli import write_all
-    from study.io import atomic_write_text
+    from study.io import adopt_earlier_output, atomic_write_text
     from study.launch.collect import collect
 
     t0 = time.perf_counter()
     results = collect(grid_dir)
     data = results.drop(columns="job_id", errors="ignore").to_csv(index=False)
     key = fingerprint(REPORT_INPUTS, data, counts and counts["rows"], notes)
-    stamp = out / ".inputs"
+    stamp = adopt_earlier_output(out, ".inputs")  # a report folder written before the output manifest existed
     index = out / "index.md"
     if index.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         _say(f"   found {index} (same runs, counts and analysis code): nothing to redraw")

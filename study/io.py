@@ -105,6 +105,16 @@ def record_written(*paths: str | os.PathLike) -> None:
             atomic_write(folder / MANIFEST, lambda tmp, t=text: Path(tmp).write_text(t), lambda t=text: len(t))
 
 
+def adopt_earlier_output(folder: str | os.PathLike, marker: str) -> Path:
+    """``folder / marker``, after listing the folder's files in its manifest when the marker is there but no
+    manifest is: a folder the suite wrote before manifests existed (``marker`` is a file only the suite writes
+    there, e.g. ``make study``'s ``.inputs``), so that writing it again is not refused."""
+    folder = Path(folder)
+    if (folder / marker).is_file() and not (folder / MANIFEST).exists():
+        record_written(*(p for p in folder.iterdir() if p.is_file()))
+    return folder / marker
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], size: Callable[[], int],
                  guard: bool = False) -> None:
     """Write ``path`` through ``write(tmp)``; ``size()`` estimates the bytes needed (for a full disk).

@@ -44,3 +44,23 @@ def test_a_damaged_manifest_lists_nothing(tmp_path):
         refuse_foreign(tmp_path / "a.csv")
     record_written(tmp_path / "a.csv")
     assert written_by_suite(tmp_path / "a.csv")
+
+
+def test_a_folder_the_suite_wrote_before_manifests_is_adopted_by_its_marker(tmp_path):
+    """`make study`'s report folder from before the manifest: its own .inputs stamp marks it as the suite's,
+    so running again replaces its files; a folder without the marker stays protected."""
+    from study.io import adopt_earlier_output
+
+    old = tmp_path / "report"
+    old.mkdir()
+    (old / ".inputs").write_text("key\n")
+    (old / "index.md").write_text("old report")
+    assert adopt_earlier_output(old, ".inputs") == old / ".inputs"
+    atomic_write_text(old / "index.md", "new report", guard=True)
+    assert (old / "index.md").read_text() == "new report"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.md").write_text("my notes")
+    adopt_earlier_output(mine, ".inputs")
+    with pytest.raises(UserError):
+        atomic_write_text(mine / "index.md", "report", guard=True)
