@@ -10,7 +10,7 @@
 # device already (scripts/gpu_device_packages.txt); a wheel requiring anything else stops the script. One version
 # each (two would stop the device's install), pinned to what .venv tests here. Cached: a folder whose stamp names
 # the same set and Python is kept. Always rewritten: DEST/commit.txt (HEAD and whether the tree differs from it),
-# which gpu_check.sh --device-mode records, since .git does not travel. Prints the total size; refuses more than
+# which gpu_check.sh records (scripts/gpu_record.py read_commit), since .git does not travel. Prints the total size; refuses more than
 # LIMIT_MIB (default 32; the device tool carries 64 MiB in all, the working tree included).
 set -eu -o pipefail
 
