@@ -2,6 +2,7 @@
 they name exist (the test makes them, empty, where each run names one; data.root a folder of its own)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,24 @@ def test_the_tables_have_grids():
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_grid_dry_run(grid, tmp_path, monkeypatch, capsys):
+    """The dry run opens what each run names: the weights files (written here as loadable, empty state dicts),
+    the data set's splits in their layout (recorded here: reading real layouts is tests/test_cli_faults.py's
+    job), and for a Slurm grid sbatch and srun (stand-ins on PATH) with the sbatch settings shown."""
+    import torch
+
+    import study.data.build
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    opened = []
+    monkeypatch.setattr(study.data.build, "build_dataset",
+                        lambda data, split, task: opened.append((data.dataset, split, task)) or [None])
     sets = [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}"]
     path = REPO / "experiments" / grid
     _, runs = expand_grid(path, sets)
@@ -32,10 +49,19 @@ def test_grid_dry_run(grid, tmp_path, monkeypatch, capsys):
         for f in (m.pretrained, m.checkpoint, m.init_from):
             if f:
                 Path(f).parent.mkdir(parents=True, exist_ok=True)
-                Path(f).touch()
+                if f.endswith(".safetensors"):
+                    from safetensors.torch import save_file
+
+                    save_file({"x": torch.zeros(1)}, f)
+                else:
+                    torch.save({}, f)
     assert main(["launch", str(path), "--dry-run", *[a for s in sets for a in ("--set", s)]]) == 0
     out = capsys.readouterr().out
     assert f"{len(runs)} submit" in out
+    real = {(r.config.data.dataset, r.config.task) for r in runs if r.config.data.dataset != "synthetic"}
+    assert {(d, t) for d, _, t in opened} == real  # every data set a run names was opened
+    if any(r.config.launch.cluster == "slurm" for r in runs):
+        assert f"sbatch ({bin_dir / 'sbatch'})" in out  # the Slurm dry run shows its settings
 
 
 @pytest.mark.parametrize("grid,key,values", [
