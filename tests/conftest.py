@@ -59,15 +59,23 @@ def _restore_environment():
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    """A seeded start, and torch's thread count as it was: code under test that sets it (the main study's
+    """A seeded start, and torch's thread count and deterministic mode as they were: code under test that sets it (the main study's
     timing, the benchmark's --threads) must not change the next test's arithmetic. An in-process run at 1
     thread and a subprocess at 2 sum in other orders, which broke the bitwise-resume test after the main
     study's test had run in the same session."""
     torch.manual_seed(TEST_SEED)
     threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    # an in-process training with train.deterministic=true turns torch's deterministic mode on for the process;
+    # left on, torchmetrics' bincount takes its deterministic fallback, a (N, bins) matrix: 62 GB in the
+    # official mIoU test that happened to run after one
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+            != deterministic:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 @pytest.fixture(scope="module")
