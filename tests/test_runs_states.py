@@ -138,8 +138,13 @@ def test_a_run_whose_final_weights_are_gone_trains_again(tmp_path, synthetic_roo
     assert main(["launch", grid, "--cluster", "debug", "--steps", "eval", "--set", "eval.max_images=1"]) == 1
     assert "--steps train,eval" in capsys.readouterr().out
     assert main(["launch", grid, "--cluster", "debug", "--steps", "train"]) == 0
-    assert run.final_weights.is_file() and run_state(run, active=False) == "complete"
-    assert [p.name for p in run.path.glob("checkpoints/last.pt.before-retrain-*")]  # kept, not deleted
+    assert run.final_weights.is_file() and [p.name for p in run.path.glob("checkpoints/last.pt.before-retrain-*")]
+    # the evaluation of the lost weights is set aside with them, never reported beside the new weights
+    assert run.pending_steps() == ["eval"] and "eval" not in run.metrics()
+    (aside,) = run.path.glob("metrics.before-retrain-*.json")
+    assert json.loads(aside.read_text())["eval"]["All"]["pq"] == 0.5
+    assert main(["launch", grid, "--cluster", "debug", "--steps", "train,eval", "--set", "eval.max_images=1"]) == 0
+    assert run_state(run, active=False) == "complete" and run.metrics()["eval"]["All"]["pq"] != 0.5
 
 
 # A changed value for every timing setting of the bench section; the test below fails when a setting is added

@@ -18,6 +18,7 @@ import submitit
 
 from study.config import Config, build_dataclass, to_dict
 from study.errors import UserError
+from study.io import atomic_write_json
 from study.launch.config import STEPS, check_steps
 from study.runs import RunDir, step_settings
 
@@ -136,12 +137,12 @@ def _run_steps(cfg: Config, steps: tuple[str, ...], run: RunDir, rank: int, prog
     if rank == 0:
         run.claim(cfg)  # the folder belongs to this configuration (checked before anything runs)
         run.clear_failure()  # a new attempt
+    if rank == 0 and "train" in steps and run.weights_missing():
+        _train_again(run)  # before planning: the results of the lost weights are set aside, so they are redone
     todo, step = run.pending_steps(steps, cfg), None
     try:
         if "train" in todo:
             step = "train"
-            if rank == 0 and run.weights_missing():
-                _train_again(run)
             train(cfg, run, progress=progress)
         if rank != 0:
             return run
@@ -171,6 +172,15 @@ def _train_again(run: RunDir) -> None:
         aside = run.last_checkpoint.with_name(f"last.pt.before-retrain-{run.next_seq()}")
         os.replace(run.last_checkpoint, aside)
         kept = f"; its last checkpoint is kept as {aside.name}"
+    # what described the lost weights (their evaluation, its history, the training summary) is moved aside too,
+    # so that no number of a model that no longer exists is reported beside the new weights
+    metrics = run.metrics()
+    stale = {k: metrics.pop(k) for k in ("train", "eval", "eval_history") if k in metrics}
+    if stale:
+        atomic_write_json(run.path / f"metrics.before-retrain-{run.next_seq()}.json", stale)
+        atomic_write_json(run.metrics_file, metrics)
+    for f in run.path.glob("eval_*.json"):
+        os.replace(f, f.with_name(f"{f.stem}.before-retrain.json"))
     run.write_status("interrupted", step=0, reason="final weights missing: training again")
     print(f"{run.path.name}: its final weights {run.final_weights} are missing; training it again{kept}")
 
