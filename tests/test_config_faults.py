@@ -149,3 +149,15 @@ def test_a_folder_named_before_readable_names_is_still_found(tmp_path, synthetic
     _, again = expand_grid(grid)
     assert again[0].folder == old.path and again[1].folder.name.startswith("s2-")
     assert display_name(old) == "tiny"
+
+
+def test_readable_names_stay_apart_when_file_names_alone_would_collide():
+    """Two weights files of one name in two folders: the names take the whole path rather than give two runs
+    one name (tables and figure titles show names without the hash)."""
+    from study.launch.grid import readable_names
+
+    assert readable_names([{"model.pretrained": "w/dinov2.pth"}, {"model.pretrained": "w/eva02.pth"}]) == \
+        ["pretraineddinov2", "pretrainedeva02"]  # file names suffice: short names
+    names = readable_names([{"model.pretrained": "w/dinov2/model.pt"}, {"model.pretrained": "w/eva02/model.pt"}])
+    assert len(set(names)) == 2 and all("model" in n for n in names)
+    assert len(set(readable_names([{"data.root": "/d/coco"}, {"data.root": "/e/coco"}]))) == 2

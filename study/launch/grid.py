@@ -144,7 +144,7 @@ def expand_grid(path: str | Path, overrides: list[str] | None = None) -> tuple[s
     return name, runs
 
 
-def _value_text(value: Any) -> str:
+def _value_text(value: Any, whole_paths: bool = False) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float) and value and (abs(value) < 1e-2 or abs(value) >= 1e5):
@@ -153,7 +153,9 @@ def _value_text(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"{value:g}"
     if isinstance(value, str):
-        return Path(value).stem if "/" in value else value  # a weights path: its file name
+        if "/" in value and not whole_paths:
+            return Path(value).stem  # a weights path: its file name
+        return value.strip("/").replace("/", "_") if "/" in value else value
     return yaml.safe_dump(value, default_flow_style=True).strip()
 
 
@@ -164,9 +166,9 @@ _PREFIX = {"model.variant": "", "model.size": "", "model.img_size": "", "model.b
            "train.batch_size": "bs"}
 
 
-def _token(key: str, value: Any) -> str:
+def _token(key: str, value: Any, whole_paths: bool = False) -> str:
     prefix = _PREFIX.get(key, key.rsplit(".", 1)[-1])
-    text = _value_text(value)
+    text = _value_text(value, whole_paths)
     return (prefix + text) if not isinstance(value, bool) else (f"{prefix}-{text}" if prefix else text)
 
 
@@ -174,7 +176,13 @@ def readable_names(changes: list[dict]) -> list[str]:
     """A readable name per run from the keys that differ inside the grid, in file order; of keys that change
     together (a bundle's, e.g. ``model.size`` with its ``model.pretrained``) the first gives the token;
     ``model.size`` and ``model.img_size`` join (``L640``). Sanitised (:func:`path_component`); '' when nothing
-    differs."""
+    differs. Paths give their file name, or their whole path where file names alone would give two runs one
+    name (``w/dinov2/model.pt`` and ``w/eva02/model.pt``)."""
+    names = _names(changes, whole_paths=False)
+    return names if len(set(names)) == len(names) else _names(changes, whole_paths=True)
+
+
+def _names(changes: list[dict], whole_paths: bool) -> list[str]:
     keys = list(dict.fromkeys(k for c in changes for k in c if k != "name"))
 
     def partition(key: str) -> tuple[int, ...]:  # runs labelled by the first run holding the same value
@@ -190,8 +198,8 @@ def readable_names(changes: list[dict]) -> list[str]:
             taken.add(p)
     names = []
     for c in changes:
-        tokens = {k: _token(k, c[k]) for k in chosen if k in c} or {k: _token(k, v) for k, v in c.items()
-                                                                    if k != "name"}
+        tokens = ({k: _token(k, c[k], whole_paths) for k in chosen if k in c}
+                  or {k: _token(k, v, whole_paths) for k, v in c.items() if k != "name"})
         if "model.size" in tokens and "model.img_size" in tokens:
             tokens["model.size"] += tokens.pop("model.img_size")
         text = "-".join(t for t in tokens.values() if t).replace("/", "_").replace("\\", "_").lstrip(".")
