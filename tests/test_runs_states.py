@@ -19,6 +19,7 @@ from study.launch.collect import collect, run_state
 from study.launch.grid import expand_grid
 from study.launch.pipeline import run_config
 from study.config import to_dict
+from study.errors import UserError
 from study.runs import BENCH_SETTINGS, RunDir, step_settings
 from test_launch import synthetic_root, write_grid  # noqa: F401 (fixture)
 
@@ -137,6 +138,10 @@ def test_a_run_whose_final_weights_are_gone_trains_again(tmp_path, synthetic_roo
     # an evaluation that needs the weights, without training: refused, saying exactly how
     assert main(["launch", grid, "--cluster", "debug", "--steps", "eval", "--set", "eval.max_images=1"]) == 1
     assert "--steps train,eval" in capsys.readouterr().out
+    from study.train.loop import train  # `study train` of the run: says how, never "finished already"
+
+    with pytest.raises(UserError, match="final weights .* are gone.*--steps train,eval"):
+        train(r.config, run)
     assert main(["launch", grid, "--cluster", "debug", "--steps", "train"]) == 0
     assert run.final_weights.is_file() and [p.name for p in run.path.glob("checkpoints/last.pt.before-retrain-*")]
     # the evaluation of the lost weights is set aside with them, never reported beside the new weights

@@ -33,6 +33,7 @@ from study.config import Config
 from study.data.sampler import ShardedSampler
 from study.device import (ProcessEnv, check_distinct_devices, init_distributed, resolve_process_device,
                           set_deterministic)
+from study.errors import UserError
 from study.runs import RunDir
 from study.train.hooks import (AnnealingHook, CheckpointHook, Diverged, DivergenceHook, Hook, SignalHook,
                                StatusHook, Stopped)
@@ -110,6 +111,9 @@ def _train(cfg: Config, run: RunDir, env: ProcessEnv, device: torch.device, prog
     if env.rank == 0:
         run.claim(cfg)  # the folder must belong to this very configuration
     if run.status().get("state") == "finished":
+        if env.rank == 0 and run.weights_missing():
+            raise UserError(f"{run.path} finished training but its final weights {run.final_weights} are gone; "
+                            f"`study launch GRID --steps train,eval` trains it again (the old results set aside)")
         if env.rank == 0:
             print(f"study train: {run.path} is finished already; nothing to do", flush=True)
         return run
