@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from study.models.checkpoint import rename_key, rename_keys
+from study.models.weights import rename_key, rename_keys
 
 # HF pixel decoder name -> ours (regular expressions, applied in order; the first match wins).
 PIXEL_DECODER_MAP = [

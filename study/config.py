@@ -33,8 +33,8 @@ from typing import Literal
 import yaml
 
 # The generic machinery lives below the sections (study/schema.py); its names are re-exported here for callers.
-from study.schema import (ConfigError, Override, apply_overrides, build_dataclass, load_yaml,  # noqa: F401
-                          load_yaml_tree, parse_override, path_component, to_dict)
+from study.schema import (ConfigError, Override, apply_overrides, build_dataclass,  # noqa: F401
+                          load_yaml_tree, path_component, to_dict)
 from study.bench.config import BenchConfig
 from study.data.config import DataConfig
 from study.eval.config import EvalConfig

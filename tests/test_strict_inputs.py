@@ -17,7 +17,7 @@ from study.data.config import DataConfig
 from study.data.synthetic import generate
 from study.errors import UserError
 from study.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_torch_file
-from study.models.checkpoint import read_weights
+from study.models.weights import read_weights
 
 
 @pytest.fixture

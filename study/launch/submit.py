@@ -182,7 +182,7 @@ def check_inputs(r: GridRun, opened: dict | None = None) -> None:
     splits are read in their layout (``data.root``, ``data.dataset``: a folder of another layout is refused).
     ``opened`` caches what was opened already (a grid's runs mostly share them)."""
     from study.data.build import build_dataset
-    from study.models.checkpoint import read_weights
+    from study.models.weights import read_weights
 
     cfg = r.config
     opened = {} if opened is None else opened

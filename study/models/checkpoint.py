@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from study.errors import UserError
-from study.models.weights import (HF_HEAD_RULES, OFFICIAL_HEAD_RULES, read_weights,  # noqa: F401 (re-exported)
-                                  rename_key, rename_keys, state_dict_mismatch)
+from study.models.weights import HF_HEAD_RULES, OFFICIAL_HEAD_RULES, read_weights, rename_keys, state_dict_mismatch
 
 # Official EoMT (tue-mps/eomt) -> ours. Applied in order, first match wins.
 _OFFICIAL = [(r"^network\.encoder\.backbone\.", "backbone.vit."), *OFFICIAL_HEAD_RULES]
