@@ -55,3 +55,19 @@ def test_panopticapi_engine_names_a_pixel_fault_instead_of_a_traceback(tmp_path)
         with pytest.raises(UnknownSegmentError):
             score_panoptic_files(tmp_path / "gt.json", tmp_path / "pred.json", d / "panoptic_examples",
                                  tmp_path / "pred", engine=engine)
+
+
+def test_ground_truth_in_uncompressed_rle_without_a_bbox_is_scored(coco_mini):
+    """An annotation in uncompressed RLE (counts a list) and no bbox: its box is computed (it was a TypeError)."""
+    from pycocotools import mask as mask_utils
+
+    gt = copy.deepcopy(coco_mini)
+    a = next(x for x in gt["annotations"] if isinstance(x["segmentation"], list))
+    im = next(i for i in gt["images"] if i["id"] == a["image_id"])
+    m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], im["height"], im["width"])))
+    flat = m.flatten(order="F")
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    a["segmentation"] = {"size": [im["height"], im["width"]], "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+    del a["bbox"]
+    results = results_from_ground_truth(copy.deepcopy(coco_mini))
+    assert evaluate_masks(gt, results)["stats"][0] > 0.9  # the converted annotation still matches its result

@@ -51,15 +51,18 @@ def _to_int(value, what: str) -> int:
     raise EvalInputError(f"{what} must be an integer, got {value!r:.60}")
 
 
+def _compressed(seg, h: int, w: int) -> dict:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as one compressed RLE."""
+    if isinstance(seg, list):
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(seg, h, w)
+    return seg
+
+
 def segmentation_area(seg, h: int, w: int) -> float:
     """Pixel area of a COCO segmentation (polygons, uncompressed or compressed RLE)."""
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg.get("counts"), list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    else:
-        rle = seg
-    return float(mask_utils.area(rle))
+    return float(mask_utils.area(_compressed(seg, h, w)))
 
 
 def prepare_ground_truth(gt: dict) -> dict:
@@ -123,9 +126,7 @@ def prepare_ground_truth(gt: dict) -> dict:
         a["area"] = float(a["area"])
         if "bbox" not in a:
             im = images[a["image_id"]]
-            seg = a["segmentation"]
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, im["height"], im["width"])) \
-                if isinstance(seg, list) else seg
+            rle = _compressed(a["segmentation"], im["height"], im["width"])  # uncompressed RLE too (was a TypeError)
             a["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
     return gt
 
