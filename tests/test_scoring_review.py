@@ -67,7 +67,8 @@ def test_ground_truth_in_uncompressed_rle_without_a_bbox_is_scored(coco_mini):
     m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], im["height"], im["width"])))
     flat = m.flatten(order="F")
     changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
-    a["segmentation"] = {"size": [im["height"], im["width"]], "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+    counts = np.diff(np.concatenate([[0], changes])).tolist()
+    a["segmentation"] = {"size": [im["height"], im["width"]], "counts": counts}
     del a["bbox"]
     results = results_from_ground_truth(copy.deepcopy(coco_mini))
     assert evaluate_masks(gt, results)["stats"][0] > 0.9  # the converted annotation still matches its result
