@@ -89,7 +89,7 @@ def _metric_plot(study: Study, axis: str, metrics: list[str]):
                 h = ax.errorbar(ys, xs, xerr=err, marker=MARKERS[k % len(MARKERS)], ms=3, lw=0, elinewidth=1,
                                 capsize=2, color=col)
             handles[name] = h
-        _percent_limits(ax, m)
+        _percent_limits(ax, m, "y" if numeric else "x")  # a categorical axis puts the metric on x
         if numeric:
             ax.set_ylabel(UNITS.get(m, m))
             if all(v > 0 for v in values) and max(values) / min(values) >= 10:
@@ -112,14 +112,16 @@ def _metric_plot(study: Study, axis: str, metrics: list[str]):
     return fig
 
 
-def _percent_limits(ax, m: str) -> None:
-    """A percentage axis spans at least 2 points and never goes below 0 (a flat 0 is not drawn as noise)."""
+def _percent_limits(ax, m: str, axis: str = "y") -> None:
+    """A percentage axis (``axis``, where the metric is) spans at least 2 points and never goes below 0 (a flat
+    0 is not drawn as noise)."""
     if m not in TASK_METRICS:
         return
-    lo, hi = ax.get_ylim()
+    get, set_ = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    lo, hi = get()
     if hi - lo < 2:
         lo, hi = (hi + lo) / 2 - 1, (hi + lo) / 2 + 1
-    ax.set_ylim(max(0.0, lo), hi)
+    set_(max(0.0, lo), hi)
 
 
 def pareto_front(xs: list[float], ys: list[float], higher_x: bool) -> list[int]:
