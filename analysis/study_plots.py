@@ -25,6 +25,8 @@ def group_label(study: Study, i: int, skip: tuple[str, ...] = ()) -> str:
         if a in skip:
             continue
         value = keys["label"] if a == "model.variant" and "label" in keys else keys[a]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = "default"  # the key unset in these runs: the variant's own default
         parts.append(str(value) if a == "model.variant" else f"{a.split('.')[-1]} {value}")
     return ", ".join(parts) or "all runs"
 
@@ -113,15 +115,15 @@ def _metric_plot(study: Study, axis: str, metrics: list[str]):
 
 
 def _percent_limits(ax, m: str, axis: str = "y") -> None:
-    """A percentage axis (``axis``, where the metric is) spans at least 2 points and never goes below 0 (a flat
-    0 is not drawn as noise)."""
+    """A percentage axis (``axis``, where the metric is) spans at least 2 points and stays within 0-100 (a flat
+    0 is not drawn as noise; a wide interval of two seeds runs off the axis instead of stretching it to 400)."""
     if m not in TASK_METRICS:
         return
     get, set_ = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
     lo, hi = get()
     if hi - lo < 2:
         lo, hi = (hi + lo) / 2 - 1, (hi + lo) / 2 + 1
-    set_(max(0.0, lo), hi)
+    set_(max(0.0, lo), min(100.0, hi) if hi - max(0.0, lo) > 2 else hi)
 
 
 def pareto_front(xs: list[float], ys: list[float], higher_x: bool) -> list[int]:
