@@ -190,7 +190,6 @@ TINY = ["train.max_steps=3", "train.checkpoint_every=3", "data.synthetic_train_i
         "data.synthetic_image_size=64", "bench.iters=2", "bench.warmup=1"]
 
 
-@pytest.mark.slow
 def test_own_grid_through_the_launcher(tmp_path, capsys):
     """model.num_queries x seed, an ablation no paper table has: `study report --all` writes the study (axis
     column, n = 2, intervals) and its figures; without --table the study is printed; a file of the user's
@@ -203,6 +202,9 @@ def test_own_grid_through_the_launcher(tmp_path, capsys):
     argv = ["launch", str(grid), "--cluster", "debug", "--wait"]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
     runs = tmp_path / "runs" / "queries"
+    # the run folders are named by what sets them apart inside the grid, the hash kept as a suffix
+    names = sorted(p.name.rsplit("-", 1)[0] for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert names == ["q16-s0", "q16-s1", "q8-s0", "q8-s1"], names
     capsys.readouterr()
     assert main(["report", str(runs)]) == 0
     printed = capsys.readouterr().out
