@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import data_dir
+from test_faults_scoring import sample  # noqa: F401 (the panoptic sample fixture)
 from study.eval.coco_ap import evaluate_masks, results_from_ground_truth
 from study.eval.errors import EvalInputError, UnknownCategoryError, UnknownImageError, UnknownSegmentError
 
@@ -39,22 +38,18 @@ def test_instance_ground_truth_follows_the_one_crowd_rule(coco_mini, flag):
         evaluate_masks(gt, results)
 
 
-def test_panopticapi_engine_names_a_pixel_fault_instead_of_a_traceback(tmp_path):
+def test_panopticapi_engine_names_a_pixel_fault_instead_of_a_traceback(sample):
     """A segment drawn in the prediction PNG but absent from its JSON: panopticapi raises a bare KeyError."""
     from study.eval.pq_files import score_panoptic_files
 
-    d = data_dir("coco_panoptic_sample")
-    gt = json.loads((d / "panoptic_examples.json").read_text())
-    gt["categories"] = json.loads((d / "panoptic_coco_categories.json").read_text())
-    shutil.copytree(d / "panoptic_examples", tmp_path / "pred")
-    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    tmp_path, gt = sample  # the COCO panoptic sample, its PNGs copied to tmp_path / "gt"
     pred = copy.deepcopy(gt)
     pred["annotations"][0]["segments_info"] = pred["annotations"][0]["segments_info"][1:]  # one id unlisted
     (tmp_path / "pred.json").write_text(json.dumps(pred))
     for engine in ("hotcoco", "panopticapi"):
         with pytest.raises(UnknownSegmentError):
-            score_panoptic_files(tmp_path / "gt.json", tmp_path / "pred.json", d / "panoptic_examples",
-                                 tmp_path / "pred", engine=engine)
+            score_panoptic_files(tmp_path / "gt.json", tmp_path / "pred.json", tmp_path / "gt", tmp_path / "gt",
+                                 engine=engine)
 
 
 def test_ground_truth_in_uncompressed_rle_without_a_bbox_is_scored(coco_mini):
